@@ -1,0 +1,44 @@
+"""Sensors: turn new landing folders into ``video_batches`` partitions and curation runs."""
+
+
+import json
+import os
+import time
+from pathlib import Path
+
+from dagster import RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
+
+from opensora_dag.jobs import curation_job
+from opensora_dag.partitions import video_batches
+from resources.lakehouse import Lakehouse, sanitize_partition_key
+
+# A folder still being copied into landing/ is left for a later tick.
+SETTLE_SECONDS = float(os.environ.get("OPENSORA_LANDING_SETTLE_SECONDS", "5"))
+
+
+def settled_batches(landing_dir: Path, settle_seconds: float = SETTLE_SECONDS) -> dict[str, Path]:
+    """Non-empty sub-folders of ``landing_dir`` whose files have not changed for ``settle_seconds``."""
+    found: dict[str, Path] = {}
+    if not landing_dir.is_dir():
+        return found
+    now = time.time()
+    for folder in sorted(p for p in landing_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = [f for f in folder.rglob("*") if f.is_file()]
+        if not files or now - max(f.stat().st_mtime for f in files) < settle_seconds:
+            continue
+        found[sanitize_partition_key(folder.name)] = folder
+    return found
+
+
+@sensor(job=curation_job, minimum_interval_seconds=30, description="Registers new landing/<batch>/ folders and curates them.")
+def landing_zone_sensor(context: SensorEvaluationContext, lakehouse: Lakehouse):
+    known = set(json.loads(context.cursor)) if context.cursor else set()
+    batches = settled_batches(lakehouse.landing_dir)
+    new_keys = sorted(set(batches) - known)
+    if not new_keys:
+        return SkipReason(f"no new folders in {lakehouse.landing_dir}")
+    return SensorResult(
+        run_requests=[RunRequest(run_key=f"landing:{key}", partition_key=key) for key in new_keys],
+        dynamic_partitions_requests=[video_batches.build_add_request(new_keys)],
+        cursor=json.dumps(sorted(known | set(new_keys))),
+    )

@@ -1,0 +1,132 @@
+"""The foundation: lakehouse writes, partitions, the landing sensor, the CLI and concurrent runs."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+from dagster import DagsterInstance, build_sensor_context, instance_for_test
+
+from opensora_dag.instance import materialize_selection
+from opensora_dag.sensors import landing_zone_sensor
+from resources.lakehouse import Lakehouse, sanitize_partition_key
+from tests.dagster.conftest import fill_batch
+
+REPO = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-m", "opensora_dag.cli"]
+
+
+def test_partition_keys_are_sanitised():
+    assert sanitize_partition_key("My Batch, [2024] | cam..1") == "My_Batch_2024_cam.1"
+    assert sanitize_partition_key("ok-name_1.v2") == "ok-name_1.v2"
+    with pytest.raises(ValueError):
+        sanitize_partition_key("///")
+
+
+def test_write_partition_replaces_atomically(home):
+    lake = Lakehouse(home=str(home))
+    lake.write_partition("things", "b1", pl.DataFrame({"x": [1, 2, 3]}))
+    lake.write_partition("things", "b2", pl.DataFrame({"x": [10]}))
+    lake.write_partition("things", "b1", pl.DataFrame({"x": [4]}))  # replaces b1, leaves b2
+    assert sorted(lake.read_table("things")["x"].to_list()) == [4, 10]
+    assert lake.read_partition("things", "b1")["batch"].to_list() == ["b1"]
+    assert not list((home / "lake" / "things").glob(".*tmp")), "no temp files left behind"
+    lake.refresh_catalog()
+    assert lake.query("SELECT sum(x) AS s FROM things")["s"][0] == 14
+    with pytest.raises(FileNotFoundError, match="materialize the upstream asset"):
+        lake.read_partition("things", "missing")
+
+
+def test_sql_is_read_only(home):
+    lake = Lakehouse(home=str(home))
+    lake.write_partition("things", None, pl.DataFrame({"x": [1]}))
+    lake.refresh_catalog()
+    out = subprocess.run(CLI + ["sql", "DROP VIEW things"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2 and "read-only" in out.stderr
+    out = subprocess.run(CLI + ["sql", "SELECT count(*) AS n FROM things"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and "1" in out.stdout
+
+
+def test_landing_sensor_registers_new_folders_once(home, tiny_videos):
+    lake = Lakehouse(home=str(home))
+    folder = fill_batch(lake.landing_dir, "new batch", tiny_videos[:1])
+    old = time.time() - 3600
+    for f in folder.iterdir():
+        os.utime(f, (old, old))
+    (lake.landing_dir / "still_empty").mkdir()
+
+    with instance_for_test() as instance:
+        context = build_sensor_context(instance=instance, resources={"lakehouse": lake})
+        result = landing_zone_sensor(context)
+        assert [r.partition_key for r in result.run_requests] == ["new_batch"]
+        assert len(result.dynamic_partitions_requests) == 1
+        assert list(result.dynamic_partitions_requests[0].partition_keys) == ["new_batch"]
+
+        again = landing_zone_sensor(build_sensor_context(instance=instance, cursor=result.cursor, resources={"lakehouse": lake}))
+        assert not getattr(again, "run_requests", None)
+        assert json.loads(result.cursor) == ["new_batch"]
+
+
+def test_sensor_waits_for_a_folder_still_being_copied(home, tiny_videos):
+    lake = Lakehouse(home=str(home))
+    fill_batch(lake.landing_dir, "copying", tiny_videos[:1])  # files just written: not settled yet
+    with instance_for_test() as instance:
+        result = landing_zone_sensor(build_sensor_context(instance=instance, resources={"lakehouse": lake}))
+        assert not getattr(result, "run_requests", None)
+
+
+def test_rematerialize_replaces_rows(home, tiny_videos):
+    lake = Lakehouse(home=str(home))
+    folder = fill_batch(lake.landing_dir, "b", tiny_videos[:3])
+    with instance_for_test() as instance:
+        assert all(o.success for o in materialize_selection("raw_videos", ["b"], instance))
+        assert lake.query("SELECT count(*) AS n FROM raw_videos")["n"][0] == 3
+        (folder / tiny_videos[0].name).unlink()
+        assert all(o.success for o in materialize_selection("raw_videos", ["b"], instance))
+        counts = lake.query("SELECT count(*) AS n, count(DISTINCT id) AS d FROM raw_videos WHERE batch = 'b'")
+        assert (counts["n"][0], counts["d"][0]) == (2, 2)
+
+
+def test_two_partitions_in_two_processes_at_once(home, tiny_videos):
+    """Two runs of different partitions at the same time: every row of both lands exactly once."""
+    lake = Lakehouse(home=str(home))
+    fill_batch(lake.landing_dir, "left", tiny_videos[:2])
+    fill_batch(lake.landing_dir, "right", tiny_videos[2:])
+    env = {**os.environ, "OPENSORA_HOME": str(home)}
+    for batch in ("left", "right"):  # register first, as the sensor or `ingest` would
+        subprocess.run(CLI + ["ingest", str(lake.landing_dir / batch)], check=True, env=env, cwd=REPO, capture_output=True)
+    procs = [
+        subprocess.Popen(CLI + ["materialize", "--select", "group:curation", "--batch", b], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for b in ("left", "right")
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+
+    rows = lake.query("SELECT batch, path, id FROM raw_videos ORDER BY path")
+    expected = {("left", v.name) for v in tiny_videos[:2]} | {("right", v.name) for v in tiny_videos[2:]}
+    assert {(b, Path(p).name) for b, p, _ in rows.iter_rows()} == expected
+    assert len(rows) == len(expected) == rows["id"].n_unique()
+
+
+def test_cli_ingest_registers_partition(home, tiny_videos, tmp_path):
+    source = tmp_path / "drop"
+    fill_batch(tmp_path, "drop", tiny_videos[:1])
+    env = {**os.environ, "OPENSORA_HOME": str(home)}
+    out = subprocess.run(CLI + ["ingest", str(source), "--batch", "cam 1"], env=env, cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (home / "landing" / "cam_1" / tiny_videos[0].name).is_file()
+    os.environ["DAGSTER_HOME"] = str(home / "dagster")
+    assert "cam_1" in DagsterInstance.get().get_dynamic_partitions("video_batches")
+
+
+def test_code_location_loads_with_dagster_cli(home):
+    home.mkdir(parents=True, exist_ok=True)
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "DAGSTER_HOME": str(home)},
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
