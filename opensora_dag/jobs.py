@@ -2,11 +2,17 @@
 
 from dagster import AssetSelection, define_asset_job
 
-from assets.curation import BATCH_ASSETS
 
 # Every partitioned curation asset: one run per landing batch.
 curation_job = define_asset_job(
     "curation_job",
-    selection=AssetSelection.assets(*BATCH_ASSETS),
+    selection=AssetSelection.groups("curation") - AssetSelection.assets("curated_dataset"),
     description="Curate one landing batch: probe, shots, clips, scores, captions.",
+)
+
+# Train on the newest dataset version, then evaluate the new checkpoint.
+training_job = define_asset_job(
+    "training_job",
+    selection=AssetSelection.groups("training"),
+    description="Train STDiT2 on the newest curated dataset and evaluate it.",
 )

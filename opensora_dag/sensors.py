@@ -42,3 +42,43 @@ def landing_zone_sensor(context: SensorEvaluationContext, lakehouse: Lakehouse):
         dynamic_partitions_requests=[video_batches.build_add_request(new_keys)],
         cursor=json.dumps(sorted(known | set(new_keys))),
     )
+
+
+# A new dataset version must bring at least this many more clips than the latest model saw.
+RETRAIN_MIN_NEW_CLIPS = int(os.environ.get("OPENSORA_RETRAIN_MIN_NEW_CLIPS", "100"))
+
+
+def _latest_metadata(instance, key: str) -> dict:
+    from dagster import AssetKey
+
+    event = instance.get_latest_materialization_event(AssetKey(key))
+    if event is None or event.asset_materialization is None:
+        return {}
+    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+def retrain_decision(dataset: dict, model: dict, min_new_clips: int) -> tuple[bool, str]:
+    """Whether a dataset version (metadata of ``curated_dataset``) warrants retraining over the latest model."""
+    version, rows = dataset.get("version"), dataset.get("num_rows")
+    if version is None or rows is None:
+        return False, "no curated dataset version yet"
+    if not model:
+        return rows >= min_new_clips, f"no model yet; dataset {version} has {rows} clips (need {min_new_clips})"
+    if model.get("dataset_version") == version:
+        return False, f"the latest model already trained on {version}"
+    new = int(rows) - int(model.get("dataset_rows") or 0)
+    return new >= min_new_clips, f"dataset {version} has {new} more clips than the model's (need {min_new_clips})"
+
+
+@sensor(job_name="training_job", minimum_interval_seconds=300, description="Retrains when a dataset version brings enough new clips.")
+def retrain_on_new_data(context: SensorEvaluationContext):
+    dataset = _latest_metadata(context.instance, "curated_dataset")
+    model = _latest_metadata(context.instance, "trained_model")
+    go, why = retrain_decision(dataset, model, RETRAIN_MIN_NEW_CLIPS)
+    if not go:
+        return SkipReason(why)
+    version = str(dataset["version"])
+    if context.cursor == version:
+        return SkipReason(f"a retrain for {version} was already requested")
+    context.update_cursor(version)
+    return RunRequest(run_key=f"retrain:{version}", tags={"opensora/dataset_version": version})

@@ -1,0 +1,131 @@
+"""Score assets, one per scorer so they run, fail and backfill independently.
+
+Each reads the frames the cutting pass kept for it (never the video again) and writes a table keyed by the clip
+``id`` with its Open-Sora column (``aes``, ``flow``, ``ocr``, ``match``) and a ``reason`` column. A scorer whose
+weights are not on local disk writes nulls with the reason (never numbers from random weights).
+"""
+
+import polars as pl
+from dagster import AssetExecutionContext, MaterializeResult, asset
+
+from assets.curation import captions, clips, markdown_table, quarantine_rows, run_isolated, write_quarantine
+from opensora_dag.partitions import video_batches
+from resources.lakehouse import Lakehouse
+from resources.model_store import ModelStore
+
+
+def score_table(ids: list[str], column: str, values: dict[str, object], reasons: dict[str, str], dtype) -> pl.DataFrame:
+    return pl.DataFrame(
+        {"id": ids, column: [values.get(i) for i in ids], "reason": [reasons.get(i) for i in ids]},
+        schema={"id": pl.String, column: dtype, "reason": pl.String},
+    )
+
+
+def summary(frame: pl.DataFrame, column: str) -> dict:
+    values = frame[column].drop_nulls()
+    meta = {"num_clips": len(frame), "num_scored": len(values)}
+    if len(values):
+        meta.update({f"{column}_mean": float(values.mean()), f"{column}_min": float(values.min()), f"{column}_max": float(values.max())})
+    reasons = frame["reason"].drop_nulls().unique().to_list()
+    if reasons:
+        meta["null_reasons"] = "; ".join(sorted(reasons))[:2000]
+    return meta
+
+
+def finish(context, lakehouse: Lakehouse, table: str, frame: pl.DataFrame, column: str, quarantined: list[dict]) -> MaterializeResult:
+    batch = context.partition_key
+    lakehouse.write_partition(table, batch, frame)
+    write_quarantine(lakehouse, batch, table, quarantined)
+    lakehouse.refresh_catalog()
+    return MaterializeResult(metadata={**summary(frame, column), "preview": markdown_table(frame)})
+
+
+def scored(context, stage: str, rows: list[dict], work) -> tuple[dict, list[dict], dict]:
+    """Score clip rows in isolation: values by id, quarantine records, and the failure reason by id."""
+    done, failed = run_isolated(context, stage, rows, work, lambda r: r["path"])
+    values = {r["id"]: v for r, v in done}
+    reasons = {r["id"]: reason for r, reason in failed}
+    return values, quarantine_rows(stage, failed, lambda r: r["path"]), reasons
+
+
+@asset(deps=[clips], partitions_def=video_batches, group_name="curation", code_version="1", kinds={"opencv", "parquet"},
+       description="`flow`: mean optical-flow magnitude over frames 0/10/20/30 at 320x576 (OpenCV, no weights).")
+def motion_scores(context: AssetExecutionContext, lakehouse: Lakehouse, model_store: ModelStore) -> MaterializeResult:
+    from curation.cutting import load_kept_frames
+    from models.scorers.motion import motion_score
+
+    rows = lakehouse.read_partition("clips", context.partition_key).to_dicts()
+    values, quarantined, reasons = scored(context, "motion_scores", rows,
+                                          lambda r: motion_score(load_kept_frames(r["frames_dir"], "flow"), backend=model_store.flow_backend))
+    frame = score_table([r["id"] for r in rows], "flow", values, reasons, pl.Float64)
+    return finish(context, lakehouse, "motion_scores", frame, "flow", quarantined)
+
+
+@asset(deps=[clips], partitions_def=video_batches, group_name="curation", code_version="1", kinds={"onnx", "parquet"},
+       description="`ocr`: text boxes with score > 0.3 on one frame (PP-OCR via rapidocr), plus text area fraction.")
+def ocr_scores(context: AssetExecutionContext, lakehouse: Lakehouse, model_store: ModelStore) -> MaterializeResult:
+    from curation.cutting import load_kept_frames
+    from models.scorers import WeightsUnavailable
+    from models.scorers.ocr import OcrScorer
+
+    rows = lakehouse.read_partition("clips", context.partition_key).to_dicts()
+    ids = [r["id"] for r in rows]
+    try:
+        scorer = OcrScorer(backend=model_store.ocr_backend, paddle_det_dir=model_store.paddle_det_dir, paddle_rec_dir=model_store.paddle_rec_dir)
+    except WeightsUnavailable as err:
+        context.log.warning(f"ocr_scores: {err}")
+        frame = score_table(ids, "ocr", {}, {i: str(err) for i in ids}, pl.Int64).with_columns(
+            pl.lit(None, dtype=pl.Float64).alias("ocr_area"), pl.lit(None, dtype=pl.String).alias("ocr_text"))
+        return finish(context, lakehouse, "ocr_scores", frame, "ocr", [])
+    values, quarantined, reasons = scored(context, "ocr_scores", rows, lambda r: scorer.score(load_kept_frames(r["frames_dir"], "ocr")[0]))
+    frame = score_table(ids, "ocr", {i: v.num_boxes for i, v in values.items()}, reasons, pl.Int64).with_columns(
+        pl.Series("ocr_area", [values[i].area_fraction if i in values else None for i in ids], dtype=pl.Float64),
+        pl.Series("ocr_text", [" | ".join(values[i].texts) if i in values else None for i in ids], dtype=pl.String),
+    )
+    return finish(context, lakehouse, "ocr_scores", frame, "ocr", quarantined)
+
+
+@asset(deps=[clips], partitions_def=video_batches, group_name="curation", code_version="1", kinds={"pytorch", "parquet"},
+       description="`aes`: LAION improved-aesthetic MLP on CLIP ViT-L/14 features, mean of frames at 10/50/90%.")
+def aesthetic_scores(context: AssetExecutionContext, lakehouse: Lakehouse, model_store: ModelStore) -> MaterializeResult:
+    from curation.cutting import load_kept_frames
+    from models.scorers import WeightsUnavailable
+    from models.scorers.aesthetic import AestheticScorer
+
+    rows = lakehouse.read_partition("clips", context.partition_key).to_dicts()
+    ids = [r["id"] for r in rows]
+    try:
+        scorer = AestheticScorer(model_store.clip_checkpoint, model_store.aesthetic_mlp, device=model_store.device,
+                                 clip_model_name=model_store.clip_model_name)
+    except WeightsUnavailable as err:
+        context.log.warning(f"aesthetic_scores skipped: {err}")
+        return finish(context, lakehouse, "aesthetic_scores", score_table(ids, "aes", {}, {i: str(err) for i in ids}, pl.Float64), "aes", [])
+    values, quarantined, reasons = scored(context, "aesthetic_scores", rows,
+                                          lambda r: scorer.score_clips([load_kept_frames(r["frames_dir"], "aesthetic")])[0])
+    return finish(context, lakehouse, "aesthetic_scores", score_table(ids, "aes", values, reasons, pl.Float64), "aes", quarantined)
+
+
+@asset(deps=[clips, captions], partitions_def=video_batches, group_name="curation", code_version="1", kinds={"pytorch", "parquet"},
+       description="`match`: 100 * cos(CLIP image features of the middle frame, CLIP text features of the caption).")
+def match_scores(context: AssetExecutionContext, lakehouse: Lakehouse, model_store: ModelStore) -> MaterializeResult:
+    from curation.cutting import load_kept_frames
+    from models.scorers import WeightsUnavailable
+    from models.scorers.clip_match import ClipMatchScorer
+
+    batch = context.partition_key
+    rows = lakehouse.read_partition("clips", batch).join(
+        lakehouse.read_partition("captions", batch).select("id", "text"), on="id", how="left").to_dicts()
+    ids = [r["id"] for r in rows]
+    try:
+        scorer = ClipMatchScorer(model_store.clip_checkpoint, model_name=model_store.clip_model_name, device=model_store.device)
+    except WeightsUnavailable as err:
+        context.log.warning(f"match_scores skipped: {err}")
+        return finish(context, lakehouse, "match_scores", score_table(ids, "match", {}, {i: str(err) for i in ids}, pl.Float64), "match", [])
+    with_text = [r for r in rows if r.get("text")]
+    values, quarantined, reasons = scored(context, "match_scores", with_text,
+                                          lambda r: scorer.score(load_kept_frames(r["frames_dir"], "match"), [r["text"]])[0])
+    reasons.update({r["id"]: "clip has no caption" for r in rows if not r.get("text")})
+    return finish(context, lakehouse, "match_scores", score_table(ids, "match", values, reasons, pl.Float64), "match", quarantined)
+
+
+SCORE_ASSETS = [aesthetic_scores, motion_scores, ocr_scores, match_scores]

@@ -1,0 +1,399 @@
+"""Cut scenes into clips: one decode pass per source video, frames routed into per-clip H.264 encoders.
+
+The reference starts one ffmpeg process per scene (``-ss start -i in -t dur -r 30 -vf scale=...``), so a
+video with 40 scenes is opened, seeked and partly decoded 40 times. Here the source is decoded once, in
+order, and each decoded frame goes (scaled in YUV, no RGB round trip) to the encoder of the clip it belongs
+to. Scenes tile the video, so at most one encoder is open at a time.
+
+Frame-rate conversion is timestamp resampling: output frame ``k`` of a clip shows the source frame that is on
+screen at ``k / target_fps`` seconds after the clip's first frame (what ffmpeg's ``-r`` does). A clip of
+duration ``D`` seconds has ``ceil(D * target_fps)`` frames: every output instant that falls inside the scene.
+
+While a clip is encoded the frames that the scorers need are saved beside it (``KeepFramesSpec``), so the
+aesthetic, flow, OCR and matching/caption scorers never decode video again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from curation.shots import Scene
+from curation.video_io import even_size_for_short_side, iter_av_frames, open_writer, probe_stream, resize_short_side
+
+PURPOSES = ("aesthetic", "flow", "ocr", "match")
+PURPOSE_ALIASES = {"caption": "match"}  # the caption model looks at the same middle frame as matching
+MANIFEST = "kept.json"
+
+
+@dataclass(frozen=True)
+class CutConfig:
+    """How scenes become clips; defaults are the reference's (2..15 s, 30 fps, shorter side 720).
+
+    short_side is a cap: a smaller source keeps its size (never upscaled), dimensions are made even.
+    crf / preset: libx264 quality and speed. min_seconds / max_seconds: shorter scenes are dropped, longer
+    ones keep their first max_seconds. None disables a bound; target_fps None keeps the source rate.
+    """
+
+    min_seconds: float | None = 2.0
+    max_seconds: float | None = 15.0
+    target_fps: float | None = 30.0
+    short_side: int | None = 720
+    crf: int = 18
+    preset: str = "veryfast"
+
+    def encode_key(self) -> str:
+        """Short digest of everything that changes a clip's pixels: part of the clip id."""
+        payload = json.dumps(
+            {"fps": self.target_fps, "short": self.short_side, "crf": self.crf, "preset": self.preset}, sort_keys=True
+        )
+        return hashlib.blake2b(payload.encode(), digest_size=4).hexdigest()
+
+
+CUT_PRESETS: dict[str, CutConfig] = {
+    "reference": CutConfig(),
+    "preview": CutConfig(short_side=360, crf=23, preset="ultrafast"),
+}
+
+
+@dataclass(frozen=True)
+class KeepFramesSpec:
+    """Which clip frames to save for the scorers, and how.
+
+    aesthetic: fractions of the clip (the reference scores frames at 10%, 50%, 90%); flow: clip frame
+    indices, clamped to the clip (the reference's UniMatch pairs 0-10-20-30); ocr: one frame index (the
+    middle one when the clip is shorter); match: the middle frame (CLIP matching and captioning).
+    Aesthetic and match frames are stored with the shorter side capped at ``small_short_side`` (enough for
+    CLIP at 224 or 336 px); flow and OCR frames at clip resolution.
+    """
+
+    aesthetic: tuple[float, ...] = (0.1, 0.5, 0.9)
+    flow: tuple[int, ...] = (0, 10, 20, 30)
+    ocr: int = 10
+    small_short_side: int = 336
+    image_format: str = "jpg"  # "jpg" or "png"
+    jpeg_quality: int = 95
+    enabled: bool = True
+
+    def indices(self, num_frames: int) -> dict[str, list[int]]:
+        """Clip frame indices per purpose for a clip of ``num_frames`` frames."""
+        if not self.enabled or num_frames <= 0:
+            return {}
+        last = num_frames - 1
+        middle = num_frames // 2
+        return {
+            "aesthetic": [min(last, int(f * num_frames)) for f in self.aesthetic],
+            "flow": [min(last, i) for i in self.flow],
+            "ocr": [self.ocr if self.ocr < num_frames else middle],
+            "match": [middle],
+        }
+
+    def full_resolution(self, purpose: str) -> bool:
+        return purpose in ("flow", "ocr")
+
+
+@dataclass(frozen=True)
+class ClipPlan:
+    """A clip to write: source frames ``[start_frame, end_frame)`` of scene ``scene_index``."""
+
+    clip_id: str
+    scene_index: int
+    start_frame: int
+    end_frame: int  # exclusive, source frames (after the max_seconds cap)
+    start_s: float
+    end_s: float
+    num_frames: int  # output frames
+
+
+@dataclass(frozen=True)
+class DroppedScene:
+    scene_index: int
+    start_frame: int
+    end_frame: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class ClipResult:
+    """One written clip; the first eight fields are the Open-Sora ``info`` columns."""
+
+    path: str
+    id: str
+    num_frames: int
+    fps: float
+    height: int
+    width: int
+    aspect_ratio: float  # H / W
+    resolution: int  # H * W
+    video_id: str
+    scene_index: int
+    start_frame: int  # source frames, end exclusive
+    end_frame: int
+    start_s: float
+    end_s: float
+    frames_dir: str
+
+    def to_row(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class CutResult:
+    """What ``cut_clips`` did with one video: the clips written and the scenes dropped (with why)."""
+
+    clips: list[ClipResult] = field(default_factory=list)
+    dropped: list[DroppedScene] = field(default_factory=list)
+    frames_decoded: int = 0
+
+
+def clip_id_for(video_id: str, start_frame: int, end_frame: int, cfg: CutConfig) -> str:
+    """Stable id: same source, same frames, same encode settings -> same id (never random)."""
+    return f"{video_id}_{start_frame:06d}-{end_frame:06d}_{cfg.encode_key()}"
+
+
+def plan_clips(
+    video_id: str, scenes: Sequence[Scene], fps: float | Fraction, cfg: CutConfig
+) -> tuple[list[ClipPlan], list[DroppedScene]]:
+    """Decide which scenes become clips (and over which frames) without touching the video."""
+    fps_q = Fraction(fps).limit_denominator(1001000)
+    target = Fraction(cfg.target_fps).limit_denominator(1001) if cfg.target_fps else fps_q
+    plans: list[ClipPlan] = []
+    dropped: list[DroppedScene] = []
+    for scene in sorted(scenes, key=lambda s: s.start_frame):
+        n_src = scene.end_frame - scene.start_frame
+        duration = Fraction(n_src) / fps_q
+        if n_src <= 0:
+            dropped.append(DroppedScene(scene.index, scene.start_frame, scene.end_frame, "empty scene"))
+            continue
+        if cfg.min_seconds is not None and duration < Fraction(cfg.min_seconds).limit_denominator(1000):
+            reason = f"shorter than min_seconds: {float(duration):.3f}s < {cfg.min_seconds}s"
+            dropped.append(DroppedScene(scene.index, scene.start_frame, scene.end_frame, reason))
+            continue
+        end = scene.end_frame
+        if cfg.max_seconds is not None:
+            # Keep the first max_seconds, rounded to whole source frames (as the reference's FrameTimecode).
+            end = min(end, scene.start_frame + round(float(fps_q) * cfg.max_seconds))
+        duration = Fraction(end - scene.start_frame) / fps_q
+        num_out = max(1, math.ceil(duration * target))
+        plans.append(
+            ClipPlan(
+                clip_id=clip_id_for(video_id, scene.start_frame, end, cfg),
+                scene_index=scene.index,
+                start_frame=scene.start_frame,
+                end_frame=end,
+                start_s=float(scene.start_frame / fps_q),
+                end_s=float(end / fps_q),
+                num_frames=num_out,
+            )
+        )
+    for a, b in zip(plans, plans[1:]):
+        if b.start_frame < a.end_frame:
+            raise ValueError(f"scenes overlap: {a.start_frame}-{a.end_frame} and {b.start_frame}-{b.end_frame}")
+    return plans, dropped
+
+
+class _KeptFrameWriter:
+    """Saves the scorer frames of one clip into ``frames_dir`` and writes its manifest."""
+
+    def __init__(self, frames_dir: Path, spec: KeepFramesSpec, num_frames: int):
+        self.dir = frames_dir
+        self.spec = spec
+        self.by_purpose = spec.indices(num_frames)
+        self.wanted: dict[int, set[str]] = {}
+        for purpose, indices in self.by_purpose.items():
+            for i in indices:
+                self.wanted.setdefault(i, set()).add(purpose)
+        if self.wanted:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def file_name(self, purpose: str, k: int) -> str:
+        return f"{purpose}_{k:05d}.{self.spec.image_format}"
+
+    def offer(self, k: int, frame) -> None:
+        """Save clip frame ``k`` (an av.VideoFrame at clip size) for every purpose that wants it."""
+        purposes = self.wanted.get(k)
+        if not purposes:
+            return
+        import cv2
+
+        rgb = frame.to_ndarray(format="rgb24")
+        small = None
+        params = [cv2.IMWRITE_JPEG_QUALITY, self.spec.jpeg_quality] if self.spec.image_format == "jpg" else []
+        for purpose in sorted(purposes):
+            if self.spec.full_resolution(purpose):
+                image = rgb
+            else:
+                small = resize_short_side(rgb, self.spec.small_short_side) if small is None else small
+                image = small
+            target = self.dir / self.file_name(purpose, k)
+            if not cv2.imwrite(str(target), np.ascontiguousarray(image[:, :, ::-1]), params):
+                raise OSError(f"could not write {target}")
+
+    def finish(self, clip_id: str, num_frames: int) -> None:
+        if not self.wanted:
+            return
+        frames = {
+            purpose: [{"index": i, "file": self.file_name(purpose, i)} for i in indices]
+            for purpose, indices in self.by_purpose.items()
+        }
+        manifest = {"clip_id": clip_id, "num_frames": num_frames, "frames": frames}
+        tmp = self.dir / f".{MANIFEST}.{os.getpid()}.part"
+        tmp.write_text(json.dumps(manifest, indent=1))
+        tmp.replace(self.dir / MANIFEST)
+
+
+def cut_clips(
+    video_path: str | Path,
+    video_id: str,
+    scenes: Sequence[Scene],
+    out_dir: str | Path,
+    cfg: CutConfig | None = None,
+    keep: KeepFramesSpec | None = None,
+    *,
+    frames_root: str | Path | None = None,
+) -> CutResult:
+    """Write one clip per kept scene to ``{out_dir}/{clip_id}.mp4`` in a single decode pass.
+
+    Kept frames go to ``{frames_root}/{clip_id}/`` (``frames_root`` defaults to ``{out_dir}/frames``).
+    Scenes shorter than ``cfg.min_seconds`` are returned in ``CutResult.dropped`` with the reason.
+    """
+    cfg = cfg or CutConfig()
+    keep = keep or KeepFramesSpec()
+    out_dir = Path(out_dir)
+    frames_root = Path(frames_root) if frames_root is not None else out_dir / "frames"
+    info = probe_stream(video_path)
+    plans, dropped = plan_clips(video_id, scenes, info.fps, cfg)
+    result = CutResult(dropped=dropped)
+    if not plans:
+        return result
+
+    out_w, out_h = even_size_for_short_side(info.width, info.height, cfg.short_side)
+    target = Fraction(cfg.target_fps).limit_denominator(1001) if cfg.target_fps else info.fps.limit_denominator(1001000)
+    stop = plans[-1].end_frame
+    pending = iter(plans)
+    plan = next(pending)
+
+    from av.video.reformatter import VideoReformatter
+
+    scaler = VideoReformatter()
+    scaler_threads = 1 if out_w * out_h <= 640 * 360 else 0
+
+    def scaled(frame):
+        # The encoder wants yuv420p at the clip size; reformat returns the frame itself when it already is.
+        return scaler.reformat(
+            frame, width=out_w, height=out_h, format="yuv420p", interpolation="BICUBIC", threads=scaler_threads
+        )
+
+    writer_cm = writer = kept = None
+    t0 = Fraction(0)
+    k = 0  # next output frame of the open clip
+    held = None  # (scaled frame) of the last source frame seen inside the open clip
+
+    def emit_until(limit: Fraction | None) -> None:
+        """Write the held frame for every output instant before ``limit`` (None: to the clip's end)."""
+        nonlocal k
+        while k < plan.num_frames and (limit is None or Fraction(k) / target < limit):
+            writer.write(held)
+            kept.offer(k, held)
+            k += 1
+
+    def close_clip() -> None:
+        nonlocal writer_cm, writer, kept, held
+        emit_until(None)
+        writer_cm.__exit__(None, None, None)
+        kept.finish(plan.clip_id, k)
+        result.clips.append(
+            ClipResult(
+                path=str(out_dir / f"{plan.clip_id}.mp4"),
+                id=plan.clip_id,
+                num_frames=k,
+                fps=float(target),
+                height=out_h,
+                width=out_w,
+                aspect_ratio=out_h / out_w,
+                resolution=out_h * out_w,
+                video_id=video_id,
+                scene_index=plan.scene_index,
+                start_frame=plan.start_frame,
+                end_frame=plan.end_frame,
+                start_s=plan.start_s,
+                end_s=plan.end_s,
+                frames_dir=str(frames_root / plan.clip_id),
+            )
+        )
+        writer_cm = writer = kept = held = None
+
+    try:
+        for index, t, frame, _info in iter_av_frames(video_path, stop=stop):
+            result.frames_decoded = index + 1
+            if writer is not None and index >= plan.end_frame:
+                close_clip()
+                plan = next(pending, None)
+            if plan is None:
+                break
+            if index < plan.start_frame:
+                continue
+            if writer is None:  # first frame of the next clip
+                writer_cm = open_writer(out_dir / f"{plan.clip_id}.mp4", target, out_w, out_h, cfg.crf, cfg.preset)
+                writer = writer_cm.__enter__()
+                kept = _KeptFrameWriter(frames_root / plan.clip_id, keep, plan.num_frames)
+                t0, k = t, 0
+            else:
+                emit_until(t - t0)  # the held frame is on screen until this one's timestamp
+            held = scaled(frame)
+        if writer is not None:  # the stream ended inside (or at the end of) the last clip
+            close_clip()
+    except BaseException as err:
+        if writer_cm is not None:
+            writer_cm.__exit__(type(err), err, err.__traceback__)  # removes the partial file
+        raise
+    return result
+
+
+def load_kept_frames(frames_dir: str | Path, purpose: str) -> list[np.ndarray]:
+    """RGB uint8 frames saved for ``purpose`` (aesthetic, flow, ocr, match or caption), in clip order."""
+    import cv2
+
+    frames_dir = Path(frames_dir)
+    purpose = PURPOSE_ALIASES.get(purpose, purpose)
+    if purpose not in PURPOSES:
+        raise ValueError(f"unknown purpose {purpose!r}; one of {PURPOSES + tuple(PURPOSE_ALIASES)}")
+    manifest = json.loads((frames_dir / MANIFEST).read_text())
+    frames = []
+    for entry in manifest["frames"].get(purpose, []):
+        image = cv2.imread(str(frames_dir / entry["file"]), cv2.IMREAD_COLOR)
+        if image is None:
+            raise OSError(f"cannot read kept frame {frames_dir / entry['file']}")
+        frames.append(np.ascontiguousarray(image[:, :, ::-1]))
+    return frames
+
+
+def kept_frame_indices(frames_dir: str | Path, purpose: str) -> list[int]:
+    """Clip frame indices of the frames ``load_kept_frames`` returns for ``purpose``."""
+    purpose = PURPOSE_ALIASES.get(purpose, purpose)
+    manifest = json.loads((Path(frames_dir) / MANIFEST).read_text())
+    return [e["index"] for e in manifest["frames"].get(purpose, [])]
+
+
+__all__ = [
+    "CUT_PRESETS",
+    "ClipPlan",
+    "ClipResult",
+    "CutConfig",
+    "CutResult",
+    "DroppedScene",
+    "KeepFramesSpec",
+    "clip_id_for",
+    "cut_clips",
+    "kept_frame_indices",
+    "load_kept_frames",
+    "plan_clips",
+]

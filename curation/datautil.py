@@ -1,0 +1,515 @@
+"""Table tools for Open-Sora data files: ``opensora-dag data info|merge|dedupe|stats|filter``.
+
+The reference ships a pandas script that loads a whole CSV into memory for every operation. Here each operation is
+one DuckDB query over the file, streamed from disk and written with ``COPY ... TO`` (Parquet or CSV, chosen by the
+output's extension), so a million rows take about a second on two cores and memory stays flat. Polars is used for
+the one operation SQL does poorly: an order-preserving "keep the first row per key" (``dedupe``).
+
+The filter flags keep the reference's meaning: bounds are inclusive, and a row whose value is missing fails the
+bound (NaN compares false in pandas, NULL is not true in SQL), so ``--aesmin 5`` also drops rows never scored.
+
+Every write goes to a temporary file beside the target and is renamed over it, so ``filter in.parquet -o in.parquet``
+is safe and a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    import duckdb
+    import polars as pl
+
+# Columns of the reference's data CSV (report section 3): required path/text/num_frames, the rest optional.
+OPENSORA_COLUMNS = (
+    "path", "text", "num_frames", "height", "width", "aspect_ratio", "fps", "resolution",
+    "aes", "flow", "ocr", "match",
+)  # fmt: skip
+REQUIRED_COLUMNS = ("path", "text", "num_frames")
+# Numeric columns ``stats`` describes (when present), plus the caption length computed from ``text``.
+STAT_COLUMNS = (
+    "num_frames", "height", "width", "aspect_ratio", "fps", "resolution", "text_len",
+    "aes", "flow", "ocr", "match",
+)  # fmt: skip
+# Identifier-like columns that must stay strings even when every value looks like a number (hex ids, "0001").
+STRING_COLUMNS = ("id", "video_id", "path", "text")
+FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+QUANTILES = (0.25, 0.5, 0.75)
+
+
+class DatautilError(ValueError):
+    """Bad input from the user: unknown extension, missing file or a column a flag needs. The CLI exits 2."""
+
+
+# ---- filter flags ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FilterFlag:
+    """One reference filter flag: ``column <op> value`` must hold for a row to be kept."""
+
+    name: str
+    column: str
+    op: str  # ">=" or "<="
+    help: str
+
+
+# Order is the order the reference applies them in; flags after matchmin are this project's additions.
+FILTER_FLAGS = (
+    FilterFlag("fmin", "num_frames", ">=", "keep rows with num_frames >= FMIN"),
+    FilterFlag("fmax", "num_frames", "<=", "keep rows with num_frames <= FMAX"),
+    FilterFlag("hwmax", "resolution", "<=", "keep rows with height*width <= HWMAX (uses 'resolution' if present)"),
+    FilterFlag("aesmin", "aes", ">=", "keep rows with aesthetic score aes >= AESMIN"),
+    FilterFlag("matchmin", "match", ">=", "keep rows with text-image match score >= MATCHMIN"),
+    FilterFlag("flowmin", "flow", ">=", "keep rows with optical-flow score flow >= FLOWMIN"),
+    FilterFlag("flowmax", "flow", "<=", "keep rows with flow <= FLOWMAX"),
+    FilterFlag("ocrmax", "ocr", "<=", "keep rows with at most OCRMAX text boxes"),
+    FilterFlag("fpsmin", "fps", ">=", "keep rows with fps >= FPSMIN"),
+    FilterFlag("fpsmax", "fps", "<=", "keep rows with fps <= FPSMAX"),
+)
+
+
+# ---- results -----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ColumnInfo:
+    name: str
+    dtype: str
+    non_null: int
+    nulls: int
+    min: Any = None
+    max: Any = None
+    mean: float | None = None  # numeric columns only
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """What ``info`` knows about a table without opening any video.
+
+    ``missing_video_info`` counts rows lacking num_frames, height or width (all rows when a column is absent):
+    the reference would probe those videos; we only report them.
+    """
+
+    path: str
+    format: str
+    rows: int
+    columns: list[ColumnInfo] = field(default_factory=list)
+    missing_required: list[str] = field(default_factory=list)
+    missing_video_info: int = 0
+
+    def column(self, name: str) -> ColumnInfo:
+        for col in self.columns:
+            if col.name == name:
+                return col
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """Rows read and rows written by merge / dedupe / filter."""
+
+    output: str
+    rows_in: int
+    rows_out: int
+
+    @property
+    def dropped(self) -> int:
+        return self.rows_in - self.rows_out
+
+
+# ---- plumbing ----------------------------------------------------------------------------------------------------
+def table_format(path: str | os.PathLike) -> str:
+    """``"csv"`` or ``"parquet"`` from the file extension; anything else is a user error."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise DatautilError(f"{path}: unknown extension {suffix!r}; use one of {', '.join(sorted(FORMATS))}")
+    return FORMATS[suffix]
+
+
+def _sql_str(value: str | os.PathLike) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _connect() -> "duckdb.DuckDBPyConnection":
+    import duckdb
+
+    return duckdb.connect(":memory:")
+
+
+def _source(con: "duckdb.DuckDBPyConnection", path: str | os.PathLike) -> str:
+    """A DuckDB table expression reading ``path``; CSV id/path/text columns are forced to strings."""
+    fmt = table_format(path)
+    if not Path(path).is_file():
+        raise DatautilError(f"{path}: no such file")
+    if fmt == "parquet":
+        return f"read_parquet({_sql_str(path)})"
+    sniffed = f"read_csv({_sql_str(path)}, header = true)"
+    present = [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {sniffed}").fetchall()]
+    forced = [c for c in STRING_COLUMNS if c in present]
+    if not forced:
+        return sniffed
+    types = "{" + ", ".join(f"{_sql_str(c)}: 'VARCHAR'" for c in forced) + "}"
+    return f"read_csv({_sql_str(path)}, header = true, types = {types})"
+
+
+def _schema(con: "duckdb.DuckDBPyConnection", source: str) -> dict[str, str]:
+    return {row[0]: row[1] for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
+
+
+def _is_numeric(dtype: str) -> bool:
+    base = dtype.upper().split("(")[0]
+    return base in {
+        "TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT",
+        "UHUGEINT", "FLOAT", "DOUBLE", "DECIMAL", "REAL",
+    }  # fmt: skip
+
+
+def _require(schema: dict[str, str], columns: Sequence[str], why: str, path: str | os.PathLike) -> None:
+    missing = [c for c in columns if c not in schema]
+    if missing:
+        raise DatautilError(f"{path}: {why} needs column(s) {missing}; the table has {list(schema)}")
+
+
+def _copy(con: "duckdb.DuckDBPyConnection", select: str, output: str | os.PathLike) -> int:
+    """Write ``select`` to ``output`` (format by extension) atomically; returns the number of rows written."""
+    fmt = table_format(output)
+    target = Path(output)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    options = "FORMAT PARQUET" if fmt == "parquet" else "FORMAT CSV, HEADER"
+    try:
+        (rows,) = con.execute(f"COPY ({select}) TO {_sql_str(tmp)} ({options})").fetchone()
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return int(rows)
+
+
+def _count(con: "duckdb.DuckDBPyConnection", source: str) -> int:
+    return int(con.execute(f"SELECT count(*) FROM {source}").fetchone()[0])
+
+
+# ---- operations --------------------------------------------------------------------------------------------------
+def info(input: str | os.PathLike) -> TableInfo:
+    """Row count, schema and per-column non-null count / min / max (/ mean for numbers), in one scan."""
+    con = _connect()
+    try:
+        source = _source(con, input)
+        schema = _schema(con, source)
+        aggs = ["count(*)"]
+        for name, dtype in schema.items():
+            col = _ident(name)
+            aggs += [f"count({col})", f"min({col})", f"max({col})"]
+            aggs.append(f"avg({col})" if _is_numeric(dtype) else "NULL")
+        video_cols = [c for c in ("num_frames", "height", "width") if c in schema]
+        if len(video_cols) == 3:
+            aggs.append("count(*) FILTER (WHERE num_frames IS NULL OR height IS NULL OR width IS NULL)")
+        row = con.execute(f"SELECT {', '.join(aggs)} FROM {source}").fetchone()
+    finally:
+        con.close()
+    rows = int(row[0])
+    columns = []
+    for i, (name, dtype) in enumerate(schema.items()):
+        non_null, lo, hi, mean = row[1 + 4 * i : 5 + 4 * i]
+        columns.append(ColumnInfo(name, dtype, int(non_null), rows - int(non_null), lo, hi, mean))
+    missing_video = int(row[-1]) if len(video_cols) == 3 else rows
+    return TableInfo(
+        path=str(input),
+        format=table_format(input),
+        rows=rows,
+        columns=columns,
+        missing_required=[c for c in REQUIRED_COLUMNS if c not in schema],
+        missing_video_info=missing_video,
+    )
+
+
+def merge(inputs: Sequence[str | os.PathLike], output: str | os.PathLike) -> WriteResult:
+    """Concatenate tables by column name, in input order; a column missing from one input is NULL there."""
+    if not inputs:
+        raise DatautilError("merge needs at least one input")
+    formats = {table_format(p) for p in inputs}
+    con = _connect()
+    try:
+        if formats == {"parquet"}:
+            for p in inputs:
+                if not Path(p).is_file():
+                    raise DatautilError(f"{p}: no such file")
+            paths = "[" + ", ".join(_sql_str(p) for p in inputs) + "]"
+            select = f"SELECT * FROM read_parquet({paths}, union_by_name = true)"
+        else:
+            # CSVs are sniffed one by one (each has its own dialect and types), then unioned by name.
+            select = " UNION ALL BY NAME ".join(f"SELECT * FROM {_source(con, p)}" for p in inputs)
+        rows = _copy(con, select, output)
+    finally:
+        con.close()
+    return WriteResult(str(output), rows, rows)
+
+
+def dedupe(input: str | os.PathLike, output: str | os.PathLike, subset: Sequence[str] = ("path",)) -> WriteResult:
+    """Keep the first row of each ``subset`` key (by path, by id or by text), in the input's order.
+
+    Rows whose key is missing count as one key, as in pandas ``drop_duplicates``.
+    """
+    import polars as pl
+
+    subset = list(subset)
+    if not subset:
+        raise DatautilError("dedupe needs at least one key column")
+    con = _connect()
+    try:
+        source = _source(con, input)
+        schema = _schema(con, source)
+        _require(schema, subset, "dedupe", input)
+        if table_format(input) == "parquet":
+            frame = pl.read_parquet(input)
+        else:
+            # CSVs go through DuckDB's sniffer, as in every other op, so types agree across ops.
+            frame = con.sql(f"SELECT * FROM {source}").pl()
+    finally:
+        con.close()
+    # Polars keeps the first row per key in order in one hash pass; SQL would need a window and a sort.
+    kept = frame.unique(subset=subset, keep="first", maintain_order=True)
+    _write_frame(kept, output)
+    return WriteResult(str(output), frame.height, kept.height)
+
+
+def _write_frame(frame: "pl.DataFrame", output: str | os.PathLike) -> None:
+    fmt = table_format(output)
+    target = Path(output)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        if fmt == "parquet":
+            frame.write_parquet(tmp)
+        else:
+            frame.write_csv(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def stats(input: str | os.PathLike) -> "pl.DataFrame":
+    """count / mean / std / min / 25% / 50% / 75% / max of each Open-Sora numeric column present.
+
+    ``text_len`` is the caption length in characters, computed from ``text`` when the table has no ``text_len``
+    column (the reference's ``text_len`` counts T5 tokens; characters need no tokenizer).
+    """
+    import polars as pl
+
+    con = _connect()
+    try:
+        source = _source(con, input)
+        schema = _schema(con, source)
+        exprs: dict[str, str] = {}
+        for name in STAT_COLUMNS:
+            if name in schema and _is_numeric(schema[name]):
+                exprs[name] = f"CAST({_ident(name)} AS DOUBLE)"
+            elif name == "text_len" and "text" in schema:
+                exprs[name] = "CAST(length(text) AS DOUBLE)"
+        if not exprs:
+            raise DatautilError(f"{input}: none of the Open-Sora numeric columns {list(STAT_COLUMNS)} is present")
+        qs = "[" + ", ".join(str(q) for q in QUANTILES) + "]"
+        aggs = []
+        for expr in exprs.values():
+            aggs += [
+                f"count({expr})", f"avg({expr})", f"stddev_samp({expr})", f"min({expr})",
+                f"quantile_cont({expr}, {qs})", f"max({expr})",
+            ]  # fmt: skip
+        row = con.execute(f"SELECT {', '.join(aggs)} FROM {source}").fetchone()
+    finally:
+        con.close()
+    records = []
+    for i, name in enumerate(exprs):
+        count, mean, std, lo, quantiles, hi = row[6 * i : 6 * i + 6]
+        quantiles = quantiles or [None] * len(QUANTILES)
+        records.append(
+            {"column": name, "count": int(count), "mean": mean, "std": std, "min": lo}
+            | {f"{int(q * 100)}%": v for q, v in zip(QUANTILES, quantiles)}
+            | {"max": hi}
+        )
+    return pl.DataFrame(records, schema_overrides={k: pl.Float64 for k in ("mean", "std", "min", "max")})
+
+
+def filter(  # noqa: A001 - the reference's operation name; called as datautil.filter
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    fmin: float | None = None,
+    fmax: float | None = None,
+    hwmax: float | None = None,
+    aesmin: float | None = None,
+    flowmin: float | None = None,
+    matchmin: float | None = None,
+    flowmax: float | None = None,
+    ocrmax: float | None = None,
+    fpsmin: float | None = None,
+    fpsmax: float | None = None,
+) -> WriteResult:
+    """Keep rows meeting every given bound (inclusive); a missing value fails its bound, as in the reference."""
+    bounds = {
+        "fmin": fmin, "fmax": fmax, "hwmax": hwmax, "aesmin": aesmin, "flowmin": flowmin,
+        "matchmin": matchmin, "flowmax": flowmax, "ocrmax": ocrmax, "fpsmin": fpsmin, "fpsmax": fpsmax,
+    }  # fmt: skip
+    con = _connect()
+    try:
+        source = _source(con, input)
+        schema = _schema(con, source)
+        conditions = []
+        for flag in FILTER_FLAGS:
+            value = bounds[flag.name]
+            if value is None:
+                continue
+            if flag.name == "hwmax" and "resolution" not in schema:
+                _require(schema, ("height", "width"), "--hwmax (without a 'resolution' column)", input)
+                column = "(CAST(height AS BIGINT) * CAST(width AS BIGINT))"
+            else:
+                _require(schema, (flag.column,), f"--{flag.name}", input)
+                column = _ident(flag.column)
+            # NULL {op} x is NULL, which WHERE treats as false: a missing value fails its bound.
+            conditions.append(f"{column} {flag.op} {float(value)!r}")
+        where = " AND ".join(conditions) or "true"
+        rows_in = _count(con, source)
+        rows_out = _copy(con, f"SELECT * FROM {source} WHERE {where}", output)
+    finally:
+        con.close()
+    return WriteResult(str(output), rows_in, rows_out)
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------------------
+def build_parser(prog: str = "opensora-dag data") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Inspect and edit Open-Sora data tables (CSV or Parquet).")
+    sub = parser.add_subparsers(dest="op", required=True, metavar="{info,merge,dedupe,stats,filter}")
+
+    p = sub.add_parser("info", help="rows, columns and per-column stats of a table")
+    p.add_argument("input")
+
+    p = sub.add_parser("merge", help="concatenate tables by column name")
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("-o", "--output", required=True)
+
+    p = sub.add_parser("dedupe", help="keep the first row per key")
+    p.add_argument("input")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--subset", nargs="+", default=["path"], metavar="COLUMN", help="key columns (default: path)")
+
+    p = sub.add_parser("stats", help="distribution of the Open-Sora numeric columns")
+    p.add_argument("input")
+    p.add_argument("-o", "--output", help="also write the stats table here (.csv or .parquet)")
+
+    p = sub.add_parser("filter", help="keep rows within the given bounds (inclusive)")
+    p.add_argument("input")
+    p.add_argument("-o", "--output", required=True)
+    for flag in FILTER_FLAGS:
+        p.add_argument(f"--{flag.name}", type=float, default=None, help=flag.help)
+    return parser
+
+
+def _print_info(console, result: TableInfo) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{result.path}  ({result.format}, {result.rows:,} rows, {len(result.columns)} columns)")
+    for name in ("column", "type", "non-null", "nulls", "min", "max", "mean"):
+        table.add_column(name, justify="left" if name in ("column", "type") else "right", no_wrap=True)
+    for col in result.columns:
+        table.add_row(
+            col.name, col.dtype, f"{col.non_null:,}", f"{col.nulls:,}",
+            _short(col.min), _short(col.max), "" if col.mean is None else f"{col.mean:.4g}",
+        )  # fmt: skip
+    console.print(table)
+    if result.missing_required:
+        console.print(f"[yellow]missing Open-Sora required column(s): {', '.join(result.missing_required)}")
+    if result.missing_video_info:
+        console.print(f"[yellow]{result.missing_video_info:,} row(s) lack num_frames/height/width (not probed)")
+
+
+def _short(value: Any, width: int = 24) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        text = f"{value:.4g}"
+    elif isinstance(value, int):
+        text = f"{value:,}"
+    else:
+        text = str(value).replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _print_stats(console, frame: "pl.DataFrame", title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for name in frame.columns:
+        table.add_column(name, justify="left" if name == "column" else "right", no_wrap=True)
+    for row in frame.iter_rows():
+        table.add_row(*(_short(v) for v in row))
+    console.print(table)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``opensora-dag data ...``; a leading ``"data"`` in ``argv`` is accepted and ignored.
+
+    Exit codes: 0 done, 2 bad input (usage, unknown extension, missing file or column, unreadable table).
+    """
+    import duckdb
+    from rich.console import Console
+
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] == "data":
+        args_list = args_list[1:]
+    parser = build_parser()
+    try:
+        args = parser.parse_args(args_list)
+    except SystemExit as exit_:  # argparse exits 2 on usage errors and 0 on --help; return it instead
+        return int(exit_.code or 0)
+
+    # Tables fit a terminal; piped into a file or a log they are printed whole. Messages never wrap (grep-able).
+    console = Console(soft_wrap=True)
+    if not console.is_terminal:
+        console = Console(soft_wrap=True, width=160)
+    try:
+        if args.op == "info":
+            _print_info(console, info(args.input))
+        elif args.op == "merge":
+            result = merge(args.inputs, args.output)
+            console.print(f"merged {len(args.inputs)} table(s): {result.rows_out:,} rows -> {result.output}")
+        elif args.op == "dedupe":
+            result = dedupe(args.input, args.output, subset=args.subset)
+            console.print(
+                f"dedupe by {', '.join(args.subset)}: {result.rows_in:,} -> {result.rows_out:,} rows "
+                f"({result.dropped:,} duplicates dropped) -> {result.output}"
+            )
+        elif args.op == "stats":
+            frame = stats(args.input)
+            _print_stats(console, frame, title=f"{args.input}")
+            if args.output:
+                _write_frame(frame, args.output)
+                console.print(f"stats -> {args.output}")
+        elif args.op == "filter":
+            bounds = {flag.name: getattr(args, flag.name) for flag in FILTER_FLAGS}
+            result = filter(args.input, args.output, **bounds)
+            used = ", ".join(f"--{k} {v:g}" for k, v in bounds.items() if v is not None) or "no bounds"
+            console.print(
+                f"filter ({used}): {result.rows_in:,} -> {result.rows_out:,} rows "
+                f"({result.dropped:,} dropped) -> {result.output}"
+            )
+    except DatautilError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (
+        duckdb.IOException, duckdb.InvalidInputException, duckdb.ConversionException, duckdb.BinderException,
+    ) as error:  # fmt: skip
+        # A file DuckDB cannot parse (malformed CSV, corrupt Parquet, mixed-up types): the input's fault.
+        print(f"error reading input: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

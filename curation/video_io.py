@@ -1,0 +1,279 @@
+"""The one video reader and writer of the curation pipeline, on PyAV.
+
+Everything that touches pixels (scene detection, cutting, scorers' fallbacks, tests) goes through here, so
+that frame numbering is the same everywhere: frame ``i`` is the ``i``-th frame the decoder outputs, counted
+from 0, which is also what ``probe.probe_video`` counts as ``num_frames``. Frames are RGB uint8 ``[H, W, 3]``
+unless a caller asks for another pixel format.
+
+Decoding uses FFmpeg's frame threads (``thread_type="AUTO"``) and scales inside swscale (``size=``), so a
+detector that needs 256 px wide frames never pays for a full-resolution RGB conversion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import av
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """What a reader needs to know about the first video stream before decoding it."""
+
+    width: int
+    height: int
+    fps: Fraction  # average frame rate (exact rational)
+    time_base: Fraction
+    start_pts: int | None  # pts of the stream's first frame as declared by the container
+    declared_frames: int  # 0 when the container does not say
+
+
+def open_video(path: str | Path, *, threads: bool = True) -> tuple[av.container.InputContainer, av.VideoStream]:
+    """Open ``path`` and return (container, first video stream) with frame threading enabled."""
+    import av
+
+    container = av.open(str(path), mode="r")
+    if not container.streams.video:
+        container.close()
+        raise ValueError(f"{path}: no video stream")
+    stream = container.streams.video[0]
+    if threads:
+        # Frame + slice threads; thread_count 0 lets FFmpeg pick from the number of cores.
+        stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = 0
+    return container, stream
+
+
+def stream_info(stream: av.VideoStream) -> StreamInfo:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if not rate:
+        raise ValueError("video stream has no frame rate")
+    return StreamInfo(
+        width=stream.codec_context.width,
+        height=stream.codec_context.height,
+        fps=Fraction(rate),
+        time_base=Fraction(stream.time_base) if stream.time_base else Fraction(1, 1) / Fraction(rate),
+        start_pts=stream.start_time,
+        declared_frames=stream.frames or 0,
+    )
+
+
+def probe_stream(path: str | Path) -> StreamInfo:
+    """Stream size, rate and time base without decoding anything."""
+    container, stream = open_video(path, threads=False)
+    with container:
+        return stream_info(stream)
+
+
+def iter_av_frames(
+    path: str | Path, *, stop: int | None = None, threads: bool = True
+) -> Iterator[tuple[int, Fraction, av.VideoFrame, StreamInfo]]:
+    """Decoded ``av.VideoFrame`` objects with their index and exact pts (seconds since the first frame).
+
+    The low-level form of ``iter_frames`` for callers that keep frames in YUV (the cutter encodes them
+    without an RGB round trip). ``stop`` (exclusive) ends decoding early.
+    """
+    container, stream = open_video(path, threads=threads)
+    with container:
+        info = stream_info(stream)
+        first_pts: int | None = None
+        index = 0
+        for frame in container.decode(stream):
+            if stop is not None and index >= stop:
+                break
+            if frame.pts is not None and first_pts is None:
+                first_pts = frame.pts
+            if frame.pts is None or first_pts is None:
+                # No timestamps (raw streams, some AVIs): fall back to a constant rate.
+                t = Fraction(index) / info.fps
+            else:
+                t = (frame.pts - first_pts) * info.time_base
+            yield index, t, frame, info
+            index += 1
+
+
+def iter_frames(
+    path: str | Path,
+    size: tuple[int, int] | None = None,
+    *,
+    format: str = "rgb24",
+    interpolation: str | None = None,
+    start: int = 0,
+    stop: int | None = None,
+    threads: bool = True,
+) -> Iterator[tuple[int, float, np.ndarray]]:
+    """Yield ``(index, pts_seconds, frame)`` for every frame of ``path`` in presentation order.
+
+    size: ``(width, height)`` to scale to inside swscale (cheaper than converting at full size and
+    resizing in numpy); None keeps the stored size. format: any FFmpeg pixel format PyAV can turn into
+    an array (``rgb24`` default, ``bgr24`` for OpenCV consumers, ``gray``). Frames before ``start`` are
+    decoded (H.264 needs them) but not converted. pts_seconds counts from the first frame.
+    """
+    from av.video.reformatter import VideoReformatter
+
+    reformatter = VideoReformatter()  # one swscale context reused for the whole video
+    width, height = size if size is not None else (None, None)
+    scaler_threads = None
+    for index, t, frame, _info in iter_av_frames(path, stop=stop, threads=threads):
+        if index < start:
+            continue
+        if scaler_threads is None:
+            scaler_threads = _scaler_threads(width or frame.width, height or frame.height)
+        out = reformatter.reformat(
+            frame, width=width, height=height, format=format, interpolation=interpolation, threads=scaler_threads
+        )
+        yield index, float(t), out.to_ndarray()
+
+
+def _scaler_threads(width: int, height: int) -> int:
+    """swscale threads: one for small outputs (thread hand-off costs more than it saves), auto above."""
+    return 1 if width * height <= 640 * 360 else 0
+
+
+def read_frames(
+    path: str | Path, indices: Sequence[int], size: tuple[int, int] | None = None, *, format: str = "rgb24"
+) -> list[np.ndarray]:
+    """Frames at ``indices`` (any order, repeats allowed), frame-exact by decode count.
+
+    Decodes sequentially from the first frame up to the largest index: seeking lands on keyframes and
+    would make the count depend on the container's timestamps, which is exactly what must not happen.
+    """
+    if not indices:
+        return []
+    wanted = sorted(set(int(i) for i in indices))
+    if wanted[0] < 0:
+        raise IndexError(f"negative frame index {wanted[0]}")
+    got: dict[int, np.ndarray] = {}
+    from av.video.reformatter import VideoReformatter
+
+    reformatter = VideoReformatter()
+    width, height = size if size is not None else (None, None)
+    targets = set(wanted)
+    for index, _t, frame, _info in iter_av_frames(path, stop=wanted[-1] + 1):
+        if index in targets:
+            got[index] = reformatter.reformat(frame, width=width, height=height, format=format).to_ndarray()
+    missing = [i for i in wanted if i not in got]
+    if missing:
+        raise IndexError(f"{path}: frames {missing} out of range ({len(got)} of the requested frames exist)")
+    return [got[int(i)] for i in indices]
+
+
+def even_size_for_short_side(width: int, height: int, short_side: int | None) -> tuple[int, int]:
+    """(width, height) with the shorter side at ``min(short, short_side)`` (never upscaled), both even.
+
+    H.264 in yuv420p needs even dimensions; the longer side keeps the aspect ratio, rounded to even.
+    """
+    short = min(width, height)
+    target = short if short_side is None else min(short, short_side)
+    target -= target % 2
+    if width <= height:
+        new_w = target
+        new_h = int(round(height * target / width / 2.0)) * 2
+    else:
+        new_h = target
+        new_w = int(round(width * target / height / 2.0)) * 2
+    return max(2, new_w), max(2, new_h)
+
+
+def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
+    """Downscale an RGB image so its shorter side is ``short_side`` (area filter); smaller images pass."""
+    import cv2
+
+    h, w = image.shape[:2]
+    if min(h, w) <= short_side:
+        return image
+    scale = short_side / min(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+class VideoWriter:
+    """H.264 (libx264, yuv420p) writer for RGB arrays or ``av.VideoFrame`` objects at a constant rate."""
+
+    def __init__(self, container: av.container.OutputContainer, stream: av.VideoStream, fps: Fraction):
+        from av.video.reformatter import VideoReformatter
+
+        self._container = container
+        self._stream = stream
+        self._time_base = 1 / fps
+        self._reformatter = VideoReformatter()
+        self.width = stream.width
+        self.height = stream.height
+        self.frames_written = 0
+
+    def write(self, frame: np.ndarray | av.VideoFrame) -> None:
+        """Append one frame; arrays are RGB uint8 [H, W, 3] at the writer's size."""
+        import av
+
+        if isinstance(frame, np.ndarray):
+            if frame.shape[:2] != (self.height, self.width):
+                raise ValueError(f"frame is {frame.shape[1]}x{frame.shape[0]}, writer is {self.width}x{self.height}")
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        if frame.width != self.width or frame.height != self.height or frame.format.name != "yuv420p":
+            frame = self._reformatter.reformat(
+                frame, width=self.width, height=self.height, format="yuv420p", interpolation="BICUBIC"
+            )
+        # The encoder copies the frame (pts included) on send, so re-stamping a frame that is written
+        # twice (frame-rate up-conversion) is safe.
+        frame.pts = self.frames_written
+        frame.time_base = self._time_base
+        for packet in self._stream.encode(frame):
+            self._container.mux(packet)
+        self.frames_written += 1
+
+    def _flush(self) -> None:
+        for packet in self._stream.encode(None):
+            self._container.mux(packet)
+
+
+@contextlib.contextmanager
+def open_writer(
+    path: str | Path,
+    fps: float | Fraction,
+    width: int,
+    height: int,
+    crf: int = 18,
+    preset: str = "veryfast",
+    *,
+    threads: int = 0,
+) -> Iterator[VideoWriter]:
+    """Write an H.264 mp4 to ``path`` atomically.
+
+    Frames go to ``{path}.part`` and the file is renamed into place only when the block exits cleanly, so a
+    crash never leaves a half-written clip that a re-run would mistake for a finished one. On an exception
+    the partial file is removed and the exception propagates.
+    """
+    import av
+
+    if width % 2 or height % 2:
+        raise ValueError(f"H.264 yuv420p needs even dimensions, got {width}x{height}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    rate = Fraction(fps).limit_denominator(1001000)
+    container = av.open(str(tmp), mode="w", format="mp4")
+    ok = False
+    try:
+        stream = container.add_stream("libx264", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.thread_count = threads
+        stream.options = {"crf": str(crf), "preset": preset}
+        writer = VideoWriter(container, stream, rate)
+        yield writer
+        writer._flush()
+        ok = True
+    finally:
+        container.close()
+        if ok:
+            tmp.replace(path)
+        else:
+            tmp.unlink(missing_ok=True)

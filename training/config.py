@@ -1,0 +1,111 @@
+"""Training configuration: typed, validated, loaded from YAML presets plus overrides (never executed as code).
+
+A preset (``training/presets/train_<name>.yaml``) fixes model size, buckets, optimizer and scheduler; the CLI and
+the Dagster asset override single fields with dotted ``key=value`` pairs (``optim.lr=1e-4``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+PRESET_DIR = Path(__file__).parent / "presets"
+TRAIN_PRESETS = ("demo-cpu", "stage1", "stage2", "stage3")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelSection(_Strict):
+    preset: str = Field("STDiT2-XL/2", description="STDiT2 preset name (models.stdit2.STDIT2_PRESETS).")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="STDiT2Config fields to change.")
+    from_pretrained: str | None = Field(None, description="Weights to start from: file, sharded dir or HF dir.")
+    grad_checkpointing: bool = False
+    qk_norm_legacy: bool = Field(True, description="True = v1.1 order (RoPE before QK-norm), needed for v1.1 weights.")
+
+
+class EncodersSection(_Strict):
+    text_encoder: str | None = Field(None, description="Local T5 folder (production: DeepFloyd/t5-v1_1-xxl).")
+    vae: str | None = Field(None, description="Local diffusers AutoencoderKL folder (production: stabilityai/sd-vae-ft-ema).")
+    model_max_length: int = 200
+    vae_micro_batch_size: int = 4
+    build_tiny_if_missing: bool = Field(False, description="Demo only: build tiny random encoders when paths are unset.")
+
+
+class DataSection(_Strict):
+    bucket_preset: str = "stage1"
+    num_workers: int = 0
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Held-out share, chosen by a hash of the clip id.")
+    mask_ratios: dict[str, float] | None = Field(None, description="Frame-mask ratios; None = the reference's.")
+
+
+class OptimSection(_Strict):
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    warmup_steps: int = 0
+
+
+class TrainConfig(_Strict):
+    name: str = "run"
+    model: ModelSection = Field(default_factory=ModelSection)
+    encoders: EncodersSection = Field(default_factory=EncodersSection)
+    data: DataSection = Field(default_factory=DataSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    objective: Literal["iddpm", "rflow"] = "iddpm"
+    steps: int = Field(1000, ge=1)
+    ckpt_every: int = Field(500, ge=1)
+    keep_last: int = Field(3, ge=1)
+    log_every: int = Field(10, ge=1)
+    val_every: int = Field(0, ge=0, description="Validate every N steps (0 = only at start and end).")
+    val_timesteps: int = Field(5, ge=1, description="Evenly spaced timesteps at which validation is scored.")
+    val_max_samples: int = 64
+    seed: int = 42
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    plugin: Literal["auto", "ddp", "zero2"] = Field("auto", description="auto: ZeRO-2 on CUDA, TorchDDP on CPU.")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\ "):
+            raise ValueError("name must be a non-empty word without slashes or spaces")
+        return v
+
+
+def apply_overrides(data: dict, overrides: list[str] | dict[str, Any]) -> dict:
+    """Set dotted keys (``optim.lr=1e-4``); values are parsed as YAML scalars/lists."""
+    items = overrides.items() if isinstance(overrides, dict) else (_split(o) for o in overrides)
+    for key, value in items:
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {key!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(value) if isinstance(value, str) else value
+    return data
+
+
+def _split(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like key=value")
+    key, value = item.split("=", 1)
+    return key.strip(), value
+
+
+def load_train_config(preset: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
+    """A preset name (``demo-cpu``, ``stage1``..``stage3``) or a YAML path, validated into ``TrainConfig``."""
+    path = Path(preset)
+    if not path.suffix:
+        path = PRESET_DIR / f"train_{str(preset).replace('-', '_')}.yaml"
+        if not path.is_file():
+            raise ValueError(f"unknown training preset {preset!r}; choose from {', '.join(TRAIN_PRESETS)} or a YAML path")
+    data = yaml.safe_load(path.read_text()) or {}
+    return TrainConfig.model_validate(apply_overrides(data, overrides or []))
