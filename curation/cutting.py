@@ -6,8 +6,8 @@ order, and each decoded frame goes (scaled in YUV, no RGB round trip) to the enc
 to. Scenes tile the video, so at most one encoder is open at a time.
 
 Frame-rate conversion is timestamp resampling: output frame ``k`` of a clip shows the source frame that is on
-screen at ``k / target_fps`` seconds after the clip's first frame (what ffmpeg's ``-r`` does). A clip of
-duration ``D`` seconds has ``ceil(D * target_fps)`` frames: every output instant that falls inside the scene.
+screen at ``k / target_fps`` seconds after the clip's first frame. A clip of duration ``D`` seconds has
+``round(D * target_fps)`` frames (halves up), the count ffmpeg's ``-r 30 -t D`` gives the reference.
 
 While a clip is encoded the frames that the scorers need are saved beside it (``KeepFramesSpec``), so the
 aesthetic, flow, OCR and matching/caption scorers never decode video again.
@@ -15,6 +15,7 @@ aesthetic, flow, OCR and matching/caption scorers never decode video again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -182,7 +183,7 @@ def plan_clips(
             # Keep the first max_seconds, rounded to whole source frames (as the reference's FrameTimecode).
             end = min(end, scene.start_frame + round(float(fps_q) * cfg.max_seconds))
         duration = Fraction(end - scene.start_frame) / fps_q
-        num_out = max(1, math.ceil(duration * target))
+        num_out = max(1, math.floor(duration * target + Fraction(1, 2)))
         plans.append(
             ClipPlan(
                 clip_id=clip_id_for(video_id, scene.start_frame, end, cfg),
@@ -224,17 +225,17 @@ class _KeptFrameWriter:
             return
         import cv2
 
-        rgb = frame.to_ndarray(format="rgb24")
+        bgr = frame.to_ndarray(format="bgr24")  # OpenCV writes BGR: convert once, no channel flip copy
         small = None
         params = [cv2.IMWRITE_JPEG_QUALITY, self.spec.jpeg_quality] if self.spec.image_format == "jpg" else []
         for purpose in sorted(purposes):
             if self.spec.full_resolution(purpose):
-                image = rgb
+                image = bgr
             else:
-                small = resize_short_side(rgb, self.spec.small_short_side) if small is None else small
+                small = resize_short_side(bgr, self.spec.small_short_side) if small is None else small
                 image = small
             target = self.dir / self.file_name(purpose, k)
-            if not cv2.imwrite(str(target), np.ascontiguousarray(image[:, :, ::-1]), params):
+            if not cv2.imwrite(str(target), image, params):
                 raise OSError(f"could not write {target}")
 
     def finish(self, clip_id: str, num_frames: int) -> None:
@@ -248,6 +249,43 @@ class _KeptFrameWriter:
         tmp = self.dir / f".{MANIFEST}.{os.getpid()}.part"
         tmp.write_text(json.dumps(manifest, indent=1))
         tmp.replace(self.dir / MANIFEST)
+
+
+class _OpenClip:
+    """The clip being encoded: resamples source frames to the output rate and feeds its encoder.
+
+    Source frames arrive in order with their timestamps. A frame stays on screen until the next one's
+    timestamp, so each arrival writes the previous (held) frame for every output instant before it;
+    ``finish`` writes the held frame up to the clip's planned length.
+    """
+
+    def __init__(self, plan: ClipPlan, path: Path, size: tuple[int, int], rate: Fraction, cfg: CutConfig,
+                 kept: _KeptFrameWriter, t0: Fraction):  # fmt: skip
+        self.plan, self.rate, self.kept, self.t0 = plan, rate, kept, t0
+        self._stack = contextlib.ExitStack()
+        self.writer = self._stack.enter_context(open_writer(path, rate, size[0], size[1], cfg.crf, cfg.preset))
+        self.held = None  # the last source frame seen (scaled, yuv420p)
+        self.k = 0  # next output frame
+
+    def push(self, t: Fraction, frame) -> None:
+        if self.held is not None:
+            self._emit_until(t - self.t0)
+        self.held = frame
+
+    def _emit_until(self, limit: Fraction | None) -> None:
+        while self.k < self.plan.num_frames and (limit is None or Fraction(self.k) / self.rate < limit):
+            self.writer.write(self.held)
+            self.kept.offer(self.k, self.held)
+            self.k += 1
+
+    def finish(self) -> int:
+        self._emit_until(None)
+        self._stack.close()  # flush the encoder, rename the file into place
+        self.kept.finish(self.plan.clip_id, self.k)
+        return self.k
+
+    def abort(self, err: BaseException) -> None:
+        self._stack.__exit__(type(err), err, err.__traceback__)  # the writer removes its partial file
 
 
 def cut_clips(
@@ -264,7 +302,10 @@ def cut_clips(
 
     Kept frames go to ``{frames_root}/{clip_id}/`` (``frames_root`` defaults to ``{out_dir}/frames``).
     Scenes shorter than ``cfg.min_seconds`` are returned in ``CutResult.dropped`` with the reason.
+    Decoding stops after the last frame of the last clip.
     """
+    from av.video.reformatter import VideoReformatter
+
     cfg = cfg or CutConfig()
     keep = keep or KeepFramesSpec()
     out_dir = Path(out_dir)
@@ -276,46 +317,19 @@ def cut_clips(
         return result
 
     out_w, out_h = even_size_for_short_side(info.width, info.height, cfg.short_side)
-    target = Fraction(cfg.target_fps).limit_denominator(1001) if cfg.target_fps else info.fps.limit_denominator(1001000)
-    stop = plans[-1].end_frame
-    pending = iter(plans)
-    plan = next(pending)
-
-    from av.video.reformatter import VideoReformatter
-
+    rate = Fraction(cfg.target_fps).limit_denominator(1001) if cfg.target_fps else info.fps.limit_denominator(1001000)
     scaler = VideoReformatter()
     scaler_threads = 1 if out_w * out_h <= 640 * 360 else 0
 
-    def scaled(frame):
-        # The encoder wants yuv420p at the clip size; reformat returns the frame itself when it already is.
-        return scaler.reformat(
-            frame, width=out_w, height=out_h, format="yuv420p", interpolation="BICUBIC", threads=scaler_threads
-        )
-
-    writer_cm = writer = kept = None
-    t0 = Fraction(0)
-    k = 0  # next output frame of the open clip
-    held = None  # (scaled frame) of the last source frame seen inside the open clip
-
-    def emit_until(limit: Fraction | None) -> None:
-        """Write the held frame for every output instant before ``limit`` (None: to the clip's end)."""
-        nonlocal k
-        while k < plan.num_frames and (limit is None or Fraction(k) / target < limit):
-            writer.write(held)
-            kept.offer(k, held)
-            k += 1
-
-    def close_clip() -> None:
-        nonlocal writer_cm, writer, kept, held
-        emit_until(None)
-        writer_cm.__exit__(None, None, None)
-        kept.finish(plan.clip_id, k)
+    def finish(clip: _OpenClip) -> None:
+        num_frames = clip.finish()
+        plan = clip.plan
         result.clips.append(
             ClipResult(
                 path=str(out_dir / f"{plan.clip_id}.mp4"),
                 id=plan.clip_id,
-                num_frames=k,
-                fps=float(target),
+                num_frames=num_frames,
+                fps=float(rate),
                 height=out_h,
                 width=out_w,
                 aspect_ratio=out_h / out_w,
@@ -329,33 +343,47 @@ def cut_clips(
                 frames_dir=str(frames_root / plan.clip_id),
             )
         )
-        writer_cm = writer = kept = held = None
 
+    pending = iter(plans)
+    plan: ClipPlan | None = next(pending)
+    clip: _OpenClip | None = None
     try:
-        for index, t, frame, _info in iter_av_frames(video_path, stop=stop):
+        for index, t, frame, _info in iter_av_frames(video_path, stop=plans[-1].end_frame):
             result.frames_decoded = index + 1
-            if writer is not None and index >= plan.end_frame:
-                close_clip()
-                plan = next(pending, None)
+            if clip is not None and index >= clip.plan.end_frame:
+                finish(clip)
+                clip, plan = None, next(pending, None)
             if plan is None:
                 break
             if index < plan.start_frame:
-                continue
-            if writer is None:  # first frame of the next clip
-                writer_cm = open_writer(out_dir / f"{plan.clip_id}.mp4", target, out_w, out_h, cfg.crf, cfg.preset)
-                writer = writer_cm.__enter__()
+                continue  # between clips (a dropped scene or a truncated tail): decoded, not converted
+            if clip is None:
                 kept = _KeptFrameWriter(frames_root / plan.clip_id, keep, plan.num_frames)
-                t0, k = t, 0
-            else:
-                emit_until(t - t0)  # the held frame is on screen until this one's timestamp
-            held = scaled(frame)
-        if writer is not None:  # the stream ended inside (or at the end of) the last clip
-            close_clip()
+                clip = _OpenClip(plan, out_dir / f"{plan.clip_id}.mp4", (out_w, out_h), rate, cfg, kept, t0=t)
+            # Scale in YUV straight to the clip size (the frame itself when no scaling is needed).
+            clip.push(t, scaler.reformat(frame, width=out_w, height=out_h, format="yuv420p",
+                                         interpolation="BICUBIC", threads=scaler_threads))  # fmt: skip
+        if clip is not None and result.frames_decoded >= clip.plan.end_frame:
+            finish(clip)  # the stream ended right at the end of the last clip
+            clip = None
+        if clip is not None:  # scenes from another decoder or a damaged file: never pad with frozen frames
+            raise _SourceEnded()
+    except _SourceEnded as err:
+        clip.abort(err)
     except BaseException as err:
-        if writer_cm is not None:
-            writer_cm.__exit__(type(err), err, err.__traceback__)  # removes the partial file
+        if clip is not None:
+            clip.abort(err)
         raise
+    written = {c.id for c in result.clips}
+    for missing in (p for p in plans if p.clip_id not in written):
+        reason = f"source ended at frame {result.frames_decoded}, inside or before the scene"
+        result.dropped.append(DroppedScene(missing.scene_index, missing.start_frame, missing.end_frame, reason))
+    result.dropped.sort(key=lambda d: d.start_frame)
     return result
+
+
+class _SourceEnded(Exception):
+    """The video has fewer frames than the scenes claim."""
 
 
 def load_kept_frames(frames_dir: str | Path, purpose: str) -> list[np.ndarray]:
@@ -372,7 +400,7 @@ def load_kept_frames(frames_dir: str | Path, purpose: str) -> list[np.ndarray]:
         image = cv2.imread(str(frames_dir / entry["file"]), cv2.IMREAD_COLOR)
         if image is None:
             raise OSError(f"cannot read kept frame {frames_dir / entry['file']}")
-        frames.append(np.ascontiguousarray(image[:, :, ::-1]))
+        frames.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
     return frames
 
 

@@ -157,6 +157,15 @@ def default_synthetic_set(fps: int = 24) -> dict[str, list[Shot]]:
             Shot("text", int(3 * s), PALETTE[5], text="HELLO DAGSTER"),
             Shot("moving", int(3 * s), PALETTE[0], speed=6.0),
         ],
+        "synthetic_slow": [
+            Shot("static", int(2.5 * s), PALETTE[2]),
+            Shot("moving", int(3 * s), PALETTE[4], speed=2.5),
+        ],
+        "synthetic_mix": [
+            Shot("text", int(2.5 * s), PALETTE[5], text="VIDEO DATA"),
+            Shot("static", int(2.5 * s), PALETTE[3]),
+            Shot("moving", int(3 * s), PALETTE[1], speed=4.0),
+        ],
     }
 
 

@@ -1,10 +1,13 @@
 """Scene (shot) detection: split a video into contiguous scenes, frame-exact.
 
 The reference (Open-Sora 1.1) runs PySceneDetect's ``AdaptiveDetector(adaptive_threshold=3.0)`` with
-``start_in_scene=True`` through ``scenedetect.detect``, which decodes with OpenCV at full resolution and then
-shrinks every frame with ``cv2.resize``. We keep the same detector objects and feed them ourselves: one PyAV
-pass with frame threads that scales inside swscale straight to the size PySceneDetect would have analysed
-(longer side 256 px), so the detector sees the same picture for a fraction of the decode cost.
+``start_in_scene=True`` through ``scenedetect.detect``, which decodes with OpenCV at full resolution, shrinks
+every frame with ``cv2.resize`` and scores it in Python with several int32 array copies per frame. We compute
+the same per-frame content score (bit-identical, see ``hsv_frame_scores``) from one PyAV pass with frame
+threads that scales inside swscale straight to the size PySceneDetect would have analysed (longer side
+256 px), then apply the detector's decision rule to the whole score sequence (``adaptive_cuts``,
+``content_cuts``). The tests check the cuts against PySceneDetect's own detector objects and against
+``scenedetect.detect`` on real footage.
 
 Detectors:
   adaptive    PySceneDetect AdaptiveDetector (the reference; default).
@@ -147,39 +150,114 @@ def detect_scenes(
     return cuts_to_scenes(cuts, num_frames, fps, video_id)
 
 
-def _make_pyscenedetect_detector(cfg: SceneDetectConfig):
-    from scenedetect import AdaptiveDetector, ContentDetector
+def hsv_frame_scores(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """PySceneDetect's content score of every frame: mean |delta| of H, S and V against the previous frame.
 
+    Bit-identical to ``ContentDetector`` with its default weights (1, 1, 1, 0: no edges): frames in BGR,
+    ``cv2.COLOR_BGR2HSV``, each component the exact integer L1 distance divided by the pixel count, the
+    score their plain mean. The first frame scores 0. One ``absdiff`` + ``sumElems`` per frame replaces
+    PySceneDetect's six int32 array copies, which is most of its per-frame cost on small frames.
+    FAST_BILINEAR in swscale samples like cv2.INTER_LINEAR does when shrinking (no wide anti-alias filter)
+    and is the cheapest scaler.
+    """
+    import cv2
+
+    scores: list[float] = []
+    previous = None
+    for _index, _t, frame in iter_frames(path, size=size, format="bgr24", interpolation="FAST_BILINEAR"):
+        hsv = cv2.cvtColor(frame, cv2.COLOR_BGR2HSV)
+        if previous is None:
+            scores.append(0.0)
+        else:
+            num_pixels = float(hsv.shape[0] * hsv.shape[1])
+            d_hue, d_sat, d_lum, _ = cv2.sumElems(cv2.absdiff(hsv, previous))
+            scores.append((d_hue / num_pixels + d_sat / num_pixels + d_lum / num_pixels + 0.0) / 3.0)
+        previous = hsv
+    return np.asarray(scores, dtype=np.float64)
+
+
+def adaptive_cuts(
+    scores: np.ndarray,
+    *,
+    adaptive_threshold: float = 3.0,
+    min_scene_len: int = 15,
+    window_width: int = 2,
+    min_content_val: float = 15.0,
+) -> list[int]:
+    """AdaptiveDetector's decision on a whole score sequence.
+
+    Frame ``t`` is a cut when its score is at least ``adaptive_threshold`` times the mean score of the
+    ``window_width`` frames on either side (255 when that mean is ~0), the score itself is at least
+    ``min_content_val``, and at least ``min_scene_len`` frames passed since the previous cut (or the first
+    frame). The last ``window_width`` frames have no right-hand window and are never cuts.
+    """
+    values = [float(v) for v in scores]
+    cuts: list[int] = []
+    last_cut = 0
+    w = window_width
+    for t in range(w, len(values) - w):
+        around = values[t - w : t] + values[t + 1 : t + w + 1]
+        mean_around = sum(around) / (2.0 * w)
+        target = values[t]
+        if abs(mean_around) < 0.00001:
+            ratio = 255.0 if target >= min_content_val else 0.0
+        else:
+            ratio = min(target / mean_around, 255.0)
+        if ratio >= adaptive_threshold and target >= min_content_val and t - last_cut >= min_scene_len:
+            cuts.append(t)
+            last_cut = t
+    return cuts
+
+
+def content_cuts(scores: np.ndarray, *, threshold: float = 27.0, min_scene_len: int = 15) -> list[int]:
+    """ContentDetector's decision: frames scoring >= ``threshold``, with its default flash filter (merge).
+
+    The merge filter: a cut closer than ``min_scene_len`` frames to the previous frame above threshold
+    (after the first cut was emitted) starts a merge; the merged run ends with one cut at its last frame
+    above threshold once ``min_scene_len`` quiet frames passed and the run itself is long enough.
+    """
+    above_flags = [float(v) >= threshold for v in scores]
+    if min_scene_len <= 0:
+        return [t for t, above in enumerate(above_flags) if above]
+    cuts: list[int] = []
+    last_above = 0
+    merge_enabled = merging = False
+    merge_start = 0
+    for t, above in enumerate(above_flags):
+        long_enough = t - last_above >= min_scene_len
+        if above:
+            last_above = t
+        if merging:
+            if long_enough and not above and last_above - merge_start >= min_scene_len:
+                merging = False
+                cuts.append(last_above)
+            continue
+        if not above:
+            continue
+        if long_enough:
+            merge_enabled = True
+            cuts.append(t)
+        elif merge_enabled:
+            merging, merge_start = True, t
+    return cuts
+
+
+def _pyscenedetect_cuts(path: Path, cfg: SceneDetectConfig) -> tuple[list[int], int, Fraction]:
+    """PySceneDetect's adaptive / content detection on frames we decode; (cut frames, frame count, fps)."""
+    info = probe_stream(path)
+    size = pyscenedetect_size(info.width, info.height) if cfg.downscale else None
+    scores = hsv_frame_scores(path, size)
     if cfg.detector == "adaptive":
-        return AdaptiveDetector(
+        cuts = adaptive_cuts(
+            scores,
             adaptive_threshold=cfg.adaptive_threshold,
             min_scene_len=cfg.min_scene_len,
             window_width=cfg.window_width,
             min_content_val=cfg.min_content_val,
         )
-    return ContentDetector(threshold=cfg.content_threshold, min_scene_len=cfg.min_scene_len)
-
-
-def _pyscenedetect_cuts(path: Path, cfg: SceneDetectConfig) -> tuple[list[int], int, Fraction]:
-    """Run a PySceneDetect detector on frames we decode; returns (cut frames, frame count, fps).
-
-    Frames go in as BGR (what PySceneDetect's OpenCV backend hands its detectors) at the auto-downscaled
-    size. FAST_BILINEAR in swscale samples like cv2.INTER_LINEAR does when shrinking, without the wide
-    anti-alias filter of swscale's BILINEAR, and is the cheapest scaler.
-    """
-    from scenedetect import FrameTimecode
-
-    info = probe_stream(path)
-    size = pyscenedetect_size(info.width, info.height) if cfg.downscale else None
-    detector = _make_pyscenedetect_detector(cfg)
-    cuts: list[int] = []
-    count = 0
-    for index, _t, frame in iter_frames(path, size=size, format="bgr24", interpolation="FAST_BILINEAR"):
-        cuts += [tc.frame_num for tc in detector.process_frame(FrameTimecode(index, info.fps), frame)]
-        count = index + 1
-    if count:
-        cuts += [tc.frame_num for tc in detector.post_process(FrameTimecode(count - 1, info.fps))]
-    return sorted(set(cuts)), count, info.fps
+    else:
+        cuts = content_cuts(scores, threshold=cfg.content_threshold, min_scene_len=cfg.min_scene_len)
+    return cuts, len(scores), info.fps
 
 
 @functools.lru_cache(maxsize=1)
@@ -277,8 +355,11 @@ __all__ = [
     "SCENE_DETECT_PRESETS",
     "Scene",
     "SceneDetectConfig",
+    "adaptive_cuts",
+    "content_cuts",
     "cuts_to_scenes",
     "detect_scenes",
+    "hsv_frame_scores",
     "load_transnetv2",
     "pyscenedetect_size",
     "scenes_agree",

@@ -185,7 +185,11 @@ def even_size_for_short_side(width: int, height: int, short_side: int | None) ->
 
 
 def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
-    """Downscale an RGB image so its shorter side is ``short_side`` (area filter); smaller images pass."""
+    """Downscale an image (any channel order) so its shorter side is ``short_side``; smaller ones pass.
+
+    INTER_AREA: the anti-aliased filter for shrinking (what CLIP preprocessing's antialiased resize
+    approximates).
+    """
     import cv2
 
     h, w = image.shape[:2]
@@ -265,6 +269,8 @@ def open_writer(
     try:
         stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        # Frame threads, as the ffmpeg CLI uses (PyAV defaults to slice threads, which scale worse).
+        stream.codec_context.thread_type = "AUTO"
         stream.codec_context.thread_count = threads
         stream.options = {"crf": str(crf), "preset": preset}
         writer = VideoWriter(container, stream, rate)

@@ -29,6 +29,7 @@ import contextvars
 import functools
 import importlib.util
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -56,7 +57,9 @@ class BlockDiagonalMask:
 
     def __post_init__(self) -> None:
         if len(self.q_seqlens) != len(self.kv_seqlens):
-            raise ValueError(f"q_seqlens ({len(self.q_seqlens)}) and kv_seqlens ({len(self.kv_seqlens)}) differ in length")
+            raise ValueError(
+                f"q_seqlens ({len(self.q_seqlens)}) and kv_seqlens ({len(self.kv_seqlens)}) differ in length"
+            )
         if any(n <= 0 for n in self.kv_seqlens):
             raise ValueError(f"every sequence needs at least one key token, got kv_seqlens={self.kv_seqlens}")
 
@@ -67,7 +70,15 @@ class BlockDiagonalMask:
 
 @functools.cache
 def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+    """Whether an optional kernel library imports here (checked once; a broken install warns and counts as absent)."""
+    if importlib.util.find_spec(module) is None:
+        return False
+    try:
+        importlib.import_module(module)
+    except (ImportError, OSError) as err:  # e.g. a wheel built for another CUDA/torch version
+        warnings.warn(f"{module} is installed but does not import ({err}); attention will not use it", stacklevel=2)
+        return False
+    return True
 
 
 def available_backends() -> list[str]:
@@ -205,9 +216,80 @@ def _eager(q, k, v, attn_mask, scale: float, softmax_fp32: bool) -> torch.Tensor
             logits = logits.masked_fill(~attn_mask, float("-inf"))
         else:
             logits = logits + attn_mask
-    softmax_dtype = torch.float32 if softmax_fp32 else torch.promote_types(dtype, torch.float32)
-    probs = logits.to(softmax_dtype).softmax(dim=-1).to(dtype)
-    return probs @ v
+    if softmax_fp32 and dtype == torch.float64 and attn_mask is None:
+        probs = reference_softmax_fp32(logits.to(torch.float32))
+    else:
+        softmax_dtype = torch.float32 if softmax_fp32 else torch.promote_types(dtype, torch.float32)
+        probs = logits.to(softmax_dtype).softmax(dim=-1)
+    return probs.to(dtype) @ v
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Machine-independent float32 softmax (for the float64 conformance path)
+# ---------------------------------------------------------------------------------------------------------------------
+# PyTorch's CPU float32 softmax sums exp(x - max) in an order set by the SIMD width of the machine (8 lanes on AVX2,
+# 16 on AVX512), so its last bit depends on the CPU; that flips about 15% of the probabilities and moves a float64
+# STDiT2 forward by ~5e-8. The golden tensors were produced on an AVX2 machine. This function reproduces that kernel
+# bit for bit on any CPU: SLEEF's expf (u10, with fused multiply-adds), the 8-lane accumulation and lane tree of
+# ATen's reduce_all, then a multiply by the reciprocal of the sum. It is slow and only used for float64 inputs.
+
+_SLEEF_R_LN2 = 1.442695040888963407359924681001892137426645954152985934135449406931
+_SLEEF_L2U = 0.693145751953125
+_SLEEF_L2L = 1.428606765330187045e-06
+_SLEEF_EXPF_POLY = (0.000198527617612853646278381, 0.00139304355252534151077271, 0.00833336077630519866943359,
+                    0.0416664853692054748535156, 0.166666671633720397949219, 0.5)
+
+
+def _fma32(a: torch.Tensor, b: torch.Tensor | float, c: torch.Tensor | float) -> torch.Tensor:
+    """float32 fused multiply-add: the product of two float32 values is exact in float64, then one rounding."""
+    return (a.double() * b + (c.double() if isinstance(c, torch.Tensor) else c)).to(torch.float32)
+
+
+def _f32(v: float) -> float:
+    """A Python float holding the float32 value nearest to v (SLEEF's constants are float32)."""
+    return float(torch.tensor(v, dtype=torch.float32))
+
+
+def _sleef_expf(d: torch.Tensor) -> torch.Tensor:
+    """SLEEF xexpf (1.0 ULP) on float32, as vectorised by ATen: Cody-Waite reduction, degree-6 polynomial."""
+    q = torch.round(d * _f32(_SLEEF_R_LN2))  # round half to even, like vrint
+    s = _fma32(q, -_f32(_SLEEF_L2U), d)
+    s = _fma32(q, -_f32(_SLEEF_L2L), s)
+    u = torch.full_like(d, _f32(_SLEEF_EXPF_POLY[0]))
+    for coef in _SLEEF_EXPF_POLY[1:]:
+        u = _fma32(u, s, _f32(coef))
+    u = 1.0 + _fma32(s * s, u, s)
+    qi = q.to(torch.int32)
+    half = qi >> 1  # scale by 2^q in two steps so that subnormal results stay exact
+    one = torch.ones_like(u)
+    u = u * torch.ldexp(one, half) * torch.ldexp(one, qi - half)
+    return torch.where(d < -104, torch.zeros_like(u), u)
+
+
+def _avx2_row_sum(e: torch.Tensor, lanes: int = 8) -> torch.Tensor:
+    """ATen ``vec::reduce_all`` (+) over the last dim with 8-lane vectors, keepdim."""
+    n = e.shape[-1]
+    if n < lanes:  # short rows: one partial vector, summed lane by lane
+        s = e[..., 0:1]
+        for i in range(1, n):
+            s = s + e[..., i : i + 1]
+        return s
+    chunks = -(-n // lanes)
+    acc_in = F.pad(e, (0, chunks * lanes - n)).unflatten(-1, (chunks, lanes))  # zero lanes leave sums unchanged
+    acc = acc_in[..., 0, :]
+    for j in range(1, chunks):
+        acc = acc + acc_in[..., j, :]
+    acc = acc[..., 0:4] + acc[..., 4:8]  # 256-bit halves
+    acc = acc[..., 0:2] + acc[..., 2:4]  # 64-bit pairs
+    return acc[..., 0:1] + acc[..., 1:2]
+
+
+def reference_softmax_fp32(x: torch.Tensor) -> torch.Tensor:
+    """float32 softmax over the last dim, bit-identical to PyTorch's AVX2 CPU kernel on any machine."""
+    if x.dtype != torch.float32:
+        raise TypeError(f"reference_softmax_fp32 takes float32, got {x.dtype}")
+    e = _sleef_expf(x - x.amax(dim=-1, keepdim=True))
+    return e * (1.0 / _avx2_row_sum(e))
 
 
 def _pack_index(seqlens: Sequence[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -200,7 +200,9 @@ class PositionEmbedding2D(nn.Module):
         out = pos[:, None] * self.inv_freq[None, :]  # [P, C/4], promoted to the buffer's dtype if wider
         return torch.cat([torch.sin(out), torch.cos(out)], dim=-1)  # [P, C/2]
 
-    def forward(self, x: torch.Tensor, h: int, w: int, scale: float = 1.0, base_size: int | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, h: int, w: int, scale: float = 1.0, base_size: int | None = None
+    ) -> torch.Tensor:
         grid_h = torch.arange(h, device=x.device, dtype=torch.float32) / scale
         grid_w = torch.arange(w, device=x.device, dtype=torch.float32) / scale
         if base_size is not None:

@@ -16,6 +16,7 @@ from pathlib import Path
 DELEGATED = {
     "data": ("curation.datautil", "datautil on DuckDB/Polars: info, merge, dedupe, stats, filter"),
     "conformance": ("models.conformance", "check an STDiT2 port against golden tensors: conformance DIR [--atol]"),
+    "buckets": ("training.buckets", "bucket report of a training table: buckets DATASET [--preset stage1]"),
     "train": ("training.train", "train STDiT2: train PRESET --dataset VERSION|PATH [--nproc N] [--steps N] ..."),
     "sample": ("training.sample", "sample videos or images from a checkpoint"),
     "app": ("training.app", "Gradio app over a checkpoint (127.0.0.1 by default)"),

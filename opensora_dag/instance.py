@@ -41,11 +41,13 @@ class MaterializeOutcome:
     run_id: str
 
 
-def materialize_selection(selection: str | None, batches: list[str] | None, instance, defs=None) -> list[MaterializeOutcome]:
+def materialize_selection(
+    selection: str | None, batches: list[str] | None, instance, defs=None, resources: dict | None = None
+) -> list[MaterializeOutcome]:
     """Run the selected assets in-process: partitioned ones once per batch, then unpartitioned ones whole.
 
     ``selection`` uses Dagster's selection syntax (``group:curation``, ``raw_videos+``, ``key:clips``);
-    ``batches`` default to every registered ``video_batches`` partition.
+    ``batches`` default to every registered ``video_batches`` partition; ``resources`` override the code location's.
     """
     from dagster import AssetSelection, materialize
 
@@ -73,7 +75,7 @@ def materialize_selection(selection: str | None, batches: list[str] | None, inst
             instance.add_dynamic_partitions(video_batches.name, missing)
 
     all_assets = list(defs.assets or []) + list(defs.asset_checks or [])
-    resources = defs.resources or {}
+    resources = {**(defs.resources or {}), **(resources or {})}
     outcomes: list[MaterializeOutcome] = []
     for batch in (batches or []) if partitioned else []:
         result = materialize(all_assets, selection=partitioned, partition_key=batch, instance=instance, resources=resources, raise_on_error=False)

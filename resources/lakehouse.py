@@ -56,12 +56,12 @@ class CatalogBusy(RuntimeError):
 class Lakehouse(ConfigurableResource):
     """Reads and writes asset partitions as Parquet (Polars in, Polars out) and keeps the DuckDB catalog."""
 
-    home: str = Field(default_factory=default_home, description="Data root (OPENSORA_HOME).")
+    home: str | None = Field(None, description="Data root; unset = $OPENSORA_HOME (read when used) or ./.opensora.")
 
     # ---- folders -----------------------------------------------------------------------------------------
     @property
     def root(self) -> Path:
-        return Path(self.home).expanduser().resolve()
+        return Path(self.home or default_home()).expanduser().resolve()
 
     @property
     def landing_dir(self) -> Path:

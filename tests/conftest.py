@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -25,3 +26,26 @@ def conformance_dir() -> Path:
     if not root.is_dir():
         pytest.skip(f"conformance fixtures not found at {root} (set OPENSORA_CONFORMANCE_DIR)")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """12 clips (moving / static / text shots in several colours) at 128x80, 40 frames each, as a Parquet table."""
+    from curation.probe import probe_video
+    from curation.samples import PALETTE, Shot, write_synthetic_video
+
+    folder = tmp_path_factory.mktemp("tiny_dataset")
+    rows = []
+    kinds = [("moving", ""), ("static", ""), ("text", "OPEN SORA"), ("text", "HELLO")]
+    for i in range(12):
+        kind, text = kinds[i % len(kinds)]
+        shot = Shot(kind, 40, PALETTE[i % len(PALETTE)], text=text, speed=3.0 + i % 3)
+        video = write_synthetic_video(folder / f"clip_{i:02d}.mp4", [shot], width=128, height=80, fps=24)
+        info = probe_video(video.path)
+        rows.append({"id": f"clip{i:02d}", "path": str(video.path), "text": shot.caption(), "num_frames": info.num_frames,
+                     "height": info.height, "width": info.width, "fps": info.fps, "aspect_ratio": info.aspect_ratio})
+    path = folder / "data.parquet"
+    pl.DataFrame(rows).write_parquet(path)
+    return path
+
+

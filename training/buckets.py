@@ -753,3 +753,27 @@ class VariableVideoBatchSampler:
                              f"{self.num_rows}: resuming would regroup different data")
         self.epoch = int(state["epoch"])
         self.consumed_batches = int(state["consumed_batches"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``opensora-dag buckets DATASET [--preset NAME] [--epoch E] [--json]``: where every row lands, and why not."""
+    import argparse
+    import json
+
+    from training.data import load_rows
+
+    parser = argparse.ArgumentParser(prog="opensora-dag buckets", description="Bucket report of a training table.")
+    parser.add_argument("dataset", help="a .parquet / .csv table or a dataset version folder")
+    parser.add_argument("--preset", default="stage1", help=f"bucket preset ({', '.join(BUCKET_PRESETS)}) or a YAML path")
+    parser.add_argument("--epoch", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    args = parser.parse_args(argv)
+    try:
+        preset = load_bucket_preset(args.preset)
+        rows = load_rows(args.dataset)
+        report = bucket_report(rows, Bucket(preset.bucket_config), preset.frame_interval, preset.seed, epoch=args.epoch)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}")
+        return 2
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_markdown())
+    return 0

@@ -3,7 +3,9 @@
 Layout of one checkpoint::
 
     model/           model weights, sharded by the booster (ColossalAI checkpoint IO)
-    optimizer/       optimizer state, sharded by the booster
+    optimizer/       optimizer state: sharded by the booster under ZeRO (each rank holds a shard); under DDP every
+                     rank holds the same state, which rank 0 saves whole (ColossalAI's CPU accelerator cannot load
+                     sharded optimizer checkpoints: it tries to synchronize a device that does not exist)
     ema/             fp32 EMA weights as a Hugging Face-style folder (config.json + model.safetensors): what
                      sampling and evaluation load, through the same loader as the official weights
     rng-rank{r}.pt   python / numpy / torch RNG states of every rank
@@ -66,6 +68,7 @@ def save_checkpoint(
     rank: int,
     barrier,
     keep_last: int,
+    sharded_optimizer: bool,
 ) -> Path:
     """Save on every rank (the booster gathers shards); returns the final checkpoint folder."""
     from models.checkpoint_io import save_stdit2_hf_dir
@@ -78,7 +81,11 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     barrier()
     booster.save_model(model, str(tmp / "model"), shard=True, use_safetensors=True)
-    booster.save_optimizer(optimizer, str(tmp / "optimizer"), shard=True)
+    if sharded_optimizer:
+        booster.save_optimizer(optimizer, str(tmp / "optimizer"), shard=True)
+    elif rank == 0:
+        (tmp / "optimizer").mkdir()
+        torch.save(optimizer.state_dict(), tmp / "optimizer" / "optimizer.pt")
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
     if rank == 0:
         save_stdit2_hf_dir(ema, ema_config, tmp / "ema")
@@ -97,13 +104,18 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((Path(checkpoint) / "state.json").read_text())
 
 
-def load_checkpoint(*, checkpoint: Path, booster, model, optimizer, ema: torch.nn.Module, rank: int) -> dict[str, Any]:
+def load_checkpoint(
+    *, checkpoint: Path, booster, model, optimizer, ema: torch.nn.Module, rank: int, sharded_optimizer: bool
+) -> dict[str, Any]:
     """Restore model, optimizer, EMA and this rank's RNG; returns ``state.json``."""
     from safetensors.torch import load_file
 
     checkpoint = Path(checkpoint)
     booster.load_model(model, str(checkpoint / "model"))
-    booster.load_optimizer(optimizer, str(checkpoint / "optimizer"))
+    if sharded_optimizer:
+        booster.load_optimizer(optimizer, str(checkpoint / "optimizer"))
+    else:
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer" / "optimizer.pt", weights_only=False))
     ema.load_state_dict(load_file(checkpoint / "ema" / "model.safetensors"), strict=True)
     rng_file = checkpoint / f"rng-rank{rank}.pt"
     if rng_file.is_file():

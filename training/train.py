@@ -197,8 +197,10 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 @torch.no_grad()
-def encode_batch(batch: dict[str, Any], text_encoder, vae, device: torch.device) -> dict[str, Any]:
-    x = vae.encode(batch["video"].to(device))
+def encode_batch(batch: dict[str, Any], text_encoder, vae, device: torch.device, generator: torch.Generator | None = None) -> dict[str, Any]:
+    """VAE latents (posterior sample drawn from ``generator``, or the mode without one) and T5 embeddings."""
+    video = batch["video"].to(device)
+    x = vae.encode(video, generator=generator) if generator is not None else vae.encode_mode(video)
     text = text_encoder.encode(batch["text"])
     return {
         "x": x,
@@ -351,7 +353,7 @@ def train(
     step, epoch, epoch_step, mlflow_run_id = 0, 0, 0, None
     latest = ckpt.latest_checkpoint(outdir) if resume else None
     if latest is not None:
-        state = ckpt.load_checkpoint(checkpoint=latest, booster=booster, model=model, optimizer=optimizer, ema=ema, rank=dist.rank)
+        state = ckpt.load_checkpoint(checkpoint=latest, booster=booster, model=model, optimizer=optimizer, ema=ema, rank=dist.rank, sharded_optimizer=use_zero)
         if state["objective"] != cfg.objective:
             raise ValueError(f"checkpoint {latest} was trained with {state['objective']}, config says {cfg.objective}")
         step, epoch, mlflow_run_id = state["step"], state["epoch"], state.get("mlflow_run_id")
@@ -400,7 +402,7 @@ def train(
             state = holder[0]
         return ckpt.save_checkpoint(
             outdir=outdir, step=at_step, booster=booster, model=model, optimizer=optimizer, ema=ema,
-            ema_config=model_config, state=state, rank=dist.rank, barrier=dist.barrier, keep_last=cfg.keep_last,
+            ema_config=model_config, state=state, rank=dist.rank, barrier=dist.barrier, keep_last=cfg.keep_last, sharded_optimizer=use_zero,
         )
 
     # 6. Steps
@@ -413,7 +415,7 @@ def train(
         loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers)
         for batch in loader:
             gen = step_generator(cfg.seed, step, dist.rank, dist.device)
-            enc = encode_batch(batch, text_encoder, vae, dist.device)
+            enc = encode_batch(batch, text_encoder, vae, dist.device, generator=gen)
             x_mask = mask_generator.get_masks(enc["x"], generator=gen)
             drop = (torch.rand(enc["x"].shape[0], generator=gen, device=dist.device) < model_config.class_dropout_prob).long()
             with autocast(cfg, dist):

@@ -18,8 +18,8 @@ frames keeps a box, while titles and captions, the text the filter is for, pass 
 (rule 1 only, the reference's definition) is kept as ``num_detections``.
 
 ``backend="paddle"``: PaddleOCR (the ``paddle`` extra) with detection and recognition model folders given
-locally; PaddleOCR cannot fetch models here, so without both folders it raises WeightsUnavailable. Not exercised
-by the tests (PaddleOCR is not installed in the main environment).
+locally; PaddleOCR cannot fetch models here, so without both folders it raises WeightsUnavailable. The tests
+cover only that refusal: PaddleOCR is not installed in the main environment, so its scoring path has not been run.
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ class OcrScorer:
     installed wheel. Each model is passed to rapidocr by explicit path, so it never looks for a download.
     paddle_det_dir / paddle_rec_dir (paddle): local PaddleOCR inference model folders; the *_name arguments give
     their PaddleOCR model names when they are not the library defaults.
+    num_threads (rapidocr): onnxruntime intra-op threads; None lets onnxruntime use every core.
     """
 
     def __init__(
@@ -105,6 +106,7 @@ class OcrScorer:
         paddle_rec_dir: str | Path | None = None,
         paddle_det_name: str | None = None,
         paddle_rec_name: str | None = None,
+        num_threads: int | None = None,
     ) -> None:
         if backend not in OCR_BACKENDS:
             raise ValueError(f"unknown OCR backend {backend!r}; choose one of {OCR_BACKENDS}")
@@ -113,6 +115,7 @@ class OcrScorer:
         self.min_text_score = min_text_score
         self.min_chars = min_chars
         self.crop_size = crop_size
+        self.num_threads = num_threads
         if backend == "rapidocr":
             self._engine = self._build_rapidocr(Path(model_dir) if model_dir else rapidocr_model_dir())
         else:
@@ -135,6 +138,8 @@ class OcrScorer:
             "Cls.model_path": str(paths["cls"]),
             "Rec.model_path": str(paths["rec"]),  # the ONNX file carries its character list: no dictionary fetch
         }
+        if self.num_threads:  # default: onnxruntime uses every core, too many when several scorers run at once
+            params["EngineConfig.onnxruntime.intra_op_num_threads"] = self.num_threads
         return RapidOCR(params=params)
 
     def _score_rapidocr(self, frame: np.ndarray) -> tuple[list[np.ndarray], list[float], list[str], list[float]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +149,7 @@ def test_real_clip_is_never_upscaled(tmp_path):
     scenes = detect_scenes(path)
     (clip,) = cut_clips(path, content_hash(path), scenes, tmp_path, keep=KeepFramesSpec(enabled=False)).clips
     assert (clip.width, clip.height) == (176, 144)
-    assert clip.num_frames == math.ceil(120 / (30000 / 1001) * 30)  # every 1/30 s instant inside 4.004 s
+    assert clip.num_frames == 120  # round(4.004 s * 30), as ffmpeg -r 30 -t 4.004 gives
     assert probe_video(Path(clip.path)).num_frames == clip.num_frames
 
 
@@ -162,7 +161,7 @@ def test_plan_clips_bounds_and_reasons():
     assert "1.958s < 2.0s" in dropped[0].reason and "0.042s < 2.0s" in dropped[1].reason
     # the 20 s scene keeps its first 15 s; the 4.17 s one is whole
     assert [(p.start_frame, p.end_frame) for p in plans] == [(48, 48 + 15 * 24), (528, 628)]
-    assert [p.num_frames for p in plans] == [450, 125]  # ceil(4.1667 * 30) = 125
+    assert [p.num_frames for p in plans] == [450, 125]  # 4.1667 s * 30
     assert [p.scene_index for p in plans] == [2, 3]
     unbounded, none_dropped = plan_clips("v", scenes, 24.0, CutConfig(min_seconds=None, max_seconds=None))
     assert len(unbounded) == 4 and not none_dropped and unbounded[2].end_frame == 528
@@ -198,3 +197,14 @@ def test_overlapping_scenes_are_refused():
     scenes = [Scene("v", 0, 0, 60, 0.0, 2.5, 24.0), Scene("v", 1, 50, 120, 50 / 24, 5.0, 24.0)]
     with pytest.raises(ValueError, match="overlap"):
         plan_clips("v", scenes, 24.0, CutConfig())
+
+
+def test_scenes_past_the_end_of_the_video_are_dropped_not_padded(source, tmp_path):
+    # the source has 180 frames; claim scenes up to 300 (as from another decoder or a damaged file)
+    scenes = cuts_to_scenes([60, 150], 300, FPS, "vid")
+    result = cut_clips(source.path, "vid", scenes, tmp_path, keep=KeepFramesSpec(enabled=False))
+    assert [(c.start_frame, c.end_frame) for c in result.clips] == [(0, 60), (60, 150)]
+    assert [(d.start_frame, d.end_frame) for d in result.dropped] == [(150, 300)]  # capped at 15 s: 150-300
+    assert "source ended at frame 180" in result.dropped[0].reason
+    assert sorted(p.name for p in tmp_path.glob("*.mp4")) == sorted(Path(c.path).name for c in result.clips)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]

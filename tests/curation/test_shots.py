@@ -152,3 +152,62 @@ def test_read_frames_is_frame_exact(synthetic):
         read_frames(video.path, [video.num_frames])
     times = [t for _i, t, _f in iter_frames(video.path, size=(80, 48), stop=3)]
     assert times == pytest.approx([0.0, 1 / 24, 2 / 24])
+
+
+def _scripted(detector_cls, scores, **kwargs):
+    """A PySceneDetect detector whose frame scores are given instead of computed from pixels."""
+    from scenedetect import FrameTimecode
+
+    values = iter(scores)
+
+    class Scripted(detector_cls):
+        def _calculate_frame_score(self, timecode, frame_img):
+            return next(values)
+
+    detector = Scripted(**kwargs)
+    cuts = []
+    for i in range(len(scores)):
+        cuts += detector.process_frame(FrameTimecode(i, 24.0), None)
+    cuts += detector.post_process(FrameTimecode(len(scores) - 1, 24.0))
+    return sorted({c.frame_num for c in cuts})
+
+
+def test_decision_rules_match_pyscenedetect_on_random_scores():
+    from scenedetect import AdaptiveDetector, ContentDetector
+
+    from curation.shots import adaptive_cuts, content_cuts
+
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        n = int(rng.integers(5, 300))
+        scores = rng.gamma(2.0, 3.0, n)
+        spikes = rng.random(n) < rng.uniform(0.01, 0.2)  # cuts, some closer than min_scene_len
+        scores[spikes] += rng.uniform(10, 80, spikes.sum())
+        scores[rng.random(n) < 0.05] = 0.0  # still frames: exercises the divide-by-zero branch
+        scores[0] = 0.0
+        scores = scores.tolist()
+        min_len = int(rng.choice([0, 1, 5, 15]))
+        assert adaptive_cuts(scores, min_scene_len=min_len) == _scripted(
+            AdaptiveDetector, scores, adaptive_threshold=3.0, min_scene_len=min_len
+        ), trial
+        threshold = float(rng.choice([15.0, 27.0, 40.0]))
+        assert content_cuts(scores, threshold=threshold, min_scene_len=min_len) == _scripted(
+            ContentDetector, scores, threshold=threshold, min_scene_len=min_len
+        ), trial
+
+
+def test_frame_scores_are_pyscenedetect_scores():
+    """hsv_frame_scores equals ContentDetector's own per-frame score, bit for bit, on real frames."""
+    from scenedetect import ContentDetector, FrameTimecode
+
+    from curation.shots import hsv_frame_scores
+
+    path = real("bikes.mp4")
+    size = pyscenedetect_size(640, 272)
+    ours = hsv_frame_scores(path, size)[:80]
+    detector = ContentDetector()
+    theirs = [
+        detector._calculate_frame_score(FrameTimecode(i, 25.0), frame)
+        for i, _t, frame in iter_frames(path, size=size, format="bgr24", interpolation="FAST_BILINEAR", stop=80)
+    ]
+    assert ours.tolist() == theirs

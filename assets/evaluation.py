@@ -1,0 +1,231 @@
+"""Evaluation assets: score the newest trained checkpoint, log to its MLflow run, keep the best one registered.
+
+``model_evaluation`` samples the fixed prompt set from the checkpoint the latest ``trained_model`` materialization
+produced, computes the metrics of ``training.evaluate`` (validation loss on the held-out split, flicker, motion, and
+CLIP/aesthetic/VBench where their weights are local), logs them to the training run, registers the checkpoint as a
+new model version when its validation loss beats the registered best, and appends a row to the ``evaluations``
+table. ``not_worse_than_best`` reports the comparison made before registering.
+"""
+
+import base64
+import hashlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import polars as pl
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetExecutionContext,
+    AssetKey,
+    Config,
+    DataVersion,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+    asset_check,
+)
+from pydantic import Field
+
+from resources.lakehouse import Lakehouse
+from resources.model_store import ModelStore
+from resources.tracking import Tracking
+
+EVALUATIONS_TABLE = "evaluations"
+GIF_EMBED_MAX_BYTES = 512 * 1024  # larger previews are linked by path, not inlined into the event log
+
+
+class EvaluationConfig(Config):
+    prompt_set: str = Field("v1", description="Packaged prompt set (training/prompts/eval_prompts_<name>.txt) or a .txt path.")
+    max_prompts: int | None = Field(None, description="Use only the first N prompts (quick looks); None = the whole set.")
+    num_frames: int = Field(8, description="Frames per sample (the reference evaluates 16; 8 keeps the CPU demo quick).")
+    height: int = Field(64, description="Sample height in pixels (reference: 240).")
+    width: int = Field(96, description="Sample width in pixels (reference: 426).")
+    scheduler: str | None = Field(None, description="iddpm / dpm-solver / rflow; None = the fast one for the objective "
+                                                    "(dpm-solver for IDDPM checkpoints, rflow for rectified flow).")
+    num_sampling_steps: int | None = Field(20, description="None = the scheduler's default (iddpm 100, dpm-solver 20, rflow 30).")
+    cfg_scale: float = 7.0
+    seed: int = Field(42, description="Prompt i is sampled with seed + i.")
+    checkpoint: str | None = Field(None, description="Evaluate this step-* folder instead of trained_model's final checkpoint.")
+    model_name: str = Field("opensora-stdit2", description="MLflow registered model that holds the best checkpoints.")
+    vbench_dir: str | None = Field(None, description="VBench weights folder; unset = $VBENCH_CACHE_DIR or ~/.cache/vbench.")
+    val_max_samples: int | None = Field(None, description="Held-out clips scored; None = the training config's val_max_samples.")
+    embed_previews: int = Field(4, description="GIF previews inlined into the materialization's markdown.")
+
+
+def latest_trained_checkpoint(context: AssetExecutionContext) -> tuple[Path, str | None]:
+    """(final checkpoint, MLflow run id) of the latest ``trained_model`` materialization."""
+    event = context.instance.get_latest_materialization_event(AssetKey("trained_model"))
+    if event is None or event.asset_materialization is None:
+        raise ValueError("trained_model has never been materialized: train a model first (or set config.checkpoint)")
+    metadata = event.asset_materialization.metadata
+    if "final_checkpoint" not in metadata:
+        raise ValueError(f"the latest trained_model materialization has no final_checkpoint (metadata: {sorted(metadata)})")
+    run_id = metadata.get("mlflow_run_id")
+    return Path(str(metadata["final_checkpoint"].value)), (str(run_id.value) or None) if run_id is not None else None
+
+
+def evaluation_dir(lakehouse: Lakehouse, checkpoint: Path, prompt_set_version: str) -> Path:
+    """``media/evaluations/<checkpoint path under checkpoints/>/<prompt set>``; outside checkpoints/ by path hash."""
+    try:
+        parts = checkpoint.resolve().relative_to(lakehouse.checkpoints_dir).parts
+    except ValueError:
+        parts = ("external", hashlib.sha256(str(checkpoint.resolve()).encode()).hexdigest()[:12], checkpoint.name)
+    folder = lakehouse.media_path("evaluations", *parts, prompt_set_version)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def previews_markdown(report, limit: int) -> str:
+    """A table of the samples; the first ``limit`` GIFs inlined as data: URIs (the UI renders markdown images)."""
+    lines = ["| # | prompt | preview | flicker | motion |", "|---|---|---|---|---|"]
+    for sample in report.samples:
+        gif = Path(sample.files.get("gif", ""))
+        cell = "(not inlined)"
+        if sample.index < limit and gif.is_file() and gif.stat().st_size <= GIF_EMBED_MAX_BYTES:
+            cell = f"![sample {sample.index}](data:image/gif;base64,{base64.b64encode(gif.read_bytes()).decode()})"
+        flicker, motion = sample.metrics.get("temporal_flicker"), sample.metrics.get("motion")
+        lines.append(f"| {sample.index} | {sample.prompt.replace('|', '/')} | {cell} | "
+                     f"{'' if flicker is None else f'{flicker:.2f}'} | {'' if motion is None else f'{motion:.2f}'} |")
+    return "\n".join(lines)
+
+
+def evaluation_row(report, run_id: str | None, decision, best_before: float | None) -> dict:
+    m = report.metrics
+    return {
+        "checkpoint": report.checkpoint, "step": report.step, "run_folder": str(Path(report.checkpoint).parent),
+        "dataset_version": report.dataset_version, "prompt_set": report.prompt_set, "objective": report.objective,
+        "evaluated_at": datetime.now(timezone.utc), "val_loss": m.get("val_loss"), "clip_score": m.get("clip_score"),
+        "aesthetic": m.get("aesthetic"), "motion": m.get("motion"), "temporal_flicker": m.get("temporal_flicker"),
+        "metrics": json.dumps(m, sort_keys=True), "skipped": json.dumps(report.skipped, sort_keys=True),
+        "num_samples": len(report.samples), "samples_dir": str(Path(report.out_dir) / "samples"),
+        "mlflow_run_id": run_id, "registered_version": decision.version, "is_best": decision.is_best,
+        "best_val_loss_before": best_before,
+    }
+
+
+def write_evaluation_row(lakehouse: Lakehouse, row: dict) -> pl.DataFrame:
+    """Replace this (checkpoint, prompt set)'s row of the unpartitioned table, keep every other checkpoint's."""
+    new = pl.DataFrame([row], schema_overrides={"val_loss": pl.Float64, "clip_score": pl.Float64, "aesthetic": pl.Float64,
+                                                "motion": pl.Float64, "temporal_flicker": pl.Float64,
+                                                "best_val_loss_before": pl.Float64, "registered_version": pl.String,
+                                                "mlflow_run_id": pl.String, "dataset_version": pl.String})
+    if lakehouse.has_partition(EVALUATIONS_TABLE, None):
+        old = lakehouse.read_partition(EVALUATIONS_TABLE, None)
+        old = old.filter(~((pl.col("checkpoint") == row["checkpoint"]) & (pl.col("prompt_set") == row["prompt_set"])))
+        new = pl.concat([old, new], how="diagonal_relaxed").sort("evaluated_at")
+    lakehouse.write_partition(EVALUATIONS_TABLE, None, new)
+    return new
+
+
+@asset(
+    deps=["trained_model"],
+    group_name="evaluation",
+    pool="gpu",
+    kinds={"pytorch", "mlflow", "parquet"},
+    description="Samples of the fixed prompt set and metrics (held-out val loss, flicker, motion, CLIP, aesthetic, "
+                "VBench where weights are local) of the newest trained checkpoint; registers it in MLflow when best.",
+)
+def model_evaluation(
+    context: AssetExecutionContext,
+    config: EvaluationConfig,
+    lakehouse: Lakehouse,
+    tracking: Tracking,
+    model_store: ModelStore,
+) -> MaterializeResult:
+    from training import evaluate as ev
+    from training.checkpoint import read_state
+
+    # 1. Which checkpoint, which prompts
+    if config.checkpoint:
+        checkpoint, run_id = Path(config.checkpoint), None
+    else:
+        checkpoint, run_id = latest_trained_checkpoint(context)
+    prompt_set = ev.load_prompt_set(config.prompt_set)
+    if config.max_prompts is not None:
+        prompts = prompt_set.prompts[: config.max_prompts]
+        prompt_set = ev.PromptSet(prompt_set.name, ev.prompt_set_version(prompt_set.name, prompts), prompts)
+    objective = read_state(checkpoint)["objective"]
+    scheduler = config.scheduler or ev.PREVIEW_SCHEDULERS[objective]
+    out_dir = evaluation_dir(lakehouse, checkpoint, prompt_set.version)
+    context.log.info(f"evaluating {checkpoint} on prompt set {prompt_set.version} ({len(prompt_set)} prompts) into {out_dir}")
+
+    # 2. Samples, metrics, validation loss
+    report = ev.evaluate_checkpoint(
+        checkpoint, prompt_set, out_dir,
+        clip_checkpoint=model_store.clip_checkpoint, clip_model_name=model_store.clip_model_name,
+        aesthetic_mlp=model_store.aesthetic_mlp, num_frames=config.num_frames, image_size=(config.height, config.width),
+        steps=config.num_sampling_steps, scheduler=scheduler, cfg_scale=config.cfg_scale, seed=config.seed,
+        device=model_store.device, flow_backend=model_store.flow_backend, vbench_dir=config.vbench_dir,
+        val_max_samples=config.val_max_samples, log=context.log.info,
+    )
+    report.mlflow_run_id = run_id or report.mlflow_run_id
+    for name, reason in report.skipped.items():
+        context.log.warning(f"{name}: {reason}")
+
+    # 3. MLflow: compare with the registered best, then register if better, then log to the training run
+    uri = tracking.uri(lakehouse.root)
+    passed, best_before = ev.compare_to_best(report.val_loss, uri, config.model_name)
+    decision = ev.register_if_best(report, uri, config.model_name, run_id=report.mlflow_run_id)
+    context.log.info(f"registry: {decision.reason}" + (f" -> {config.model_name} v{decision.version}" if decision.version else ""))
+    logged_run = ev.log_to_mlflow(report, uri, run_id=report.mlflow_run_id)
+
+    # 4. One row per (checkpoint, prompt set) in the evaluations table
+    table = write_evaluation_row(lakehouse, evaluation_row(report, logged_run, decision, best_before))
+    lakehouse.refresh_catalog()
+
+    # 5. Metadata: numbers, reasons, previews
+    metadata: dict = {
+        "checkpoint": MetadataValue.path(report.checkpoint), "step": report.step, "prompt_set": report.prompt_set,
+        "scheduler": f"{report.settings['scheduler']} x {report.settings['steps']} steps",
+        "mlflow_run_id": logged_run, "registry": decision.reason, "is_best": decision.is_best,
+        "not_worse_than_best": passed, "num_evaluations": len(table),
+        "report": MetadataValue.path(str(Path(report.out_dir) / "report.json")),
+        "metrics": MetadataValue.json(report.metrics),
+        "skipped": MetadataValue.md("\n".join(f"- **{k}**: {v}" for k, v in sorted(report.skipped.items())) or "none"),
+        "previews": MetadataValue.md(previews_markdown(report, config.embed_previews)),
+    }
+    metadata.update({k.replace("/", "."): MetadataValue.float(float(v)) for k, v in report.metrics.items()})
+    if best_before is not None:
+        metadata["best_val_loss_before"] = MetadataValue.float(best_before)
+    if decision.version:
+        metadata["registered_version"] = f"{config.model_name} v{decision.version}"
+    for sample in report.samples:
+        video = sample.files.get("mp4") or sample.files.get("png")
+        if video:
+            metadata[f"sample_{sample.index:02d}"] = MetadataValue.path(video)
+    return MaterializeResult(metadata=metadata, data_version=DataVersion(f"{Path(report.checkpoint).name}-{report.prompt_set}"))
+
+
+@asset_check(
+    asset=model_evaluation,
+    blocking=False,
+    description="The new checkpoint's held-out val_loss is no worse than the best registered version's (passes when "
+                "none is registered yet), as compared by model_evaluation before it registered anything.",
+)
+def not_worse_than_best(context: AssetCheckExecutionContext) -> AssetCheckResult:
+    event = context.instance.get_latest_materialization_event(AssetKey("model_evaluation"))
+    if event is None or event.asset_materialization is None:
+        return AssetCheckResult(passed=False, metadata={"reason": "model_evaluation has not been materialized"})
+    meta = event.asset_materialization.metadata
+    val_loss = meta["val_loss"].value if "val_loss" in meta else None
+    best = meta["best_val_loss_before"].value if "best_val_loss_before" in meta else None
+    checkpoint = str(meta["checkpoint"].value) if "checkpoint" in meta else "unknown"
+    if val_loss is None:
+        return AssetCheckResult(passed=False, metadata={"checkpoint": checkpoint, "reason": "no val_loss was computed "
+                                "(see the materialization's 'skipped'): the checkpoint is not shown to be no worse"})
+    passed = best is None or val_loss <= best
+    return AssetCheckResult(
+        passed=passed,
+        metadata={
+            "checkpoint": checkpoint,
+            "val_loss": MetadataValue.float(float(val_loss)),
+            "best_registered_val_loss": MetadataValue.float(float(best)) if best is not None else "none registered",
+            "registry": str(meta["registry"].value) if "registry" in meta else "",
+        },
+    )
+
+
+EVALUATION_ASSETS = [model_evaluation]
+EVALUATION_CHECKS = [not_worse_than_best]

@@ -1,0 +1,199 @@
+"""Check our STDiT2 against golden tensors of the reference (Open-Sora v1.1.0).
+
+A fixture directory holds ``meta.json`` (``config``, ``cases``), ``state_dict.safetensors`` and ``io.safetensors``.
+Every case's tensors carry its ``prefix``: inputs ``{prefix}input.*``, outputs ``{prefix}output.*`` and
+intermediates ``{prefix}inter.{module}.call{k}`` (``{prefix}xmask.inter.*`` for the run with ``x_mask``), recorded
+with forward hooks on the named module. We rebuild the model in float64, load the weights, rerun every case with
+and without ``x_mask`` with hooks on the same module names, and report the max abs difference of each tensor.
+If the fixture has float32 runs (``output.out_fp32run``), a float32 copy of the model is compared too, with the
+looser float32 tolerance.
+
+CLI: ``opensora-dag conformance DIR [--atol 1e-5]`` (exit status 0 = everything within tolerance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FP32_ATOL = 2e-5  # float32 run vs the reference's float32 run (README of the fixtures: observed <= 8.1e-7)
+_SIZE_INPUTS = ("num_frames", "height", "width", "ar", "fps")
+_INTER_RE = re.compile(r"^(?P<module>.+)\.call(?P<k>\d+)$")
+
+
+@dataclass(frozen=True)
+class ConformanceRow:
+    case: str
+    name: str
+    shape: tuple[int, ...]
+    max_abs_diff: float  # nan when the tensor could not be produced
+    tol: float
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.tol  # False for nan
+
+
+@dataclass
+class ConformanceReport:
+    fixture_dir: str
+    atol: float
+    rows: list[ConformanceRow] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.rows) and all(r.ok for r in self.rows)
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max((r.max_abs_diff for r in self.rows), default=math.nan)
+
+    def failures(self) -> list[ConformanceRow]:
+        return [r for r in self.rows if not r.ok]
+
+    def format_table(self) -> str:
+        head = ("case", "tensor", "shape", "max |diff|", "tol", "")
+        body = [
+            (r.case or "-", r.name, "x".join(map(str, r.shape)), f"{r.max_abs_diff:.3e}", f"{r.tol:.0e}",
+             "ok" if r.ok else f"FAIL {r.note}".strip())
+            for r in self.rows
+        ]
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+        lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in [head, *body]]
+        n_ok = sum(r.ok for r in self.rows)
+        verdict = "PASS" if self.passed else "FAIL"
+        lines.append(f"{verdict}: {n_ok}/{len(self.rows)} tensors within tolerance, max |diff| "
+                     f"{self.max_abs_diff:.3e} ({self.fixture_dir})")
+        return "\n".join(lines)
+
+
+def _max_diff(ours, ref) -> tuple[float, str]:
+    if ours is None:
+        return math.nan, "not produced"
+    if tuple(ours.shape) != tuple(ref.shape):
+        return math.nan, f"shape {tuple(ours.shape)}"
+    d = (ours.double() - ref.double()).abs().max().item() if ref.numel() else 0.0
+    return (d, "") if not math.isnan(d) else (math.nan, "nan")
+
+
+def _record(model, module_names):
+    """Forward hooks that store each call's output under '{module}.call{k}'; returns (store, handles)."""
+    store: dict[str, object] = {}
+    handles = []
+    for name in module_names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue  # reported as "not produced"
+
+        def hook(_mod, _inp, out, name=name):
+            k = sum(1 for key in store if key.rsplit(".call", 1)[0] == name)
+            store[f"{name}.call{k}"] = out.detach()
+
+        handles.append(module.register_forward_hook(hook))
+    return store, handles
+
+
+def run_conformance(fixture_dir: str | Path, atol: float = 1e-5, *, fp32_atol: float = FP32_ATOL) -> ConformanceReport:
+    """Rerun every case of a fixture directory with our STDiT2 and compare outputs and intermediates."""
+    import torch
+    from safetensors.torch import load_file
+
+    from models.attention import use_attention_backend
+    from models.checkpoint_io import load_stdit2_weights
+    from models.stdit2 import STDiT2, STDiT2Config
+
+    fixture_dir = Path(fixture_dir)
+    meta = json.loads((fixture_dir / "meta.json").read_text())
+    io = load_file(str(fixture_dir / "io.safetensors"))
+    config = STDiT2Config.from_dict(meta["config"], ignore_unknown=True)
+    report = ConformanceReport(str(fixture_dir), atol)
+
+    model64 = STDiT2(config).to(torch.float64).eval()
+    load_stdit2_weights(model64, fixture_dir / "state_dict.safetensors")
+    model32 = None
+
+    for case in meta.get("cases") or [{"prefix": ""}]:
+        prefix = case.get("prefix", "")
+
+        def get(name: str, prefix=prefix):
+            return io.get(f"{prefix}{name}")
+
+        if get("input.x") is None:
+            report.rows.append(ConformanceRow(prefix, "input.x", (), math.nan, atol, "missing in fixture"))
+            continue
+        args = (get("input.x"), get("input.timestep"), get("input.y"))
+        kwargs = {k: get(f"input.{k}") for k in _SIZE_INPUTS}
+        kwargs["mask"] = get("input.mask")
+        runs = [("", None, "out")]
+        if get("input.x_mask") is not None:
+            runs.append(("xmask.", get("input.x_mask"), "out_xmask"))
+
+        for run_prefix, x_mask, out_name in runs:
+            inter_names = sorted(k[len(prefix):] for k in io if k.startswith(f"{prefix}{run_prefix}inter."))
+            modules = {
+                m.group("module")
+                for n in inter_names
+                if (m := _INTER_RE.match(n[len(run_prefix) + len("inter."):]))
+            }
+            store, handles = _record(model64, sorted(modules))
+            try:  # the eager backend mirrors the reference's float32 softmax, whatever OPENSORA_ATTN_BACKEND says
+                with torch.no_grad(), use_attention_backend("eager"):
+                    out = model64(*args, x_mask=x_mask, output_fp32=False, **kwargs)
+            finally:
+                for h in handles:
+                    h.remove()
+            for name, ours in ((f"output.{out_name}_f64", out), (f"output.{out_name}", out.to(torch.float32))):
+                ref = get(name)
+                if ref is not None:
+                    d, note = _max_diff(ours, ref)
+                    tol = atol if name.endswith("_f64") else max(atol, 2 ** -23 * max(1.0, ref.abs().max().item()))
+                    report.rows.append(ConformanceRow(prefix, name, tuple(ref.shape), d, tol, note))
+            for name in inter_names:
+                key = name[len(run_prefix) + len("inter."):]
+                d, note = _max_diff(store.get(key), get(name))
+                report.rows.append(ConformanceRow(prefix, name, tuple(get(name).shape), d, atol, note))
+
+            ref32 = get(f"output.{out_name}_fp32run")
+            if ref32 is not None:
+                if model32 is None:
+                    model32 = STDiT2(config).eval()
+                    model32.load_state_dict({k: v.float() for k, v in model64.state_dict().items()})
+                f32 = [a.float() if a is not None and a.is_floating_point() else a for a in args]
+                kw32 = {k: (v.float() if v is not None and v.is_floating_point() else v) for k, v in kwargs.items()}
+                with torch.no_grad(), use_attention_backend("sdpa"):
+                    out32 = model32(*f32, x_mask=x_mask, **kw32)
+                d, note = _max_diff(out32, ref32)
+                report.rows.append(ConformanceRow(prefix, f"output.{out_name}_fp32run", tuple(ref32.shape), d,
+                                                  max(atol, fp32_atol), note))
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="opensora-dag conformance",
+        description="Compare our STDiT2 with golden reference tensors (a fixture directory such as stdit2_small_a).",
+    )
+    parser.add_argument("dir", metavar="DIR", type=Path, help="fixture directory (meta.json, state_dict.safetensors, "
+                                                              "io.safetensors)")
+    parser.add_argument("--atol", type=float, default=1e-5, help="max abs difference allowed (default 1e-5; float32 "
+                                                                 f"runs use at least {FP32_ATOL:g})")
+    args = parser.parse_args(argv)
+    missing = [n for n in ("meta.json", "state_dict.safetensors", "io.safetensors") if not (args.dir / n).is_file()]
+    if missing:
+        print(f"error: {args.dir} is not a fixture directory (missing {', '.join(missing)})", file=sys.stderr)
+        return 2
+    report = run_conformance(args.dir, atol=args.atol)
+    print(report.format_table())
+    return 0 if report.passed else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,78 @@
+"""The curation graph materialized in-process on a real batch: synthetic clips with known truth + a corrupt file."""
+
+import shutil
+
+import pytest
+from dagster import instance_for_test
+
+from curation.samples import Shot, write_captions_csv, write_synthetic_video
+from opensora_dag.instance import materialize_selection
+from resources.lakehouse import Lakehouse
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory):
+    home = tmp_path_factory.mktemp("curation_home")
+    lake = Lakehouse(home=str(home))
+    batch = lake.batch_dir("b1")
+    batch.mkdir(parents=True)
+    cuts = write_synthetic_video(batch / "cuts.mp4", [
+        Shot("moving", 60, (20, 60, 140), speed=5.0),
+        Shot("static", 60, (200, 120, 30)),
+        Shot("text", 60, (40, 40, 40), text="HELLO DAGSTER"),
+    ], width=192, height=112, fps=24)
+    write_captions_csv([cuts], batch / "captions.csv")
+    (batch / "broken.mp4").write_bytes(cuts.path.read_bytes()[:2000])
+    shutil.copy(cuts.path, batch / "cuts_copy.mp4")
+    with instance_for_test() as instance:
+        outcomes = materialize_selection("group:curation", ["b1"], instance, resources={"lakehouse": lake})
+        assert all(o.success for o in outcomes), outcomes
+        yield lake, cuts, instance
+
+
+def test_quarantine_keeps_the_batch_going(curated):
+    lake, _, _ = curated
+    reasons = {r["path"].rsplit("/", 1)[-1]: r["reason"] for r in lake.query("SELECT path, reason FROM quarantine").to_dicts()}
+    assert "broken.mp4" in reasons and "cuts_copy.mp4" in reasons
+    assert reasons["cuts_copy.mp4"].startswith("byte-identical duplicate")
+    assert lake.query("SELECT count(*) AS n FROM raw_videos")["n"][0] == 1
+
+
+def test_scenes_are_the_true_shots(curated):
+    lake, cuts, _ = curated
+    scenes = lake.query("SELECT start_frame, end_frame FROM scenes ORDER BY start_frame").rows()
+    assert len(scenes) == 3
+    for (start, end), (true_start, true_end) in zip(scenes, cuts.shot_ranges()):
+        assert abs(start - true_start) <= 1 and abs(end - true_end) <= 1
+
+
+def test_clips_scores_and_captions(curated):
+    lake, _, _ = curated
+    rows = lake.query(
+        "SELECT c.start_frame, c.num_frames, c.fps, c.height, m.flow, o.ocr, o.ocr_text, t.text, a.aes, a.reason AS aes_reason "
+        "FROM clips c JOIN motion_scores m USING (id) JOIN ocr_scores o USING (id) JOIN captions t USING (id) "
+        "JOIN aesthetic_scores a USING (id) ORDER BY c.start_frame"
+    ).to_dicts()
+    assert [r["fps"] for r in rows] == [30.0] * 3
+    assert all(r["height"] == 112 for r in rows), "never upscaled"
+    moving, static, text = rows
+    assert moving["flow"] > 100 * max(static["flow"], 1e-4) and static["flow"] < 0.05
+    assert text["ocr"] >= 1 and "HELLO" in text["ocr_text"] and moving["ocr"] == 0
+    assert "moving" in moving["text"] and "HELLO DAGSTER" in text["text"]
+    assert all(r["aes"] is None and "CLIP checkpoint path is not set" in r["aes_reason"] for r in rows), "no weights: null with reason"
+
+
+def test_curated_dataset_version_and_rematerialize(curated):
+    lake, _, instance = curated
+    outcomes = materialize_selection("curated_dataset", None, instance, resources={"lakehouse": lake})
+    assert all(o.success for o in outcomes)
+    row = lake.query("SELECT count(*) AS n, count(DISTINCT text) AS d FROM curated_dataset")
+    assert (row["n"][0], row["d"][0]) == (3, 3)
+    versions = list((lake.lake_dir / "datasets").iterdir())
+    assert len(versions) == 1 and (versions[0] / "opensora.csv").is_file()
+
+    # Re-materializing the batch replaces its rows: still one set of clips, no duplicates.
+    assert all(o.success for o in materialize_selection("group:curation", ["b1"], instance, resources={"lakehouse": lake}))
+    n = lake.query("SELECT count(*) AS n, count(DISTINCT id) AS d FROM clips")
+    assert n["n"][0] == n["d"][0] == 3
+    assert len(list((lake.media_dir / "clips" / "b1").glob("*.mp4"))) == 3

@@ -1,0 +1,389 @@
+"""Gradio app over one STDiT2 checkpoint: the controls of Open-Sora 1.1's demo, run by ``opensora-dag app``.
+
+Controls (the reference's): resolution 144p..720p, aspect ratio (H:W) 9:16 / 16:9 / 3:4 / 4:3 / 1:1, length 2 / 4 / 8 /
+16 s, seed, sampling steps (100, 1..200), CFG scale (7.0, 0..10), an optional reference image (image to video), and
+the two buttons "Generate image" (one frame) and "Generate video".
+
+How the controls become a :class:`training.sample.SampleRequest` (:func:`build_request`):
+
+- (resolution, aspect) -> (H, W) from the reference's tables in ``training/aspect.py``: the aspect "H:W" picks the key
+  nearest to H/W ("9:16" -> "0.56" -> 240p is 240x426, landscape, as in the reference).
+- length in seconds -> ``seconds * fps / frame_interval`` frames at the v1.1 inference config's fps 24 and frame
+  interval 3: 2/4/8/16 s -> 16/32/64/128 frames, saved at 24 / 3 = 8 fps, so a "2 s" video plays for 2 s.
+- a reference image -> mask strategy ``"0"`` with that image as reference 0 (its latent is frame 0 of the sample).
+
+The model, T5 and VAE load once, on the first click (so the page is up in seconds), and stay cached; one generation
+runs at a time. Gradio is imported only inside :func:`build_app` / :func:`main` (3.5 s), analytics are off, the page
+loads no remote fonts or scripts, and the server binds 127.0.0.1 unless told otherwise. There is no ``--share``:
+nothing here opens a tunnel.
+
+``tiny_sizes=True`` (``--tiny-sizes``) adds the 64px / 128px demo resolutions of ``training/aspect.py`` for tiny CPU
+checkpoints (the demo and the browser test); sampling is the same real sampling at a smaller size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from training.aspect import ASPECT_RATIOS, DEMO_ASPECT_RATIOS, get_closest_ratio, get_image_size
+
+if TYPE_CHECKING:
+    import gradio as gr
+
+    from training.sample import SampleRequest, Sampler
+
+__all__ = [
+    "ASPECT_CHOICES",
+    "LENGTH_CHOICES",
+    "RESOLUTIONS",
+    "TINY_RESOLUTIONS",
+    "AppDefaults",
+    "LazySampler",
+    "build_app",
+    "build_parser",
+    "build_request",
+    "image_size_for",
+    "main",
+    "num_frames_for",
+]
+
+RESOLUTIONS: tuple[str, ...] = ("144p", "240p", "360p", "480p", "720p")
+"""The reference demo's resolutions (their tables are in training/aspect.py)."""
+TINY_RESOLUTIONS: tuple[str, ...] = tuple(DEMO_ASPECT_RATIOS)
+"""Offered only with ``tiny_sizes=True``: sizes a tiny model samples on a CPU in seconds."""
+ASPECT_CHOICES: dict[str, tuple[int, int]] = {"9:16": (9, 16), "16:9": (16, 9), "3:4": (3, 4), "4:3": (4, 3), "1:1": (1, 1)}
+"""Aspect ratio label (H:W, the reference's reading) -> (H, W) proportions."""
+LENGTH_CHOICES: tuple[str, ...] = ("2s", "4s", "8s", "16s")
+
+Mode = Literal["image", "video"]
+
+
+@dataclass(frozen=True)
+class AppDefaults:
+    """The reference demo's initial values and ranges, plus the sampling config the lengths are counted in."""
+
+    resolution: str = "240p"
+    aspect_ratio: str = "9:16"
+    length: str = "2s"
+    seed: int = 1024
+    seed_range: tuple[int, int] = (1, 2048)
+    sampling_steps: int = 100
+    steps_range: tuple[int, int] = (1, 200)
+    cfg_scale: float = 7.0
+    cfg_range: tuple[float, float] = (0.0, 10.0)
+    fps: int = 24
+    frame_interval: int = 3
+
+
+DEFAULTS = AppDefaults()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Controls -> request (pure: unit-tested without gradio or torch)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def image_size_for(resolution: str, aspect_ratio: str) -> tuple[int, int]:
+    """(H, W) of a resolution for an "H:W" label, from the resolution's table (nearest key to H/W)."""
+    if aspect_ratio not in ASPECT_CHOICES:
+        raise ValueError(f"unknown aspect ratio {aspect_ratio!r}; choose from {', '.join(ASPECT_CHOICES)}")
+    if resolution not in ASPECT_RATIOS:
+        raise ValueError(f"unknown resolution {resolution!r}; choose from {', '.join(ASPECT_RATIOS)}")
+    h, w = ASPECT_CHOICES[aspect_ratio]
+    key = get_closest_ratio(h, w, ASPECT_RATIOS[resolution].ratios)
+    return get_image_size(resolution, key)
+
+
+def num_frames_for(length: str | int, fps: int = DEFAULTS.fps, frame_interval: int = DEFAULTS.frame_interval) -> int:
+    """Frames of a video ``length`` seconds long ("2s" or 2) once saved at ``fps / frame_interval``."""
+    seconds = int(str(length).strip().removesuffix("s"))
+    if seconds < 1:
+        raise ValueError(f"length must be at least 1 s, got {length!r}")
+    return seconds * fps // frame_interval
+
+
+def build_request(
+    mode: Mode,
+    prompt: str,
+    resolution: str,
+    aspect_ratio: str,
+    length: str | int,
+    seed: int | float,
+    sampling_steps: int | float,
+    cfg_scale: float,
+    reference_image: str | Path | None = None,
+    *,
+    defaults: AppDefaults = DEFAULTS,
+) -> SampleRequest:
+    """The sample request the app runs for one click; ``mode`` "image" is one frame, "video" the chosen length."""
+    from training.sample import SampleRequest
+
+    if mode not in ("image", "video"):
+        raise ValueError(f"mode must be 'image' or 'video', got {mode!r}")
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise ValueError("enter a prompt")
+    lo, hi = defaults.steps_range
+    steps = int(sampling_steps)
+    if not lo <= steps <= hi:
+        raise ValueError(f"sampling steps must be in {lo}..{hi}, got {steps}")
+    lo_cfg, hi_cfg = defaults.cfg_range
+    if not lo_cfg <= float(cfg_scale) <= hi_cfg:
+        raise ValueError(f"CFG scale must be in {lo_cfg}..{hi_cfg}, got {cfg_scale}")
+    reference = str(reference_image) if reference_image else None
+    return SampleRequest(
+        prompts=[prompt],
+        num_frames=1 if mode == "image" else num_frames_for(length, defaults.fps, defaults.frame_interval),
+        image_size=image_size_for(resolution, aspect_ratio),
+        fps=defaults.fps,
+        frame_interval=defaults.frame_interval,
+        num_sampling_steps=steps,
+        cfg_scale=float(cfg_scale),
+        seed=int(seed),
+        reference_paths=[reference] if reference else None,
+        mask_strategy=["0"] if reference else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The model, loaded once
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class LazySampler:
+    """Loads :class:`training.sample.Sampler` on first use and keeps it; thread-safe (Gradio runs handlers in threads)."""
+
+    def __init__(self, checkpoint: str | Path, **load_kwargs: Any) -> None:
+        self.checkpoint = checkpoint
+        self.load_kwargs = load_kwargs
+        self._sampler: Sampler | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._sampler is not None
+
+    def get(self) -> Sampler:
+        with self._lock:
+            if self._sampler is None:
+                from training.sample import Sampler
+
+                self._sampler = Sampler.from_checkpoint(self.checkpoint, **self.load_kwargs)
+            return self._sampler
+
+
+def _describe_checkpoint(checkpoint: str | Path) -> str:
+    """One line for the page header; resolving is cheap (reads state.json only) and fails early on a bad path."""
+    from training.sample import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(checkpoint)
+    where = ckpt.step_dir or ckpt.weights_dir
+    step = (ckpt.state or {}).get("step")
+    return f"`{where}` ({ckpt.objective}" + (f", step {step})" if step is not None else ")")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# UI
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _import_gradio():
+    # Before the import: gradio reads this when its analytics module loads (no telemetry, no version check).
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    import gradio as gr
+
+    return gr
+
+
+def build_app(
+    checkpoint: str | Path,
+    *,
+    device: str | None = None,
+    tiny_sizes: bool = False,
+    dtype: str | None = None,
+    text_encoder: str | Path | None = None,
+    vae: str | Path | None = None,
+    output_dir: str | Path | None = None,
+    defaults: AppDefaults = DEFAULTS,
+) -> gr.Blocks:
+    """The Blocks app over ``checkpoint`` (run folder, step-* folder, ema/ or HF folder); launch it with ``.launch()``.
+
+    ``device``/``dtype``/``text_encoder``/``vae`` go to ``Sampler.from_checkpoint`` on the first generation.
+    ``tiny_sizes`` adds the 64px/128px demo resolutions. Samples are written under ``output_dir`` (default: a fresh
+    folder in the system temp dir, which Gradio may serve).
+    """
+    header = _describe_checkpoint(checkpoint)  # a wrong path fails here (before the gradio import), not on a click
+    gr = _import_gradio()
+
+    sampler = LazySampler(checkpoint, device=device, dtype=dtype, text_encoder=text_encoder, vae=vae)
+    out_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="opensora-app-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counter = {"n": 0}
+    counter_lock = threading.Lock()
+    resolutions = (TINY_RESOLUTIONS + RESOLUTIONS) if tiny_sizes else RESOLUTIONS
+
+    def run(mode: Mode, prompt, resolution, aspect_ratio, length, reference_image, seed, steps, cfg, progress):
+        try:
+            request = build_request(
+                mode, prompt, resolution, aspect_ratio, length, seed, steps, cfg, reference_image, defaults=defaults
+            )
+        except ValueError as err:
+            raise gr.Error(str(err)) from err
+        start = time.perf_counter()
+        if not sampler.loaded:
+            progress(0, desc="loading the model (first generation only)")
+        try:
+            s = sampler.get()
+            video = s.generate(request, progress=lambda done, total: progress((done, total), desc="sampling"))[0]
+        except (ValueError, FileNotFoundError) as err:
+            raise gr.Error(str(err)) from err
+        from training.sample import save_sample
+
+        with counter_lock:
+            counter["n"] += 1
+            name = f"{mode}_{counter['n']:04d}_seed{request.seed}"
+        files = save_sample(video, out_dir, name, request.output_fps, gif=False)
+        h, w = request.image_size
+        info = (
+            f"{video.shape[0]} frame(s), {video.shape[2]}x{video.shape[1]} (requested {w}x{h}), "
+            f"{request.num_sampling_steps} steps, CFG {request.cfg_scale}, seed {request.seed}"
+            + (", conditioned on the reference image" if request.reference_paths else "")
+            + f", {time.perf_counter() - start:.1f} s"
+        )
+        # Show the output component of this mode and hide the other one.
+        if mode == "image":
+            return gr.Video(value=None, visible=False), gr.Image(value=str(files["png"]), visible=True), info
+        return gr.Video(value=str(files["mp4"]), visible=True), gr.Image(value=None, visible=False), info
+
+    def generate_image(prompt, resolution, aspect_ratio, length, reference_image, seed, steps, cfg,
+                       progress=gr.Progress()):
+        return run("image", prompt, resolution, aspect_ratio, length, reference_image, seed, steps, cfg, progress)
+
+    def generate_video(prompt, resolution, aspect_ratio, length, reference_image, seed, steps, cfg,
+                       progress=gr.Progress()):
+        return run("video", prompt, resolution, aspect_ratio, length, reference_image, seed, steps, cfg, progress)
+
+    with gr.Blocks(title="Open-Sora 1.1 (opensora-dag)", analytics_enabled=False) as app:
+        gr.Markdown(f"## Open-Sora 1.1 (opensora-dag)\nCheckpoint: {header}")
+        with gr.Row():
+            with gr.Column():
+                prompt = gr.Textbox(label="Prompt", placeholder="Describe the video", lines=4, elem_id="prompt")
+                with gr.Row():
+                    with gr.Column():
+                        resolution = gr.Radio(
+                            choices=list(resolutions), value=defaults.resolution, label="Resolution",
+                            elem_id="resolution",
+                        )
+                        aspect_ratio = gr.Radio(
+                            choices=list(ASPECT_CHOICES), value=defaults.aspect_ratio, label="Aspect Ratio (H:W)",
+                            elem_id="aspect-ratio",
+                        )
+                    length = gr.Radio(
+                        choices=list(LENGTH_CHOICES), value=defaults.length, elem_id="length",
+                        label="Video Length (only for video generation)",
+                        info=f"{defaults.fps // defaults.frame_interval} frames per second; "
+                        "Open-Sora 1.1 was trained on 2-4 s videos, longer ones may fail",
+                    )
+                with gr.Row():
+                    seed = gr.Slider(
+                        value=defaults.seed, minimum=defaults.seed_range[0], maximum=defaults.seed_range[1], step=1,
+                        label="Seed", elem_id="seed",
+                    )
+                    sampling_steps = gr.Slider(
+                        value=defaults.sampling_steps, minimum=defaults.steps_range[0],
+                        maximum=defaults.steps_range[1], step=1, label="Sampling steps", elem_id="sampling-steps",
+                    )
+                    cfg_scale = gr.Slider(
+                        value=defaults.cfg_scale, minimum=defaults.cfg_range[0], maximum=defaults.cfg_range[1],
+                        step=0.1, label="CFG Scale", elem_id="cfg-scale",
+                    )
+                reference_image = gr.Image(
+                    label="Reference Image (optional: image to video)", type="filepath", sources=["upload"],
+                    elem_id="reference-image",
+                )
+            with gr.Column():
+                output_video = gr.Video(label="Output Video", format="mp4", elem_id="output-video")
+                output_image = gr.Image(label="Output Image", type="filepath", elem_id="output-image", visible=False)
+                info = gr.Markdown(elem_id="info")
+                with gr.Row():
+                    image_button = gr.Button("Generate image", variant="primary", elem_id="generate-image")
+                    video_button = gr.Button("Generate video", variant="primary", elem_id="generate-video")
+
+        inputs = [prompt, resolution, aspect_ratio, length, reference_image, seed, sampling_steps, cfg_scale]
+        outputs = [output_video, output_image, info]
+        image_button.click(generate_image, inputs, outputs, concurrency_limit=1, concurrency_id="generate")
+        video_button.click(generate_video, inputs, outputs, concurrency_limit=1, concurrency_id="generate")
+    app.queue(default_concurrency_limit=1)
+    return app
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="opensora-dag app",
+        description="Gradio app (text/image to image/video) over one STDiT2 checkpoint. Binds 127.0.0.1 by default; "
+        "the app has no authentication, so expose it only behind something that has.",
+    )
+    p.add_argument("--ckpt-path", required=True, help="run folder (newest step-*), step-* folder, ema/ or HF folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--text-encoder", default=None, help="T5 folder (default: the one recorded by training)")
+    p.add_argument("--vae", default=None, help="VAE folder (default: the one recorded by training)")
+    p.add_argument("--output-dir", default=None, help="where samples are written (default: a temp folder)")
+    p.add_argument("--tiny-sizes", action="store_true", help="also offer the 64px/128px demo sizes (tiny CPU models)")
+    return p
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``opensora-dag app``: serve until interrupted (Ctrl-C); returns 0, or 2 on a bad checkpoint path."""
+    args = build_parser().parse_args(argv)
+    try:
+        app = build_app(
+            args.ckpt_path, device=args.device, dtype=args.dtype, text_encoder=args.text_encoder, vae=args.vae,
+            tiny_sizes=args.tiny_sizes, output_dir=args.output_dir,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not _is_loopback(args.host):
+        print(f"warning: binding {args.host}: the app has no authentication", file=sys.stderr)
+    app.launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=False,
+        inbrowser=False,
+        ssr_mode=False,
+        pwa=False,
+        mcp_server=False,
+        show_error=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
