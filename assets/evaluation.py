@@ -31,6 +31,7 @@ from pydantic import Field
 from resources.lakehouse import Lakehouse
 from resources.model_store import ModelStore
 from resources.tracking import Tracking
+from training import evaluate as ev  # cheap: torch and friends are imported inside its functions
 
 EVALUATIONS_TABLE = "evaluations"
 GIF_EMBED_MAX_BYTES = 512 * 1024  # larger previews are linked by path, not inlined into the event log
@@ -47,7 +48,8 @@ class EvaluationConfig(Config):
     num_sampling_steps: int | None = Field(20, description="None = the scheduler's default (iddpm 100, dpm-solver 20, rflow 30).")
     cfg_scale: float = 7.0
     seed: int = Field(42, description="Prompt i is sampled with seed + i.")
-    checkpoint: str | None = Field(None, description="Evaluate this step-* folder instead of trained_model's final checkpoint.")
+    checkpoint: str | None = Field(None, description="Evaluate this step-* folder (or a run folder's newest step) "
+                                                     "instead of trained_model's final checkpoint.")
     model_name: str = Field("opensora-stdit2", description="MLflow registered model that holds the best checkpoints.")
     vbench_dir: str | None = Field(None, description="VBench weights folder; unset = $VBENCH_CACHE_DIR or ~/.cache/vbench.")
     val_max_samples: int | None = Field(None, description="Held-out clips scored; None = the training config's val_max_samples.")
@@ -134,14 +136,17 @@ def model_evaluation(
     tracking: Tracking,
     model_store: ModelStore,
 ) -> MaterializeResult:
-    from training import evaluate as ev
-    from training.checkpoint import read_state
+    from training.checkpoint import latest_checkpoint, read_state
 
     # 1. Which checkpoint, which prompts
     if config.checkpoint:
         checkpoint, run_id = Path(config.checkpoint), None
+        if not (checkpoint / "state.json").is_file():  # a run folder: its newest step
+            checkpoint = latest_checkpoint(checkpoint) or checkpoint
     else:
         checkpoint, run_id = latest_trained_checkpoint(context)
+    if not (checkpoint / "state.json").is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a training checkpoint (no state.json)")
     prompt_set = ev.load_prompt_set(config.prompt_set)
     if config.max_prompts is not None:
         prompts = prompt_set.prompts[: config.max_prompts]
@@ -215,7 +220,7 @@ def not_worse_than_best(context: AssetCheckExecutionContext) -> AssetCheckResult
     if val_loss is None:
         return AssetCheckResult(passed=False, metadata={"checkpoint": checkpoint, "reason": "no val_loss was computed "
                                 "(see the materialization's 'skipped'): the checkpoint is not shown to be no worse"})
-    passed = best is None or val_loss <= best
+    passed = best is None or val_loss <= best * (1 + ev.VAL_LOSS_REL_TOL)
     return AssetCheckResult(
         passed=passed,
         metadata={

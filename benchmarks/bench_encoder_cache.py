@@ -164,7 +164,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_index += 1
-        return float(loss)
+        return float(loss.detach())
 
 
 def batches_forever(make_loader):
@@ -181,7 +181,7 @@ def run_uncached(rows, bucket, text_encoder, vae, trainer: Trainer, steps: int) 
     dataset = VideoTextDataset(rows, FRAME_INTERVAL, SEED)
     it = batches_forever(lambda: torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate))
     out = Timings()
-    for k in range(steps + 1):  # step 0: warm-up, not timed
+    for _ in range(steps):
         sync(device)
         t0 = time.perf_counter()
         batch = next(it)
@@ -198,10 +198,9 @@ def run_uncached(rows, bucket, text_encoder, vae, trainer: Trainer, steps: int) 
         trainer.step(enc)
         sync(device)
         t4 = time.perf_counter()
-        if k:
-            out.samples += x.shape[0]
-            out.seconds += t4 - t0
-            out.data, out.vae, out.t5, out.step = out.data + t1 - t0, out.vae + t2 - t1, out.t5 + t3 - t2, out.step + t4 - t3
+        out.samples += x.shape[0]
+        out.seconds += t4 - t0
+        out.data, out.vae, out.t5, out.step = out.data + t1 - t0, out.vae + t2 - t1, out.t5 + t3 - t2, out.step + t4 - t3
     return out
 
 
@@ -214,7 +213,7 @@ def run_cached(rows, bucket, cache_dir: Path, trainer: Trainer, steps: int) -> T
     dataset = CachedLatentDataset(rows, cache_dir, epoch=0)
     it = batches_forever(lambda: torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_cached))
     out = Timings()
-    for k in range(steps + 1):
+    for _ in range(steps):
         sync(device)
         t0 = time.perf_counter()
         enc = cached_batch_to_device(next(it), device)
@@ -222,11 +221,18 @@ def run_cached(rows, bucket, cache_dir: Path, trainer: Trainer, steps: int) -> T
         trainer.step(enc)
         sync(device)
         t2 = time.perf_counter()
-        if k:
-            out.samples += enc["x"].shape[0]
-            out.seconds += t2 - t0
-            out.data, out.step = out.data + t1 - t0, out.step + t2 - t1
+        out.samples += enc["x"].shape[0]
+        out.seconds += t2 - t0
+        out.data, out.step = out.data + t1 - t0, out.step + t2 - t1
     return out
+
+
+def warm_trainer(model, device: torch.device, rows, bucket, cache_dir: Path, steps: int) -> Trainer:
+    """A trainer that has taken ``steps`` untimed steps on cached batches (allocator, AdamW state, kernels)."""
+    trainer = Trainer(model, device)
+    if steps:
+        run_cached(rows, bucket, cache_dir, trainer, steps)
+    return trainer
 
 
 def folder_mb(folder: Path) -> float:
@@ -263,9 +269,11 @@ def bench_device(device: torch.device, args, rows, bucket, t5_path: Path, work: 
     print(f"model: STDiT2-S/2, {params(model):.2f}M params; batch {args.batch} x {args.frames} frames x "
           f"{args.size}x{args.size} px (latent {args.frames}x{args.size // 8}x{args.size // 8}), captions of {args.max_len} tokens",
           flush=True)
-    uncached = run_uncached(rows, bucket, text_encoder, vae, Trainer(model, device), steps)
-    model = build_stdit2(text_encoder.output_dim, args.max_len)
-    cached = run_cached(rows, bucket, cache_dir, Trainer(model, device), cached_steps)
+    # Warm-up: the encoders are warm from the cache build; each model takes untimed steps on cached batches.
+    trainer = warm_trainer(model, device, rows, bucket, cache_dir, args.warmup)
+    uncached = run_uncached(rows, bucket, text_encoder, vae, trainer, steps)
+    trainer = warm_trainer(build_stdit2(text_encoder.output_dim, args.max_len), device, rows, bucket, cache_dir, args.warmup)
+    cached = run_cached(rows, bucket, cache_dir, trainer, cached_steps)
 
     def per_step(t: Timings, value: float) -> str:
         return f"{value / (t.samples / args.batch) * 1000:.0f} ms"
@@ -281,20 +289,23 @@ def bench_device(device: torch.device, args, rows, bucket, t5_path: Path, work: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=3, help="timed uncached steps on CPU")
+    parser.add_argument("--steps", type=int, default=2, help="timed uncached steps on CPU")
     parser.add_argument("--cached-steps", type=int, default=10, help="timed cached steps on CPU")
     parser.add_argument("--gpu-steps", type=int, default=20, help="timed steps of each path on CUDA")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--size", type=int, default=128, choices=[128], help="pixels (the demo 128px bucket, 1:1)")
     parser.add_argument("--max-len", type=int, default=200, help="T5 tokens per caption (the reference's 200)")
-    parser.add_argument("--clips", type=int, default=8)
+    parser.add_argument("--clips", type=int, default=4, help="clips in the table (batches cycle through them)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed model steps before each timed run")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--devices", default="cpu,cuda", help="comma list; cuda is skipped when absent")
     args = parser.parse_args(argv)
 
     from training.buckets import Bucket
 
-    torch.set_grad_enabled(True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# encoder cache benchmark: torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
           f"load average {load:.1f}", flush=True)

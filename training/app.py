@@ -61,7 +61,9 @@ RESOLUTIONS: tuple[str, ...] = ("144p", "240p", "360p", "480p", "720p")
 """The reference demo's resolutions (their tables are in training/aspect.py)."""
 TINY_RESOLUTIONS: tuple[str, ...] = tuple(DEMO_ASPECT_RATIOS)
 """Offered only with ``tiny_sizes=True``: sizes a tiny model samples on a CPU in seconds."""
-ASPECT_CHOICES: dict[str, tuple[int, int]] = {"9:16": (9, 16), "16:9": (16, 9), "3:4": (3, 4), "4:3": (4, 3), "1:1": (1, 1)}
+ASPECT_CHOICES: dict[str, tuple[int, int]] = {
+    "9:16": (9, 16), "16:9": (16, 9), "3:4": (3, 4), "4:3": (4, 3), "1:1": (1, 1),
+}
 """Aspect ratio label (H:W, the reference's reading) -> (H, W) proportions."""
 LENGTH_CHOICES: tuple[str, ...] = ("2s", "4s", "8s", "16s")
 
@@ -161,7 +163,7 @@ def build_request(
 
 
 class LazySampler:
-    """Loads :class:`training.sample.Sampler` on first use and keeps it; thread-safe (Gradio runs handlers in threads)."""
+    """Loads :class:`training.sample.Sampler` on first use and keeps it; thread-safe (handlers run in threads)."""
 
     def __init__(self, checkpoint: str | Path, **load_kwargs: Any) -> None:
         self.checkpoint = checkpoint

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 PROMPT_DIR = Path(__file__).parent / "prompts"
 DEFAULT_MODEL_NAME = "opensora-stdit2"
 BEST_ALIAS = "best"
+VAL_LOSS_REL_TOL = 1e-6  # CPU float reductions may differ in the last bits between runs (MKL picks thread counts)
 CLIP_SCORE_MAX_FRAMES = 8  # frames per video embedded for the CLIP score (evenly spaced)
 PREVIEW_SCHEDULERS = {"iddpm": "dpm-solver", "rflow": "rflow"}  # fast samplers per objective (CPU previews)
 VBENCH_CUSTOM_DIMENSIONS = (  # the VBench dimensions that accept arbitrary prompts (custom_input mode)
@@ -156,6 +157,12 @@ def _spaced(video: np.ndarray, count: int) -> list[np.ndarray]:
     return [video[i] for i in idx]
 
 
+def _default_clip_name() -> str:
+    from models.scorers.clip_backbone import DEFAULT_CLIP_MODEL
+
+    return DEFAULT_CLIP_MODEL
+
+
 def _load_clip(clip_checkpoint, clip_model_name: str, device: str | None):
     """A ClipBackbone (passed through when already loaded), or WeightsUnavailable."""
     from models.scorers.clip_backbone import ClipBackbone, load_clip
@@ -215,12 +222,11 @@ def vbench_weights_dir(weights_dir: str | Path | None = None) -> Path:
     return Path(weights_dir or os.environ.get("VBENCH_CACHE_DIR") or Path.home() / ".cache" / "vbench").expanduser()
 
 
-def run_vbench(videos_dir: str | Path, prompts: dict[str, str], out_dir: str | Path, *,
-               weights_dir: str | Path | None = None, device: str | None = None,
-               dimensions: Sequence[str] = VBENCH_CUSTOM_DIMENSIONS) -> dict[str, MetricResult]:
+def run_vbench(videos: dict[str, str], out_dir: str | Path, *, weights_dir: str | Path | None = None,
+               device: str | None = None, dimensions: Sequence[str] = VBENCH_CUSTOM_DIMENSIONS) -> dict[str, MetricResult]:
     """The hook for VBench's full suite (custom-prompt mode), run only when the package and its weights are local.
 
-    ``prompts`` maps each video file name in ``videos_dir`` to its prompt. Returns ``vbench/<dimension>`` results,
+    ``videos`` maps each mp4 path to its prompt. Returns ``vbench/<dimension>`` results,
     or ``{"vbench": skipped}`` saying what is missing. VBench would download missing weights itself, which must not
     happen here, so an absent or empty weights folder skips before VBench is imported. Not exercised by the tests
     (neither VBench nor its weights are installed on the development machines).
@@ -239,7 +245,14 @@ def run_vbench(videos_dir: str | Path, prompts: dict[str, str], out_dir: str | P
 
     os.environ["VBENCH_CACHE_DIR"] = str(folder)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    videos_dir = out_dir / "videos"  # VBench reads every file of a folder: give it only the mp4s
+    videos_dir.mkdir(parents=True, exist_ok=True)
+    prompts = {}
+    for path, prompt in videos.items():
+        link = videos_dir / Path(path).name
+        if not link.exists():
+            link.symlink_to(Path(path).resolve())
+        prompts[link.name] = prompt
     full_info = importlib.resources.files("vbench") / "VBench_full_info.json"
     bench = VBench(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")), str(full_info), str(out_dir))
     bench.evaluate(videos_path=str(videos_dir), name="opensora_dag", prompt_list=prompts,
@@ -427,11 +440,19 @@ def evaluate_checkpoint(
 
     # 3. Metrics that need weights: computed only from local weights, else skipped with the reason
     prompts = list(prompt_set.prompts)
+    clip = clip_checkpoint
+    if clip_checkpoint is not None:
+        from models.scorers import WeightsUnavailable
+
+        try:  # one CLIP for both metrics; when it cannot load, each metric records the reason itself
+            clip = _load_clip(clip_checkpoint, clip_model_name or _default_clip_name(), device)
+        except WeightsUnavailable:
+            clip = clip_checkpoint
     results = {
-        "clip_score": clip_score(videos, prompts, clip_checkpoint, clip_model_name=clip_model_name, device=device),
-        "aesthetic": aesthetic(videos, clip_checkpoint, aesthetic_mlp, clip_model_name=clip_model_name, device=device),
+        "clip_score": clip_score(videos, prompts, clip, clip_model_name=clip_model_name, device=device),
+        "aesthetic": aesthetic(videos, clip, aesthetic_mlp, clip_model_name=clip_model_name, device=device),
     }
-    results.update(run_vbench(out_dir / "samples", {Path(r.files.get("mp4", "")).name: r.prompt for r in report.samples},
+    results.update(run_vbench({r.files["mp4"]: r.prompt for r in report.samples if "mp4" in r.files},
                               out_dir / "vbench", weights_dir=vbench_dir, device=device))
     for name, result in results.items():
         if result.skipped:
@@ -485,6 +506,7 @@ def _ensure_run(client, tracking_uri: str, run_id: str | None, report: Evaluatio
     run = client.create_run(experiment_id, run_name=f"eval-{Path(report.checkpoint).name}",
                             tags={"checkpoint": report.checkpoint})
     client.set_terminated(run.info.run_id)
+    report.mlflow_run_id = run.info.run_id  # later calls (log, register) use the same run
     return run.info.run_id
 
 
@@ -533,8 +555,10 @@ def best_version(tracking_uri: str, model_name: str = DEFAULT_MODEL_NAME):
     return min(versions, key=lambda v: float(v.tags["val_loss"]), default=None)
 
 
-def compare_to_best(val_loss: float | None, tracking_uri: str, model_name: str = DEFAULT_MODEL_NAME) -> tuple[bool, float | None]:
-    """(passed, best val_loss registered): passes when nothing is registered yet or ``val_loss <= best``.
+def compare_to_best(val_loss: float | None, tracking_uri: str, model_name: str = DEFAULT_MODEL_NAME,
+                    rel_tol: float = VAL_LOSS_REL_TOL) -> tuple[bool, float | None]:
+    """(passed, best val_loss registered): passes when nothing is registered yet or ``val_loss <= best``
+    (within ``rel_tol``: re-evaluating the same weights is never "worse" because of float noise).
 
     A missing ``val_loss`` never passes: a checkpoint that could not be validated is not shown to be no worse.
     """
@@ -542,25 +566,28 @@ def compare_to_best(val_loss: float | None, tracking_uri: str, model_name: str =
     best_loss = float(best.tags["val_loss"]) if best is not None and "val_loss" in best.tags else None
     if val_loss is None:
         return False, best_loss
-    return (best_loss is None or val_loss <= best_loss), best_loss
+    return (best_loss is None or val_loss <= best_loss * (1 + rel_tol)), best_loss
 
 
 def register_if_best(report: EvaluationReport, tracking_uri: str, model_name: str = DEFAULT_MODEL_NAME,
-                     run_id: str | None = None) -> RegistryDecision:
+                     run_id: str | None = None, rel_tol: float = VAL_LOSS_REL_TOL) -> RegistryDecision:
     """Register the checkpoint's ``ema/`` folder as a new model version with alias ``best`` when its val_loss is
-    strictly lower than the best registered one (or nothing is registered yet).
+    lower than the best registered one by more than ``rel_tol`` (or nothing is registered yet).
 
     The folder is logged as artifacts of the training run (``checkpoints/step-N/ema``) and the version's source is
     ``runs:/<run>/checkpoints/step-N/ema``; each version carries tags val_loss, checkpoint, step, dataset_version,
-    prompt_set and objective.
+    prompt_set and objective. The checkpoint that already holds the alias is never registered twice.
     """
     from mlflow.exceptions import MlflowException
 
     val_loss = report.val_loss
-    _, best = compare_to_best(val_loss, tracking_uri, model_name)
+    current = best_version(tracking_uri, model_name)
+    best = float(current.tags["val_loss"]) if current is not None and "val_loss" in current.tags else None
     if val_loss is None:
         return RegistryDecision(False, best, None, f"no val_loss: {report.skipped.get('val_loss', 'not computed')}")
-    if best is not None and not val_loss < best:
+    if current is not None and current.tags.get("checkpoint") == report.checkpoint:
+        return RegistryDecision(False, best, None, f"{report.checkpoint} is already the best (version {current.version})")
+    if best is not None and not val_loss < best * (1 - rel_tol):
         return RegistryDecision(False, best, None, f"val_loss {val_loss:.6g} is not below the best {best:.6g}")
     if not report.ema_dir.is_dir():
         raise FileNotFoundError(f"no EMA weights to register at {report.ema_dir}")

@@ -249,7 +249,8 @@ def browser(tmp_path):
         port, path = port_file.read_text().split()
         cdp = CDP(f"ws://127.0.0.1:{port}{path}")
         target = cdp.send("Target.createTarget", {"url": "about:blank"})["targetId"]
-        cdp.session = cdp.send("Target.attachToTarget", {"targetId": target, "flatten": True}, browser=True)["sessionId"]
+        attached = cdp.send("Target.attachToTarget", {"targetId": target, "flatten": True}, browser=True)
+        cdp.session = attached["sessionId"]
         for domain in ("Page", "Runtime", "Network", "DOM"):
             cdp.send(f"{domain}.enable")
         cdp.send("Emulation.setDeviceMetricsOverride",

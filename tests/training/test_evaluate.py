@@ -166,7 +166,7 @@ def test_clip_score_runs_when_weights_are_local(tmp_path):
 
 
 def test_vbench_is_skipped_with_the_folder_it_looked_in(tmp_path):
-    result = ev.run_vbench(tmp_path, {}, tmp_path / "out", weights_dir=tmp_path / "vbench-weights")
+    result = ev.run_vbench({}, tmp_path / "out", weights_dir=tmp_path / "vbench-weights")
     assert result["vbench"].skipped
     assert result["vbench"].skipped_reason == f"skipped: weights not found at {tmp_path / 'vbench-weights'}"
 
@@ -221,45 +221,50 @@ def fake_report(tmp_path: Path, name: str, val_loss: float | None, run_id: str |
     return report
 
 
-@pytest.fixture
-def tracking_uri(tmp_path) -> str:
-    return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory) -> str:
+    """One sqlite store for the module (creating one costs seconds); each test uses its own model name."""
+    folder = tmp_path_factory.mktemp("mlruns")
+    return f"sqlite:///{folder / 'mlflow.db'}"
 
 
 def test_compare_to_best_passes_until_a_registered_version_is_better(tmp_path, tracking_uri):
-    (tmp_path / "mlruns").mkdir()
-    assert ev.compare_to_best(5.0, tracking_uri) == (True, None)  # nothing registered yet
-    decision = ev.register_if_best(fake_report(tmp_path, "step-00000001", 1.0), tracking_uri)
+    name = "compare"
+    assert ev.compare_to_best(5.0, tracking_uri, name) == (True, None)  # nothing registered yet
+    decision = ev.register_if_best(fake_report(tmp_path, "step-00000001", 1.0), tracking_uri, name)
     assert decision.is_best and decision.version == "1" and decision.best_val_loss_before is None
 
-    assert ev.compare_to_best(0.9, tracking_uri) == (True, 1.0)
-    assert ev.compare_to_best(1.0, tracking_uri) == (True, 1.0)  # equal is not worse
-    assert ev.compare_to_best(1.2, tracking_uri) == (False, 1.0)
-    assert ev.compare_to_best(None, tracking_uri) == (False, 1.0)  # not validated: not shown to be no worse
+    assert ev.compare_to_best(0.9, tracking_uri, name) == (True, 1.0)
+    assert ev.compare_to_best(1.0, tracking_uri, name) == (True, 1.0)  # equal is not worse
+    assert ev.compare_to_best(1.0 + 1e-12, tracking_uri, name) == (True, 1.0)  # float noise of a re-evaluation
+    assert ev.compare_to_best(1.2, tracking_uri, name) == (False, 1.0)
+    assert ev.compare_to_best(None, tracking_uri, name) == (False, 1.0)  # not validated: not shown to be no worse
 
 
 def test_register_if_best_moves_the_alias_only_on_improvement(tmp_path, tracking_uri):
     import mlflow
 
-    (tmp_path / "mlruns").mkdir()
-    first = ev.register_if_best(fake_report(tmp_path, "step-00000001", 1.0), tracking_uri)
-    worse = ev.register_if_best(fake_report(tmp_path, "step-00000002", 1.2), tracking_uri)
+    name = "register"
+    first = ev.register_if_best(fake_report(tmp_path, "step-00000001", 1.0), tracking_uri, name)
+    assert first.is_best and first.version == "1"
+    worse = ev.register_if_best(fake_report(tmp_path, "step-00000002", 1.2), tracking_uri, name)
     assert not worse.is_best and worse.version is None and worse.best_val_loss_before == 1.0
-    unvalidated = ev.register_if_best(fake_report(tmp_path, "step-00000003", None), tracking_uri)
+    unvalidated = ev.register_if_best(fake_report(tmp_path, "step-00000003", None), tracking_uri, name)
     assert not unvalidated.is_best and "no val_loss" in unvalidated.reason
-    better = ev.register_if_best(fake_report(tmp_path, "step-00000004", 0.9), tracking_uri)
+    better = ev.register_if_best(fake_report(tmp_path, "step-00000004", 0.9), tracking_uri, name)
     assert better.is_best and better.version == "2" and better.best_val_loss_before == 1.0
+    again = ev.register_if_best(fake_report(tmp_path / "again", "step-00000004", 0.9 - 1e-12), tracking_uri, name)
+    assert not again.is_best and again.version is None  # float noise is no improvement
 
     client = mlflow.MlflowClient(tracking_uri)
-    best = client.get_model_version_by_alias(ev.DEFAULT_MODEL_NAME, "best")
+    best = client.get_model_version_by_alias(name, "best")
     assert str(best.version) == "2" and float(best.tags["val_loss"]) == 0.9
     assert best.tags["checkpoint"].endswith("step-00000004") and best.tags["prompt_set"] == "v1-abc"
-    versions = client.search_model_versions(f"name = '{ev.DEFAULT_MODEL_NAME}'")
-    assert sorted(str(v.version) for v in versions) == ["1", "2"]
+    assert sorted(str(v.version) for v in client.search_model_versions(f"name = '{name}'")) == ["1", "2"]
     # The version's source holds the EMA folder itself.
     local = mlflow.artifacts.download_artifacts(best.source, dst_path=str(tmp_path / "dl"), tracking_uri=tracking_uri)
     assert (Path(local) / "model.safetensors").read_bytes() == b"weights of step-00000004"
-    assert ev.compare_to_best(0.95, tracking_uri) == (False, 0.9)
+    assert ev.compare_to_best(0.95, tracking_uri, name) == (False, 0.9)
 
 
 def test_log_to_mlflow_writes_metrics_skips_and_previews_to_the_training_run(tmp_path, tracking_uri):
@@ -267,7 +272,6 @@ def test_log_to_mlflow_writes_metrics_skips_and_previews_to_the_training_run(tmp
 
     from training.tracking import ensure_experiment
 
-    (tmp_path / "mlruns").mkdir()
     client = mlflow.MlflowClient(tracking_uri)
     run = client.create_run(ensure_experiment(tracking_uri))
     client.set_terminated(run.info.run_id)  # training finished long ago: evaluation still logs to its run
@@ -284,13 +288,16 @@ def test_log_to_mlflow_writes_metrics_skips_and_previews_to_the_training_run(tmp
     assert {"eval/step-00000007/report.json", "eval/step-00000007/samples"} <= files
 
 
-def test_log_to_mlflow_without_a_training_run_makes_an_evaluation_run(tmp_path, tracking_uri):
+def test_without_a_training_run_one_evaluation_run_is_made(tmp_path, tracking_uri):
     import mlflow
 
-    (tmp_path / "mlruns").mkdir()
-    run_id = ev.log_to_mlflow(fake_report(tmp_path, "step-00000003", 0.7), tracking_uri)
+    report = fake_report(tmp_path, "step-00000003", 0.7)
+    decision = ev.register_if_best(report, tracking_uri, "no-run")
+    run_id = ev.log_to_mlflow(report, tracking_uri)
     run = mlflow.MlflowClient(tracking_uri).get_run(run_id)
     assert run.info.run_name == "eval-step-00000003" and run.data.metrics["eval/val_loss"] == 0.7
+    version = mlflow.MlflowClient(tracking_uri).get_model_version("no-run", decision.version)
+    assert version.run_id == run_id  # registration and logging share the run
 
 
 # --------------------------------------------------------------------------------------------------------------
