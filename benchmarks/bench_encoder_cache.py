@@ -14,14 +14,20 @@ Encoders of realistic size, random weights, nothing downloaded:
   IDDPM loss, frame masks and caption dropout, as ``training.train`` does.
 
 Data: synthetic 128x128 clips, one bucket ``(t=--frames, 128x128)`` with batches of ``--batch``. Both paths go
-through a DataLoader: uncached = ``VideoTextDataset`` (decode + resize) -> ``encode_batch`` (VAE posterior sample +
-T5, what ``training.train`` runs) -> step; cached = ``CachedLatentDataset`` (safetensors reads) -> step. Each path
-runs one untimed warm-up step, then ``--steps`` (uncached) or ``--cached-steps`` timed steps. Printed: samples/s
-of both, the ratio, the uncached step's time split (data / VAE / T5 / model step), and the cache build cost.
-With CUDA present the same runs again on the GPU (model step under bf16 autocast, encoders in fp32).
+through a DataLoader: uncached = ``VideoTextDataset`` (decode + resize) -> ``encode_batch(..., generator=gen)`` (VAE
+posterior sample + T5, what ``training.train`` runs) -> step; cached = ``CachedLatentDataset`` over a
+``posterior="sample"`` cache (safetensors reads; the posterior sample drawn from the same step generator) -> step. The
+encoders are warm from building the cache, and each path's fresh model first takes ``--warmup`` untimed steps;
+then ``--steps`` (uncached) or ``--cached-steps`` timed steps. Printed: samples/s of both, the ratio, the uncached
+step's time split (data / VAE / T5 / model step), and the cache build cost. With CUDA present the same runs again
+on the GPU (model step under bf16 autocast, encoders in fp32, ``--gpu-steps`` for both paths).
 
-    .venv/bin/python benchmarks/bench_encoder_cache.py [--steps 3] [--cached-steps 10] [--batch 2] [--frames 8]
-                                                        [--size 128] [--max-len 200] [--devices cpu,cuda]
+CPU threads default to 1: on the shared 2-core development machine two torch threads contending with other
+processes ran the model step 2-4x slower than one (the load average is printed); ``--threads 0`` keeps torch's
+default. Measured there (load ~3.5): 1 thread 0.12 vs 4.6 samples/s (39x), 2 threads 0.08 vs 1.2 samples/s (16x).
+
+    .venv/bin/python benchmarks/bench_encoder_cache.py [--steps 2] [--cached-steps 10] [--batch 2] [--frames 8]
+                                                        [--max-len 200] [--threads N] [--devices cpu,cuda]
 """
 
 from __future__ import annotations
@@ -150,10 +156,15 @@ class Trainer:
         self.masks = MaskGenerator()
         self.step_index = 0
 
-    def step(self, enc) -> float:
-        from training.train import diffusion_loss, step_generator
+    def generator(self) -> torch.Generator:
+        """This step's generator: it draws the VAE posterior sample (both paths), then masks, dropout, t, noise."""
+        from training.train import step_generator
 
-        gen = step_generator(SEED, self.step_index, 0, self.device)
+        return step_generator(SEED, self.step_index, 0, self.device)
+
+    def step(self, enc, gen: torch.Generator) -> float:
+        from training.train import diffusion_loss
+
         x_mask = self.masks.get_masks(enc["x"], generator=gen)
         drop = (torch.rand(enc["x"].shape[0], generator=gen, device=self.device) < 0.1).long()
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
@@ -186,8 +197,9 @@ def run_uncached(rows, bucket, text_encoder, vae, trainer: Trainer, steps: int) 
         t0 = time.perf_counter()
         batch = next(it)
         t1 = time.perf_counter()
-        with torch.no_grad():  # encode_batch of training.train, split in its two halves to time them
-            x = vae.encode(batch["video"].to(device))
+        gen = trainer.generator()
+        with torch.no_grad():  # encode_batch(..., generator=gen) of training.train, split in its two halves to time them
+            x = vae.encode(batch["video"].to(device), generator=gen)
             sync(device)
             t2 = time.perf_counter()
             text = text_encoder.encode(batch["text"])
@@ -195,7 +207,7 @@ def run_uncached(rows, bucket, text_encoder, vae, trainer: Trainer, steps: int) 
         t3 = time.perf_counter()
         enc = {"x": x, "y": text["y"].to(device), "mask": text["mask"].to(device),
                "model_kwargs": {key: batch[key].to(device) for key in ("num_frames", "height", "width", "ar", "fps")}}
-        trainer.step(enc)
+        trainer.step(enc, gen)
         sync(device)
         t4 = time.perf_counter()
         out.samples += x.shape[0]
@@ -211,14 +223,16 @@ def run_cached(rows, bucket, cache_dir: Path, trainer: Trainer, steps: int) -> T
     device = trainer.device
     sampler = VariableVideoBatchSampler(rows, bucket, FRAME_INTERVAL, seed=SEED)
     dataset = CachedLatentDataset(rows, cache_dir, epoch=0)
+    noise_dtype = dataset.manifest.noise_dtype
     it = batches_forever(lambda: torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_cached))
     out = Timings()
     for _ in range(steps):
         sync(device)
         t0 = time.perf_counter()
-        enc = cached_batch_to_device(next(it), device)
+        gen = trainer.generator()
+        enc = cached_batch_to_device(next(it), device, generator=gen, vae_dtype=noise_dtype)  # posterior sample from gen
         t1 = time.perf_counter()
-        trainer.step(enc)
+        trainer.step(enc, gen)
         sync(device)
         t2 = time.perf_counter()
         out.samples += enc["x"].shape[0]
@@ -258,7 +272,8 @@ def bench_device(device: torch.device, args, rows, bucket, t5_path: Path, work: 
 
     cache_dir = work / f"cache-{device.type}"
     t0 = time.perf_counter()
-    manifest = build_encoder_cache(rows, bucket, FRAME_INTERVAL, SEED, text_encoder, vae, cache_dir, batch_size=args.batch)
+    manifest = build_encoder_cache(rows, bucket, FRAME_INTERVAL, SEED, text_encoder, vae, cache_dir, batch_size=args.batch,
+                                   posterior="sample")
     build_s = time.perf_counter() - t0
     n = manifest.samples_per_epoch[0]
     print(f"cache build: {n} clips + {manifest.num_captions} captions in {build_s:.1f} s ({n / build_s:.2f} samples/s), "
@@ -298,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-len", type=int, default=200, help="T5 tokens per caption (the reference's 200)")
     parser.add_argument("--clips", type=int, default=4, help="clips in the table (batches cycle through them)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed model steps before each timed run")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--devices", default="cpu,cuda", help="comma list; cuda is skipped when absent")
     args = parser.parse_args(argv)
 
@@ -306,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# encoder cache benchmark: torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
           f"load average {load:.1f}", flush=True)

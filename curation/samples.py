@@ -25,6 +25,22 @@ PALETTE = [
     (230, 220, 200),
     (40, 40, 40),
 ]
+COLOUR_NAMES = {
+    (22, 60, 140): "dark blue",
+    (200, 120, 30): "orange",
+    (30, 140, 70): "green",
+    (150, 30, 110): "purple",
+    (230, 220, 200): "cream",
+    (40, 40, 40): "dark grey",
+}
+
+
+def colour_name(rgb: tuple[int, int, int]) -> str:
+    """The palette's name for ``rgb``, else the nearest palette colour's name."""
+    if rgb in COLOUR_NAMES:
+        return COLOUR_NAMES[rgb]
+    nearest = min(COLOUR_NAMES, key=lambda c: sum((a - b) ** 2 for a, b in zip(c, rgb)))
+    return COLOUR_NAMES[nearest]
 
 
 @dataclass(frozen=True)
@@ -42,11 +58,14 @@ class Shot:
     speed: float = 4.0
 
     def caption(self) -> str:
+        """What the shot shows, including its colour (the generator knows what it drew)."""
+        colour = colour_name(self.background)
         if self.kind == "moving":
-            return "a red circle and a yellow square moving quickly across a plain coloured background"
+            pace = "slowly" if self.speed < 3.5 else "quickly"
+            return f"a red circle and a yellow square moving {pace} across a plain {colour} background"
         if self.kind == "text":
-            return f'a still title card with the words "{self.text}" written in large white letters'
-        return "a still image of coloured stripes and a grey disc, with no motion"
+            return f'a still title card with the words "{self.text}" written in large white letters on black'
+        return f"a still image of {colour} stripes and a grey disc, with no motion"
 
 
 @dataclass
@@ -140,13 +159,14 @@ def write_synthetic_video(
 
 
 def default_synthetic_set(fps: int = 24) -> dict[str, list[Shot]]:
-    """The synthetic videos of the demo and tests: cuts between moving, static and text shots."""
+    """The synthetic videos of the demo and tests: cuts between moving, static and text shots in every colour."""
     s = fps  # frames per second, to write durations in seconds
-    return {
+    titles = ["OPEN SORA 2024", "HELLO DAGSTER", "VIDEO DATA", "BUCKETS"]
+    videos = {
         "synthetic_cuts": [
             Shot("moving", int(3 * s), PALETTE[0], speed=5.0),
             Shot("static", int(2.5 * s), PALETTE[1]),
-            Shot("text", int(2.5 * s), PALETTE[5], text="OPEN SORA 2024"),
+            Shot("text", int(2.5 * s), PALETTE[5], text=titles[0]),
             Shot("moving", int(3 * s), PALETTE[2], speed=7.0),
         ],
         "synthetic_motion": [
@@ -154,19 +174,18 @@ def default_synthetic_set(fps: int = 24) -> dict[str, list[Shot]]:
             Shot("static", int(3 * s), PALETTE[4]),
         ],
         "synthetic_titles": [
-            Shot("text", int(3 * s), PALETTE[5], text="HELLO DAGSTER"),
+            Shot("text", int(3 * s), PALETTE[5], text=titles[1]),
             Shot("moving", int(3 * s), PALETTE[0], speed=6.0),
         ],
-        "synthetic_slow": [
-            Shot("static", int(2.5 * s), PALETTE[2]),
-            Shot("moving", int(3 * s), PALETTE[4], speed=2.5),
-        ],
-        "synthetic_mix": [
-            Shot("text", int(2.5 * s), PALETTE[5], text="VIDEO DATA"),
-            Shot("static", int(2.5 * s), PALETTE[3]),
-            Shot("moving", int(3 * s), PALETTE[1], speed=4.0),
-        ],
     }
+    # Every colour as a moving and as a still shot, so that a caption's colour words mean something to a model.
+    for k, colour in enumerate(PALETTE):
+        videos[f"synthetic_colour_{k}"] = [
+            Shot("static", int(2.5 * s), colour),
+            Shot("moving", int(2.5 * s), PALETTE[(k + 2) % 5], speed=2.5 + k),  # never dark grey next to the black title card
+            Shot("text", int(2.5 * s), PALETTE[5], text=titles[k % len(titles)]),
+        ]
+    return videos
 
 
 def write_captions_csv(videos: list[SyntheticVideo], path: Path) -> None:

@@ -190,6 +190,17 @@ def build_tiny_vae(
             sample_size=32,
             scaling_factor=0.18215,
         ).eval()
+        # A trained VAE's posterior is nearly deterministic (tiny variance); a random one's log-variance is ~0, which
+        # would bury every latent under sampling noise. Pin the log-variance half of quant_conv to a tiny variance.
+        with torch.no_grad():
+            model.quant_conv.weight[latent_channels:].zero_()
+            model.quant_conv.bias[latent_channels:].fill_(-20.0)
+        # Like 0.18215 for the SD VAE, the scaling factor gives the latents unit standard deviation: a random
+        # encoder's latents are ~20x smaller than that, which would leave a diffusion model almost nothing to learn.
+        images = torch.nn.functional.interpolate(torch.rand(8, 3, 8, 8) * 2 - 1, size=(64, 64), mode="nearest")
+        with torch.no_grad():
+            std = model.encode(images).latent_dist.mean.std().item()
+        model.register_to_config(scaling_factor=round(1.0 / std, 5))
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dest)

@@ -41,7 +41,8 @@ class VideoAutoencoderKL(nn.Module):
     Args:
         path_or_model: a local diffusers folder (e.g. ``sd-vae-ft-ema``) or an ``AutoencoderKL`` instance.
         micro_batch_size: frames per encoder/decoder call (reference: 4); None or 0 = all frames at once.
-        scaling_factor: latents are multiplied by it after encoding and divided before decoding.
+        scaling_factor: latents are multiplied by it after encoding and divided before decoding; None reads the
+            folder's ``config.json`` (diffusers' ``scaling_factor``: 0.18215 for the SD VAEs).
         dtype: cast the loaded weights to this dtype (None keeps what is stored).
     """
 
@@ -49,7 +50,7 @@ class VideoAutoencoderKL(nn.Module):
         self,
         path_or_model: str | os.PathLike[str] | AutoencoderKL,
         micro_batch_size: int | None = 4,
-        scaling_factor: float = 0.18215,
+        scaling_factor: float | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
@@ -60,7 +61,7 @@ class VideoAutoencoderKL(nn.Module):
         else:
             self.module = path_or_model if dtype is None else path_or_model.to(dtype)
         self.micro_batch_size = micro_batch_size or None
-        self.scaling_factor = scaling_factor
+        self.scaling_factor = float(scaling_factor if scaling_factor is not None else getattr(self.module.config, "scaling_factor", None) or 0.18215)
         config = self.module.config
         self.out_channels: int = int(config.latent_channels)
         # Each encoder block but the last halves H and W.

@@ -5,6 +5,7 @@ from dagster import Definitions
 from assets.checks import CURATION_CHECKS
 from assets.curation import CURATION_ASSETS
 from assets.datasets import curated_dataset
+from assets.evaluation import EVALUATION_ASSETS, EVALUATION_CHECKS
 from assets.scoring import SCORE_ASSETS
 from assets.training import trained_model
 from opensora_dag.jobs import curation_job, training_job
@@ -16,8 +17,8 @@ from resources.model_store import ModelStore
 from resources.tracking import Tracking
 
 defs = Definitions(
-    assets=[*CURATION_ASSETS, *SCORE_ASSETS, curated_dataset, trained_model],
-    asset_checks=CURATION_CHECKS,
+    assets=[*CURATION_ASSETS, *SCORE_ASSETS, curated_dataset, trained_model, *EVALUATION_ASSETS],
+    asset_checks=[*CURATION_CHECKS, *EVALUATION_CHECKS],
     jobs=[curation_job, training_job],
     sensors=[landing_zone_sensor, retrain_on_new_data],
     schedules=[weekly_retrain],

@@ -13,6 +13,6 @@ curation_job = define_asset_job(
 # Train on the newest dataset version, then evaluate the new checkpoint.
 training_job = define_asset_job(
     "training_job",
-    selection=AssetSelection.groups("training"),
+    selection=AssetSelection.groups("training", "evaluation"),
     description="Train STDiT2 on the newest curated dataset and evaluate it.",
 )

@@ -60,6 +60,7 @@ class TrainConfig(_Strict):
     data: DataSection = Field(default_factory=DataSection)
     optim: OptimSection = Field(default_factory=OptimSection)
     objective: Literal["iddpm", "rflow"] = "iddpm"
+    rflow_timestep_shift: bool = Field(True, description="rflow: shift timesteps by resolution/length (v1.2; base 512x512).")
     steps: int = Field(1000, ge=1)
     ckpt_every: int = Field(500, ge=1)
     keep_last: int = Field(3, ge=1)

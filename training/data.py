@@ -47,18 +47,25 @@ def load_rows(path: str | Path) -> pl.DataFrame:
     return frame
 
 
-def is_validation(clip_id: str, fraction: float) -> bool:
-    """Deterministic held-out split by a hash of the clip id (the same clip is held out in every run)."""
-    if fraction <= 0:
-        return False
+def validation_score(clip_id: str) -> float:
+    """A uniform number in [0, 1) fixed by the clip id: the same clip is held out in every run and version."""
     digest = hashlib.sha256(str(clip_id).encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def split_rows(frame: pl.DataFrame, val_fraction: float) -> tuple[pl.DataFrame, pl.DataFrame]:
-    held = [is_validation(i, val_fraction) for i in frame["id"].to_list()]
-    mask = pl.Series(held, dtype=pl.Boolean)
-    return frame.filter(~mask), frame.filter(mask)
+    """(train, held-out): a clip is held out when its score is below ``val_fraction``.
+
+    On a table so small that the threshold holds nothing out, the clip with the lowest score is held out, so a
+    run always has something to validate on (unless the table has a single row).
+    """
+    if val_fraction <= 0 or len(frame) < 2:
+        return frame, frame.head(0)
+    scores = pl.Series([validation_score(i) for i in frame["id"].to_list()], dtype=pl.Float64)
+    held = scores < val_fraction
+    if not held.any():
+        held = scores == scores.min()
+    return frame.filter(~held), frame.filter(held)
 
 
 def frame_indices(total: int, t: int, frame_interval: int, rng: np.random.Generator) -> np.ndarray:

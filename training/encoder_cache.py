@@ -9,18 +9,23 @@ and encode them. Captions are encoded once per unique caption.
 
 Which latent is stored (``posterior``):
 
-* ``"mode"`` (default): the posterior mean, deterministic. A training step on cached latents then gives the same
-  loss as a step that encodes with ``vae.encode(video, sample=False)``.
-* ``"sample"``: one posterior sample per (epoch, row), drawn with a CPU generator seeded by (seed, epoch, row), so
-  the cache is reproducible. The reference samples afresh at every step; a cached sample is fixed per epoch.
+* ``"mode"`` (default): the posterior mean, deterministic. A step on cached latents gives the same loss as a step
+  that encodes with ``encode_batch(..., generator=None)`` (``vae.encode_mode``).
+* ``"sample"``: the posterior mean *and* standard deviation (twice the latent storage). ``cached_batch_to_device(
+  batch, device, generator=gen)`` then draws the posterior sample at training time exactly as
+  ``VideoAutoencoderKL.encode(video, generator=gen)`` does (same noise shape, order, dtype and device, drawn from
+  the same generator), so a step gives the same loss as ``encode_batch(..., generator=gen)``, including everything
+  the step draws from ``gen`` afterwards (frame masks, caption dropout, timesteps, noise). Like the reference, every
+  step sees a fresh posterior sample.
 
 Layout of a cache folder (written to a temporary sibling folder and renamed into place, so a failed or killed build
 never leaves a partial cache under the final name)::
 
     manifest.json                  what was cached and with what (CacheManifest)
     samples.parquet                epoch, row, num_frames, height, width, fps, shard (one line per cached sample)
-    texts.parquet                  row -> index of its caption in the text shards (-1: row never cached)
-    latents/e0000-00000.safetensors  one tensor per row of the epoch, key "<row>", [C, t, h, w]
+    texts.parquet                  row, text_index (its caption in the text shards, -1: row never cached), text, id
+    latents/e0000-00000.safetensors  per row of the epoch: "<row>" the scaled latent mode [C, t, h, w]
+                                     (and "<row>.std" its scaled posterior std with posterior="sample")
     text/00000.safetensors           "y" [n, L, C] and "mask" [n, L] for n consecutive unique captions
 
 A cache is tied to the exact training table (row order included: buckets and windows are seeded by row position),
@@ -53,15 +58,18 @@ __all__ = [
     "CachedLatentDataset",
     "EncoderCacheError",
     "build_encoder_cache",
+    "build_training_cache",
     "cached_batch_to_device",
     "collate_cached",
     "dataset_fingerprint",
+    "epochs_needed",
 ]
 
 CACHE_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SAMPLES = "samples.parquet"
 TEXTS = "texts.parquet"
+MAX_OPEN_SHARDS = 64  # safetensors handles a dataset keeps open (per process)
 
 # Columns of the training table that decide what a sample decodes to; the fingerprint covers them in row order.
 FINGERPRINT_COLUMNS = ("id", "path", "text", "num_frames", "height", "width", "fps")
@@ -107,6 +115,8 @@ class CacheManifest:
     epochs: int
     bucket_config: dict[str, dict[str, list[Any]]]
     posterior: str
+    vae_dtype: str
+    """dtype the VAE ran in (``torch.float32`` ...): the posterior noise is drawn in it, as the VAE draws it."""
     latent_dtype: str
     text_dtype: str
     latent_channels: int
@@ -123,6 +133,11 @@ class CacheManifest:
     """[L, C] of one caption embedding."""
     build_seconds: float = 0.0
     created: str = ""
+
+    @property
+    def noise_dtype(self) -> torch.dtype:
+        """The VAE's dtype as a ``torch.dtype``: pass it to ``cached_batch_to_device(vae_dtype=...)``."""
+        return getattr(torch, self.vae_dtype.removeprefix("torch."))
 
     @classmethod
     def load(cls, cache_dir: str | Path) -> CacheManifest:
@@ -188,13 +203,17 @@ class _ShardWriter:
     def current(self) -> str:
         return f"{self.prefix}{self.count // self.per_shard:05d}.safetensors"
 
-    def add(self, key: str, tensor: torch.Tensor) -> str:
-        """Queue ``tensor``; return the shard file name (relative to the cache root) it will land in."""
+    def add(self, key: str, tensor: torch.Tensor, count: bool = True) -> str:
+        """Queue ``tensor``; return the shard file name (relative to the cache root) it will land in.
+
+        ``count=False`` adds a companion tensor to the current entry (it never closes a shard on its own).
+        """
         name = self.current
         self.pending[key] = tensor.detach().to("cpu").contiguous()
-        self.count += 1
-        if self.count % self.per_shard == 0:
-            self._flush(name)
+        if count:
+            self.count += 1
+            if self.count % self.per_shard == 0:
+                self._flush(name)
         return f"{self.folder.name}/{name}"
 
     def _flush(self, name: str) -> None:
@@ -209,8 +228,24 @@ class _ShardWriter:
             self._flush(self.current)
 
 
-def _latent_seed(seed: int, epoch: int, row: int) -> int:
-    return (seed * 1_000_003 + epoch * 7_919 + row) % (2**63 - 1)
+def _posterior(vae: Any, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled posterior mean and std of ``VideoAutoencoderKL.encode``, each [B, C, T, h, w].
+
+    The same frame layout and micro-batches as ``encode``, so the mean is bitwise its mode.
+    """
+    b, c, t, h, w = video.shape
+    frames = video.to(vae.dtype).permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)  # [B*T, 3, H, W], a video's frames adjacent
+    step = vae.micro_batch_size or max(b * t, 1)
+    means, stds = [], []
+    for start in range(0, b * t, step):
+        posterior = vae.module.encode(frames[start : start + step]).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+
+    def to_video(z: torch.Tensor) -> torch.Tensor:  # [B*T, C, h, w] -> [B, C, T, h, w]
+        return z.reshape(b, t, *z.shape[1:]).permute(0, 2, 1, 3, 4)
+
+    return to_video(torch.cat(means) * vae.scaling_factor), to_video(torch.cat(stds) * vae.scaling_factor)
 
 
 def _module_device(module: Any) -> torch.device:
@@ -256,11 +291,13 @@ def build_encoder_cache(
         vae: a ``models.vae.VideoAutoencoderKL``.
         out_dir: the cache folder; it must not exist unless ``overwrite``.
         batch_size: videos per VAE call (all of one bucket) and captions per T5 call.
-        posterior: ``"mode"`` (deterministic mean) or ``"sample"`` (one seeded draw per epoch and row).
+        posterior: ``"mode"`` (store the mean) or ``"sample"`` (store mean and std; sample per step, see the module doc).
         latent_dtype, text_dtype: storage dtypes, ``fp32`` (exact), ``fp16`` or ``bf16`` (half the disk).
         num_workers: DataLoader workers that decode videos while the VAE runs.
         encoder_paths: recorded in the manifest; by default read from the encoders.
     """
+    from safetensors.torch import save_file
+
     from training.data import VideoTextDataset, collate
 
     if epochs < 1:
@@ -306,16 +343,18 @@ def build_encoder_cache(
             chunk = unique[start : start + captions_per_shard]
             ys, masks = [], []
             for k in range(0, len(chunk), batch_size):
-                out = text_encoder.encode(chunk[k : k + batch_size])
+                with torch.no_grad():
+                    out = text_encoder.encode(chunk[k : k + batch_size])
                 ys.append(out["y"][:, 0].to("cpu", _DTYPES[text_dtype]))  # [n, L, C]
                 masks.append(out["mask"].to("cpu", torch.int64))  # [n, L]
             y, mask = torch.cat(ys), torch.cat(masks)
             text_shape = list(y.shape[1:])
-            from safetensors.torch import save_file
-
             (tmp / "text").mkdir(exist_ok=True)
-            save_file({"y": y.contiguous(), "mask": mask.contiguous()}, str(tmp / "text" / f"{start // captions_per_shard:05d}.safetensors"))
-        pl.DataFrame({"row": np.arange(len(rows), dtype=np.int64), "text_index": row_caption}).write_parquet(tmp / TEXTS)
+            shard = tmp / "text" / f"{start // captions_per_shard:05d}.safetensors"
+            save_file({"y": y.contiguous(), "mask": mask.contiguous()}, str(shard))
+        ids = (rows["id"] if "id" in rows.columns else rows["path"]).cast(pl.String).to_list()
+        pl.DataFrame({"row": np.arange(len(rows), dtype=np.int64), "text_index": row_caption, "text": [str(t) for t in texts],
+                      "id": ids}).write_parquet(tmp / TEXTS)
         say(f"encoder cache: {len(unique)} captions encoded")
 
         # 3. Latents, epoch by epoch, bucket by bucket.
@@ -331,21 +370,21 @@ def build_encoder_cache(
                 for (t, h, w), members in groups.items()
                 for k in range(0, len(members), batch_size)
             ]
-            loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=num_workers)
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+                                                 num_workers=num_workers)
             writer = _ShardWriter(tmp / "latents", f"e{epoch:04d}-", samples_per_shard)
             count = 0
             for indices, batch in zip(batches, loader):
                 video = batch["video"].to(device)  # [B, 3, t, H, W]
-                if posterior == "mode":
-                    latents = vae.encode(video, sample=False)
-                else:
-                    draws = []
-                    for k, index in enumerate(indices):
-                        gen = torch.Generator().manual_seed(_latent_seed(seed, epoch, index.index))
-                        draws.append(vae.encode(video[k : k + 1], sample=True, generator=gen))
-                    latents = torch.cat(draws)
-                latents = latents.to(_DTYPES[latent_dtype])  # [B, C, t, h, w]
+                with torch.no_grad():
+                    if posterior == "mode":
+                        latents, stds = vae.encode(video, sample=False), None  # [B, C, t, h, w]
+                    else:
+                        latents, stds = _posterior(vae, video)
+                latents = latents.to(_DTYPES[latent_dtype])
                 for k, index in enumerate(indices):
+                    if stds is not None:
+                        writer.add(f"{index.index}.std", stds[k].to(_DTYPES[latent_dtype]), count=False)
                     shard = writer.add(str(index.index), latents[k])
                     records["epoch"].append(epoch)
                     records["row"].append(index.index)
@@ -376,6 +415,7 @@ def build_encoder_cache(
             epochs=epochs,
             bucket_config=_bucket_config_json(bucket),
             posterior=posterior,
+            vae_dtype=str(vae.dtype),
             latent_dtype=latent_dtype,
             text_dtype=text_dtype,
             latent_channels=int(vae.out_channels),
@@ -415,13 +455,14 @@ def build_encoder_cache(
 class CachedLatentDataset(torch.utils.data.Dataset):
     """Drop-in for ``VideoTextDataset`` on a cache: indexed by ``SampleIndex``, returns latents instead of pixels.
 
-    Each item: ``x`` [C, t, h, w], ``y`` [1, L, C], ``mask`` [L] (int64), plus ``text``, ``id``, ``num_frames``,
-    ``height``, ``width``, ``ar`` (W / H, as the dataset), ``fps``. Tensors come back as ``dtype`` (fp32 by default,
+    Each item: ``x`` [C, t, h, w] (the latent mode), ``y`` [1, L, C], ``mask`` [L] (int64), plus ``text``, ``id``,
+    ``num_frames``, ``height``, ``width``, ``ar`` (W / H, as the dataset), ``fps``; and ``x_std`` [C, t, h, w] when
+    the cache was built with ``posterior="sample"``. Tensors come back as ``dtype`` (fp32 by default,
     what the uncached path gives). Safetensors files are opened lazily, per process, so DataLoader workers work.
 
     Args:
-        rows: the training table the cache was built from (checked against the manifest's fingerprint; pass None to
-            skip the check, e.g. when the table is not at hand).
+        rows: the training table the cache was built from (checked against the manifest's fingerprint; None skips
+            the check: captions and ids are stored in the cache too).
         cache_dir: a folder written by ``build_encoder_cache``.
         epoch: the epoch to serve; ``set_epoch`` changes it.
     """
@@ -429,28 +470,25 @@ class CachedLatentDataset(torch.utils.data.Dataset):
     def __init__(self, rows: pl.DataFrame | None, cache_dir: str | Path, epoch: int = 0, dtype: torch.dtype = torch.float32):
         self.cache_dir = Path(cache_dir)
         self.manifest = CacheManifest.load(self.cache_dir)
-        if rows is not None:
-            if len(rows) != self.manifest.num_rows or dataset_fingerprint(rows) != self.manifest.dataset_hash:
-                raise EncoderCacheError(
-                    f"the training table ({len(rows)} rows) is not the one the cache at {self.cache_dir} was built from "
-                    f"({self.manifest.num_rows} rows, hash {self.manifest.dataset_hash[:12]}); row order counts: rebuild the cache")
-            self.texts = [str(t) for t in rows["text"].to_list()]
-            self.ids = [str(i) for i in (rows["id"] if "id" in rows.columns else rows["path"]).to_list()]
-        else:
-            self.texts = self.ids = None
+        if rows is not None and (len(rows) != self.manifest.num_rows or dataset_fingerprint(rows) != self.manifest.dataset_hash):
+            raise EncoderCacheError(
+                f"the training table ({len(rows)} rows) is not the one the cache at {self.cache_dir} was built from "
+                f"({self.manifest.num_rows} rows, hash {self.manifest.dataset_hash[:12]}); row order counts: rebuild the cache")
         self.dtype = dtype
+        texts = pl.read_parquet(self.cache_dir / TEXTS)
+        self._text_index = texts["text_index"].to_numpy()
+        self.texts: list[str] = texts["text"].to_list()
+        self.ids: list[str] = texts["id"].to_list()
         samples = pl.read_parquet(self.cache_dir / SAMPLES)
         self._shards = sorted(set(samples["shard"].to_list()))
         shard_id = {name: k for k, name in enumerate(self._shards)}
         n, epochs = self.manifest.num_rows, self.manifest.epochs
         # Per epoch and row: position in ``samples`` (-1 = not cached that epoch).
-        self._position = np.full((epochs, n), -1, dtype=np.int64)
+        self._position = np.full((epochs, n), -1, dtype=np.int32 if len(samples) < 2**31 else np.int64)
         self._position[samples["epoch"].to_numpy(), samples["row"].to_numpy()] = np.arange(len(samples))
         self._thw = samples.select("num_frames", "height", "width").to_numpy()
         self._fps = samples["fps"].to_numpy()
-        self._shard = np.array([shard_id[s] for s in samples["shard"].to_list()], dtype=np.int64)
-        self._text_index = pl.read_parquet(self.cache_dir / TEXTS)["text_index"].to_numpy()
-        self._captions: list[str] | None = None
+        self._shard = np.array([shard_id[s] for s in samples["shard"].to_list()], dtype=np.int32)
         self._handles: dict[str, Any] = {}
         self.epoch = 0
         self.set_epoch(epoch)
@@ -473,9 +511,12 @@ class CachedLatentDataset(torch.utils.data.Dataset):
     def _open(self, relative: str) -> Any:
         from safetensors import safe_open
 
-        handle = self._handles.get(relative)
+        handle = self._handles.pop(relative, None)
         if handle is None:
-            handle = self._handles[relative] = safe_open(str(self.cache_dir / relative), framework="pt")
+            if len(self._handles) >= MAX_OPEN_SHARDS:  # least recently used first: dicts keep insertion order
+                del self._handles[next(iter(self._handles))]
+            handle = safe_open(str(self.cache_dir / relative), framework="pt")
+        self._handles[relative] = handle
         return handle
 
     def text_embedding(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -503,14 +544,17 @@ class CachedLatentDataset(torch.utils.data.Dataset):
             raise EncoderCacheError(
                 f"row {row}, epoch {self.epoch}: the sampler asks for t x H x W = {t}x{h}x{w}, the cache holds "
                 f"{'x'.join(map(str, cached_thw))}; rebuild the cache with this run's seed, buckets and frame interval")
-        x = self._open(self._shards[self._shard[position]]).get_tensor(str(row)).to(self.dtype)  # [C, t, h, w]
+        shard = self._open(self._shards[self._shard[position]])
+        x = shard.get_tensor(str(row)).to(self.dtype)  # [C, t, h, w]
         y, mask = self.text_embedding(row)
+        extra = {"x_std": shard.get_tensor(f"{row}.std").to(self.dtype)} if self.manifest.posterior == "sample" else {}
         return {
+            **extra,
             "x": x,
             "y": y,
             "mask": mask,
-            "text": self.texts[row] if self.texts is not None else "",
-            "id": self.ids[row] if self.ids is not None else str(row),
+            "text": self.texts[row],
+            "id": self.ids[row],
             "num_frames": t,
             "height": h,
             "width": w,
@@ -521,8 +565,11 @@ class CachedLatentDataset(torch.utils.data.Dataset):
 
 def collate_cached(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack cached samples: ``x`` [B, C, t, h, w], ``y`` [B, 1, L, C], ``mask`` [B, L], ``model_kwargs`` as
-    ``training.train.encode_batch`` builds them (float32 [B] tensors), plus ``text`` and ``id`` lists."""
+    ``training.train.encode_batch`` builds them (float32 [B] tensors), plus ``text`` and ``id`` lists (and ``x_std``
+    from a ``posterior="sample"`` cache)."""
+    extra = {"x_std": torch.stack([s["x_std"] for s in samples])} if "x_std" in samples[0] else {}
     return {
+        **extra,
         "x": torch.stack([s["x"] for s in samples]),
         "y": torch.stack([s["y"] for s in samples]),
         "mask": torch.stack([s["mask"] for s in samples]),
@@ -535,11 +582,141 @@ def collate_cached(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def cached_batch_to_device(batch: dict[str, Any], device: torch.device | str, non_blocking: bool = False) -> dict[str, Any]:
-    """A collated cached batch on ``device``, with exactly the keys of ``encode_batch``'s output."""
+def cached_batch_to_device(
+    batch: dict[str, Any],
+    device: torch.device | str,
+    generator: torch.Generator | None = None,
+    vae_dtype: torch.dtype = torch.float32,
+    non_blocking: bool = False,
+) -> dict[str, Any]:
+    """A collated cached batch on ``device``, with exactly the keys of ``encode_batch``'s output.
+
+    With ``generator`` and a ``posterior="sample"`` cache, ``x`` is a posterior sample drawn as
+    ``VideoAutoencoderKL.encode(video, generator=generator)`` draws it: noise [B*T, C, h, w] (frames of a video
+    adjacent) in ``vae_dtype`` (the manifest's ``vae_dtype``) on the generator's device, then
+    ``mean + std * noise``. Otherwise (no generator, or a mode cache) ``x`` is the mode.
+    """
+    x = batch["x"].to(device, non_blocking=non_blocking)
+    if generator is not None and "x_std" in batch:
+        b, c, t, h, w = x.shape
+        noise = torch.randn((b * t, c, h, w), generator=generator, device=generator.device, dtype=vae_dtype)
+        noise = noise.reshape(b, t, c, h, w).permute(0, 2, 1, 3, 4).to(device=x.device, dtype=x.dtype)  # [B, C, T, h, w]
+        x = x + batch["x_std"].to(device, non_blocking=non_blocking) * noise
     return {
-        "x": batch["x"].to(device, non_blocking=non_blocking),
+        "x": x,
         "y": batch["y"].to(device, non_blocking=non_blocking),
         "mask": batch["mask"].to(device, non_blocking=non_blocking),
         "model_kwargs": {k: v.to(device, non_blocking=non_blocking) for k, v in batch["model_kwargs"].items()},
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A training run's cache: what ``training.train`` would see, from its config
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def epochs_needed(rows: pl.DataFrame, bucket: Bucket, frame_interval: int, seed: int, steps: int, num_replicas: int = 1) -> int:
+    """Epochs a run of ``steps`` optimizer steps on ``num_replicas`` ranks goes through (each must be cached)."""
+    from training.buckets import VariableVideoBatchSampler
+
+    sampler = VariableVideoBatchSampler(rows, bucket, frame_interval, num_replicas=num_replicas, rank=0, seed=seed)
+    epochs, left = 0, steps
+    while left > 0:
+        sampler.set_epoch(epochs)
+        per_epoch = len(sampler)
+        if per_epoch == 0:
+            raise ValueError(f"epoch {epochs} has no batch: no row fits a bucket (see `opensora-dag buckets`)")
+        left -= per_epoch
+        epochs += 1
+    return epochs
+
+
+def build_training_cache(
+    cfg: Any,
+    dataset: str,
+    out_dir: str | Path,
+    *,
+    epochs: int | None = None,
+    num_replicas: int = 1,
+    posterior: Posterior = "sample",
+    device: torch.device | str | None = None,
+    overwrite: bool = False,
+    num_workers: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, CacheManifest]:
+    """The cache of a training run: ``out_dir/train`` (the run's epochs) and ``out_dir/val`` (epoch 0, validation).
+
+    Uses the run's own pieces (``resolve_dataset``, ``split_rows``, the bucket preset, ``load_encoders``) so the
+    rows, buckets and encoders are exactly the ones ``training.train`` would use. ``epochs`` defaults to what
+    ``cfg.steps`` needs on ``num_replicas`` ranks. ``posterior`` applies to train/: "sample" (default) because the
+    training loop draws the posterior sample from each step's generator; val/ is always "mode" (validation encodes
+    without a generator). Both halves land together: built in a temporary folder, then renamed.
+    """
+    from training.buckets import load_bucket_preset
+    from training.data import load_rows, split_rows
+    from training.train import load_encoders, resolve_dataset
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True to rebuild it")
+    dataset_path, version = resolve_dataset(dataset)
+    rows = load_rows(dataset_path)
+    train_rows, val_rows = split_rows(rows, cfg.data.val_fraction)
+    preset = load_bucket_preset(cfg.data.bucket_preset)
+    bucket = Bucket(preset.bucket_config)
+    if epochs is None:
+        epochs = epochs_needed(train_rows, bucket, preset.frame_interval, cfg.seed, cfg.steps, num_replicas)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    text_encoder, vae, paths = load_encoders(cfg, device, out_dir)
+    common = dict(batch_size=cfg.encoders.vae_micro_batch_size, encoder_paths=paths, log=log,
+                  num_workers=cfg.data.num_workers if num_workers is None else num_workers)
+    log(f"encoder cache for dataset {version}: {len(train_rows)} train rows x {epochs} epochs, {len(val_rows)} held out")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    old: Path | None = None
+    try:
+        manifests = {
+            "train": build_encoder_cache(train_rows, bucket, preset.frame_interval, cfg.seed, text_encoder, vae, tmp / "train",
+                                         epochs=epochs, posterior=posterior, **common),
+            "val": build_encoder_cache(val_rows, bucket, preset.frame_interval, cfg.seed, text_encoder, vae, tmp / "val",
+                                       epochs=1, **common),
+        }
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    log(f"encoder cache of the run: {out_dir} (train/: {epochs} epochs, val/)")
+    return manifests
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m training.encoder_cache PRESET --dataset D --out DIR [--epochs N] [--nproc N] [--set k=v]``."""
+    import argparse
+
+    from training.config import load_train_config
+
+    parser = argparse.ArgumentParser(prog="encoder-cache", description="Precompute T5 embeddings and VAE latents of a training run.")
+    parser.add_argument("preset", help="training preset or YAML path (as for `opensora-dag train`)")
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--out", required=True, help="cache folder (gets train/ and val/)")
+    parser.add_argument("--epochs", type=int, help="epochs to cache (default: what the preset's steps need)")
+    parser.add_argument("--nproc", type=int, default=1, help="ranks the training run will use (epochs depend on it)")
+    parser.add_argument("--posterior", choices=["sample", "mode"], default="sample", help="train/ latents (see the module doc)")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    cfg = load_train_config(args.preset, args.overrides)
+    manifests = build_training_cache(cfg, args.dataset, args.out, epochs=args.epochs, num_replicas=args.nproc,
+                                     posterior=args.posterior, overwrite=args.overwrite)
+    print(json.dumps({name: {"samples_per_epoch": m.samples_per_epoch, "captions": m.num_captions} for name, m in manifests.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -467,14 +467,16 @@ def evaluate_checkpoint(
         if values:
             report.metrics[name] = float(np.mean(values))
 
-    # 4. Validation loss of the EMA weights on the held-out split, sharing the sampler's model and encoders
+    # 4. Validation loss of the fp32 EMA weights on the held-out split. The sampler's model and encoders are reused
+    #    when they are fp32 (CPU); a bf16 sampler (CUDA) is released first and fp32 copies are loaded, so the number
+    #    does not depend on the device that sampled.
     log("validation loss on the held-out split")
-    # (shared only in fp32: a bf16 model would not give the numbers the fp32 EMA gives on another device)
-    shared = sampler.dtype == torch.float32
-    val = validation_loss(checkpoint_dir, device, model=sampler.model if shared else None,
-                          text_encoder=sampler.text_encoder if shared else None, vae=sampler.vae if shared else None,
-                          max_samples=val_max_samples)
+    shared = (sampler.model, sampler.text_encoder, sampler.vae) if sampler.dtype == torch.float32 else (None, None, None)
     del sampler
+    if shared[0] is None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    val = validation_loss(checkpoint_dir, device, model=shared[0], text_encoder=shared[1], vae=shared[2],
+                          max_samples=val_max_samples)
     if isinstance(val, MetricResult):
         report.skipped["val_loss"] = val.skipped_reason or "skipped"
     else:

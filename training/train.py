@@ -149,14 +149,14 @@ def build_model(cfg: TrainConfig, caption_channels: int):
     return model, config
 
 
-def build_scheduler(objective: str):
+def build_scheduler(objective: str, rflow_timestep_shift: bool = True):
     if objective == "iddpm":
         from models.schedulers.iddpm import IDDPM
 
         return IDDPM(timestep_respacing="")
     from models.schedulers.rectified_flow import RectifiedFlow
 
-    return RectifiedFlow(use_timestep_transform=True)
+    return RectifiedFlow(use_timestep_transform=rflow_timestep_shift)
 
 
 def build_booster(cfg: TrainConfig, dist: Dist, model: torch.nn.Module):
@@ -346,7 +346,7 @@ def train(
     model.to(dist.device)
     ema = copy.deepcopy(model).float().requires_grad_(False).eval()
     booster, model, optimizer, use_zero = build_booster(cfg, dist, model)
-    scheduler = build_scheduler(cfg.objective)
+    scheduler = build_scheduler(cfg.objective, cfg.rflow_timestep_shift)
     model.train()
 
     # 4. Resume

@@ -10,7 +10,7 @@ import torch
 from models.tiny import build_tiny_vae
 from models.vae import VideoAutoencoderKL
 
-SCALE = 0.18215
+SCALE = 0.18215  # passed explicitly below: the tiny VAE's own config carries a calibrated factor
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def vae(vae_dir: Path) -> VideoAutoencoderKL:
-    return VideoAutoencoderKL(vae_dir, micro_batch_size=4).eval()
+    return VideoAutoencoderKL(vae_dir, micro_batch_size=4, scaling_factor=SCALE).eval()
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_micro_batch_sizes_agree(vae_dir: Path, video: torch.Tensor) -> None:
     """1, 4 (chunks of 4 + 2) and all 6 frames per call give the same latents and reconstructions."""
     results = []
     for micro_batch_size in (1, 4, None):
-        model = VideoAutoencoderKL(vae_dir, micro_batch_size=micro_batch_size).eval()
+        model = VideoAutoencoderKL(vae_dir, micro_batch_size=micro_batch_size, scaling_factor=SCALE).eval()
         z = model.encode_mode(video)
         results.append((z, model.decode(z)))
     for z, x in results[1:]:
@@ -78,7 +78,7 @@ def test_posterior_sampling(vae_dir: Path, video: torch.Tensor) -> None:
     """Samples are mean + std * noise with one noise draw over all frames: seeded, micro-batch independent."""
     samples = []
     for micro_batch_size in (1, 4, None):
-        model = VideoAutoencoderKL(vae_dir, micro_batch_size=micro_batch_size).eval()
+        model = VideoAutoencoderKL(vae_dir, micro_batch_size=micro_batch_size, scaling_factor=SCALE).eval()
         samples.append(model.encode(video, sample=True, generator=torch.Generator().manual_seed(7)))
     for z in samples[1:]:
         torch.testing.assert_close(z, samples[0], atol=1e-5, rtol=1e-5)
@@ -96,7 +96,7 @@ def test_posterior_sampling(vae_dir: Path, video: torch.Tensor) -> None:
 def test_model_instance_and_folder_agree(vae_dir: Path, vae: VideoAutoencoderKL, video: torch.Tensor) -> None:
     from diffusers import AutoencoderKL
 
-    wrapped = VideoAutoencoderKL(AutoencoderKL.from_pretrained(vae_dir), micro_batch_size=2).eval()
+    wrapped = VideoAutoencoderKL(AutoencoderKL.from_pretrained(vae_dir), micro_batch_size=2, scaling_factor=SCALE).eval()
     torch.testing.assert_close(wrapped.encode_mode(video), vae.encode_mode(video), atol=1e-5, rtol=1e-5)
 
 
