@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 OPENSORA_HOME ?= $(CURDIR)/.opensora
 export OPENSORA_HOME
 STAMP := $(VENV)/.installed
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2
 
 .PHONY: setup demo test ui bench clean-data
 

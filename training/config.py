@@ -41,6 +41,9 @@ class DataSection(_Strict):
     num_workers: int = 0
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Held-out share, chosen by a hash of the clip id.")
     mask_ratios: dict[str, float] | None = Field(None, description="Frame-mask ratios; None = the reference's.")
+    encoder_cache: str | None = Field(
+        None, description="Folder built by `python -m training.encoder_cache`: train on cached latents/embeddings."
+    )
 
 
 class OptimSection(_Strict):

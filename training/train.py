@@ -227,8 +227,8 @@ def diffusion_loss(scheduler, objective: str, model, enc: dict[str, Any], x_mask
     return scheduler.training_losses(model, x, t, model_kwargs=kwargs, noise=noise, mask=x_mask)["loss"]
 
 
-def bucket_name(batch: dict[str, Any]) -> str:
-    t, h, w = int(batch["num_frames"][0]), int(batch["height"][0]), int(batch["width"][0])
+def bucket_name(model_kwargs: dict[str, Any]) -> str:
+    t, h, w = int(model_kwargs["num_frames"][0]), int(model_kwargs["height"][0]), int(model_kwargs["width"][0])
     return f"{t}x{h}x{w}"
 
 
@@ -243,19 +243,28 @@ class ValidationSet:
         return len(self.batches)
 
 
-def build_validation_set(rows, bucket, frame_interval: int, seed: int, text_encoder, vae, dist: Dist, max_samples: int) -> ValidationSet:
+def build_validation_set(
+    rows, bucket, frame_interval: int, seed: int, text_encoder, vae, dist: Dist, max_samples: int, cache_dir: Path | None = None
+) -> ValidationSet:
+    """Encoded held-out batches (posterior mode: deterministic), from the encoders or from an encoder cache."""
     from training.buckets import VariableVideoBatchSampler
     from training.data import VideoTextDataset, collate
 
     if len(rows) == 0:
         return ValidationSet([])
     sampler = VariableVideoBatchSampler(rows, bucket, frame_interval, num_replicas=1, rank=0, seed=seed, shuffle=False)
-    dataset = VideoTextDataset(rows, frame_interval, seed)
+    if cache_dir is not None:
+        from training.encoder_cache import CachedLatentDataset, cached_batch_to_device, collate_cached
+
+        dataset, collate_fn = CachedLatentDataset(rows, cache_dir), collate_cached
+        encode = lambda b: cached_batch_to_device(b, dist.device)  # noqa: E731
+    else:
+        dataset, collate_fn = VideoTextDataset(rows, frame_interval, seed), collate
+        encode = lambda b: encode_batch(b, text_encoder, vae, dist.device)  # noqa: E731
     batches, seen = [], 0
     for indices in sampler:
-        batch = collate([dataset[i] for i in indices])
-        enc = encode_batch(batch, text_encoder, vae, dist.device)
-        enc["bucket"] = bucket_name(batch)
+        enc = encode(collate_fn([dataset[i] for i in indices]))
+        enc["bucket"] = bucket_name(enc["model_kwargs"])
         batches.append(enc)
         seen += len(indices)
         if seen >= max_samples:
@@ -337,12 +346,28 @@ def train(
         raise ValueError(f"no training sample fits a bucket of preset {cfg.data.bucket_preset!r}:\n{report.to_markdown()}")
     say(f"dataset {dataset_version}: {len(train_rows)} train rows, {len(val_rows)} held out; {report.num_kept} bucketed")
     sampler = VariableVideoBatchSampler(train_rows, bucket, preset.frame_interval, num_replicas=dist.world_size, rank=dist.rank, seed=cfg.seed)
-    train_set = VideoTextDataset(train_rows, preset.frame_interval, cfg.seed)
     mask_generator = MaskGenerator(cfg.data.mask_ratios)
+    cache_dir = Path(cfg.data.encoder_cache) if cfg.data.encoder_cache else None
+    if cache_dir is not None:  # precomputed latents and embeddings: the encoders never load
+        from training.encoder_cache import CacheManifest, CachedLatentDataset, cached_batch_to_device, collate_cached, epochs_needed
+
+        manifest = CacheManifest.load(cache_dir / "train")
+        manifest.check_compatible(
+            seed=cfg.seed, frame_interval=preset.frame_interval, bucket=bucket, model_max_length=cfg.encoders.model_max_length,
+            epochs=epochs_needed(train_rows, bucket, preset.frame_interval, cfg.seed, cfg.steps, dist.world_size),
+        )
+        train_set, collate_fn = CachedLatentDataset(train_rows, cache_dir / "train"), collate_cached
+    else:
+        train_set, collate_fn = VideoTextDataset(train_rows, preset.frame_interval, cfg.seed), collate
 
     # 3. Frozen encoders, model, EMA, optimizer through the booster
-    text_encoder, vae, encoder_paths = load_encoders(cfg, dist.device, outdir)
-    model, model_config = build_model(cfg, text_encoder.output_dim)
+    if cache_dir is not None:
+        text_encoder = vae = None
+        encoder_paths, caption_channels = manifest.encoders, manifest.caption_channels
+    else:
+        text_encoder, vae, encoder_paths = load_encoders(cfg, dist.device, outdir)
+        caption_channels = text_encoder.output_dim
+    model, model_config = build_model(cfg, caption_channels)
     model.to(dist.device)
     ema = copy.deepcopy(model).float().requires_grad_(False).eval()
     booster, model, optimizer, use_zero = build_booster(cfg, dist, model)
@@ -375,7 +400,8 @@ def train(
         for name in ("bucket_report.md", "bucket_report.json", "config.yaml"):
             tracker.log_artifact(outdir / name)
 
-    val = build_validation_set(val_rows, bucket, preset.frame_interval, cfg.seed, text_encoder, vae, dist, cfg.val_max_samples)
+    val = build_validation_set(val_rows, bucket, preset.frame_interval, cfg.seed, text_encoder, vae, dist, cfg.val_max_samples,
+                               cache_dir=cache_dir / "val" if cache_dir is not None else None)
     metrics_path = outdir / "metrics.jsonl"
 
     def validate(at_step: int) -> dict[str, float]:
@@ -412,10 +438,13 @@ def train(
     while step < cfg.steps:
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers)
+        loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_fn, num_workers=cfg.data.num_workers)
         for batch in loader:
             gen = step_generator(cfg.seed, step, dist.rank, dist.device)
-            enc = encode_batch(batch, text_encoder, vae, dist.device, generator=gen)
+            if cache_dir is not None:
+                enc = cached_batch_to_device(batch, dist.device, generator=gen, vae_dtype=manifest.noise_dtype)
+            else:
+                enc = encode_batch(batch, text_encoder, vae, dist.device, generator=gen)
             x_mask = mask_generator.get_masks(enc["x"], generator=gen)
             drop = (torch.rand(enc["x"].shape[0], generator=gen, device=dist.device) < model_config.class_dropout_prob).long()
             with autocast(cfg, dist):
@@ -440,17 +469,17 @@ def train(
                 reduced /= dist.world_size
             window_samples += enc["x"].shape[0] * dist.world_size
             window_tokens += int(enc["x"].shape[0] * enc["x"].shape[2] * math.prod(enc["x"].shape[3:]) / 4) * dist.world_size
-            metrics = {"loss": float(reduced), f"loss/{bucket_name(batch)}": float(loss.detach()), "lr": lr, "epoch": epoch}
+            metrics = {"loss": float(reduced), f"loss/{bucket_name(enc['model_kwargs'])}": float(loss.detach()), "lr": lr, "epoch": epoch}
             if grad_norm is not None:
                 metrics["grad_norm"] = grad_norm
             if dist.is_main:
                 with metrics_path.open("a") as f:
-                    f.write(json.dumps({"step": step, "loss": float(reduced), "rank0_loss": float(loss.detach()), "bucket": bucket_name(batch)}) + "\n")
+                    f.write(json.dumps({"step": step, "loss": float(reduced), "rank0_loss": float(loss.detach()), "bucket": bucket_name(enc["model_kwargs"])}) + "\n")
             if step % cfg.log_every == 0 or step == cfg.steps:
                 elapsed = max(time.monotonic() - last_log, 1e-9)
                 metrics.update({"samples_per_s": window_samples / elapsed, "tokens_per_s": window_tokens / elapsed})
                 last_log, window_samples, window_tokens = time.monotonic(), 0, 0
-                say(f"step {step}/{cfg.steps} loss {float(reduced):.4f} ({bucket_name(batch)})")
+                say(f"step {step}/{cfg.steps} loss {float(reduced):.4f} ({bucket_name(enc['model_kwargs'])})")
                 report_progress(step, cfg.steps, float(reduced))
             tracker.log_metrics(metrics, step)
             final_metrics["loss"] = float(reduced)
