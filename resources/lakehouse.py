@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import time
@@ -184,13 +185,25 @@ class Lakehouse(ConfigurableResource):
                 delay = min(delay * 2, 1.0)
 
     def refresh_catalog(self, extra_views: dict[str, str] | None = None) -> list[str]:
-        """(Re)create one view per lake table, plus ``extra_views`` (name -> SELECT); returns the view names."""
+        """(Re)create one view per lake table, plus named views (name -> SELECT); returns the view names.
+
+        Named views (e.g. ``curated_dataset`` over the newest dataset version) are remembered in
+        ``lake/_views.json`` so that every later refresh keeps them.
+        """
         views = {
             table: f"SELECT * FROM read_parquet('{self.table_dir(table)}/*.parquet', union_by_name = true)"
             for table in self.tables()
         }
-        views.update(extra_views or {})
         with self._catalog_lock():
+            registry = self.lake_dir / "_views.json"
+            named = json.loads(registry.read_text()) if registry.is_file() else {}
+            if extra_views:
+                named.update(extra_views)
+                self.lake_dir.mkdir(parents=True, exist_ok=True)
+                tmp = registry.with_name(f".{registry.name}.{uuid.uuid4().hex}.tmp")
+                tmp.write_text(json.dumps(named, indent=2, sort_keys=True))
+                os.replace(tmp, registry)
+            views.update(named)
             con = self._connect(read_only=False)
             try:
                 existing = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}

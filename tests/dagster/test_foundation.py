@@ -130,3 +130,25 @@ def test_code_location_loads_with_dagster_cli(home):
         cwd=REPO, capture_output=True, text=True, env={**os.environ, "DAGSTER_HOME": str(home)},
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_named_views_survive_later_refreshes(home):
+    lake = Lakehouse(home=str(home))
+    lake.write_partition("things", "b1", pl.DataFrame({"x": [1, 2]}))
+    lake.refresh_catalog(extra_views={"two_things": "SELECT * FROM things WHERE x = 2"})
+    lake.write_partition("things", "b2", pl.DataFrame({"x": [2]}))
+    lake.refresh_catalog()  # another asset's materialization
+    assert lake.query("SELECT count(*) AS n FROM two_things")["n"][0] == 2
+
+
+def test_weekly_retrain_schedule_requests_the_training_job():
+    from dagster import build_schedule_context
+
+    from opensora_dag.definitions import defs
+    from opensora_dag.schedules import weekly_retrain
+
+    assert weekly_retrain.cron_schedule == "0 3 * * 1" and weekly_retrain.job_name == "training_job"
+    requests = list(weekly_retrain.evaluate_tick(build_schedule_context()).run_requests)
+    assert len(requests) == 1
+    job = defs.resolve_job_def("training_job")
+    assert {k.to_user_string() for k in job.asset_layer.selected_asset_keys} == {"trained_model", "model_evaluation"}
