@@ -109,17 +109,27 @@ def load_encoders(cfg: TrainConfig, device: torch.device, workdir: Path):
 
     t5_path, vae_path = cfg.encoders.text_encoder, cfg.encoders.vae
     if cfg.encoders.build_tiny_if_missing:
+        import fcntl
+        import shutil
+
         from models.tiny import build_tiny_t5, build_tiny_vae
 
-        tiny_root = Path(os.environ.get("OPENSORA_HOME", ".opensora")) / "models"
-        if not t5_path:
-            t5_path = str(tiny_root / "tiny-t5")
-            if not (Path(t5_path) / "config.json").is_file():
-                build_tiny_t5(t5_path)
-        if not vae_path:
-            vae_path = str(tiny_root / "tiny-vae")
-            if not (Path(vae_path) / "config.json").is_file():
-                build_tiny_vae(vae_path)
+        tiny_root = Path(os.environ.get("OPENSORA_HOME", ".opensora")).resolve() / "models"
+        tiny_root.mkdir(parents=True, exist_ok=True)
+        # Every rank (and every concurrent run) may get here: one builds under the lock, into a temporary folder
+        # renamed into place, and the others find the finished folder.
+        with open(tiny_root / ".build.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            for name, build, wanted in (("tiny-t5", build_tiny_t5, not t5_path), ("tiny-vae", build_tiny_vae, not vae_path)):
+                target = tiny_root / name
+                if wanted and not (target / "config.json").is_file():
+                    tmp = tiny_root / f".{name}.tmp"
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    build(tmp)
+                    shutil.rmtree(target, ignore_errors=True)
+                    tmp.rename(target)
+        t5_path = t5_path or str(tiny_root / "tiny-t5")
+        vae_path = vae_path or str(tiny_root / "tiny-vae")
     if not t5_path or not vae_path:
         raise ValueError("encoders.text_encoder and encoders.vae must name local folders (T5 and SD-VAE weights)")
     text_encoder = T5TextEncoder(t5_path, model_max_length=cfg.encoders.model_max_length, device=device)
