@@ -667,7 +667,7 @@ def build_training_cache(
     if epochs is None:
         epochs = epochs_needed(train_rows, bucket, preset.frame_interval, cfg.seed, cfg.steps, num_replicas)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    text_encoder, vae, paths = load_encoders(cfg, device, out_dir)
+    text_encoder, vae, paths = load_encoders(cfg, device)
     common = dict(batch_size=cfg.encoders.vae_micro_batch_size, encoder_paths=paths, log=log,
                   num_workers=cfg.data.num_workers if num_workers is None else num_workers)
     log(f"encoder cache for dataset {version}: {len(train_rows)} train rows x {epochs} epochs, {len(val_rows)} held out")

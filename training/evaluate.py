@@ -310,7 +310,7 @@ def validation_loss(checkpoint_dir: str | Path, device: str | torch.device = "cp
     if len(val_rows) == 0:
         return MetricResult(None, f"validation loss skipped: no held-out rows at val_fraction={cfg.data.val_fraction}")
     if text_encoder is None or vae is None:
-        text_encoder, vae, _ = load_encoders(cfg, device, Path(checkpoint_dir))
+        text_encoder, vae, _ = load_encoders(cfg, device)
     preset = load_bucket_preset(cfg.data.bucket_preset)
     dist = Dist(rank=0, world_size=1, local_rank=0, device=device)
     val = build_validation_set(val_rows, Bucket(preset.bucket_config), preset.frame_interval, cfg.seed, text_encoder,

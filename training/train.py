@@ -102,34 +102,48 @@ def resolve_dataset(dataset: str, opensora_home: str | None = None) -> tuple[Pat
     raise FileNotFoundError(f"dataset {dataset!r} is neither a path nor a version under {candidate.parent}")
 
 
-def load_encoders(cfg: TrainConfig, device: torch.device, workdir: Path):
-    """The frozen T5 text encoder and VAE from local folders (tiny random ones only when the demo asks)."""
-    from models.text_encoder import T5TextEncoder
-    from models.vae import VideoAutoencoderKL
+def tiny_encoder_paths(cfg: TrainConfig, build: bool) -> tuple[str | None, str | None]:
+    """Encoder folders; when the config asks for tiny random ones (demo only), ``build`` makes them if missing.
 
+    Building writes into a temporary folder renamed into place, under a file lock, so concurrent runs sharing
+    ``OPENSORA_HOME`` never see half a folder.
+    """
     t5_path, vae_path = cfg.encoders.text_encoder, cfg.encoders.vae
-    if cfg.encoders.build_tiny_if_missing:
+    if not cfg.encoders.build_tiny_if_missing:
+        return t5_path, vae_path
+    tiny_root = Path(os.environ.get("OPENSORA_HOME", ".opensora")).resolve() / "models"
+    if build:
         import fcntl
         import shutil
 
         from models.tiny import build_tiny_t5, build_tiny_vae
 
-        tiny_root = Path(os.environ.get("OPENSORA_HOME", ".opensora")).resolve() / "models"
         tiny_root.mkdir(parents=True, exist_ok=True)
-        # Every rank (and every concurrent run) may get here: one builds under the lock, into a temporary folder
-        # renamed into place, and the others find the finished folder.
-        with open(tiny_root / ".build.lock", "w") as lock:
+        with open(tiny_root / ".build.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            for name, build, wanted in (("tiny-t5", build_tiny_t5, not t5_path), ("tiny-vae", build_tiny_vae, not vae_path)):
+            for name, builder, wanted in (("tiny-t5", build_tiny_t5, not t5_path), ("tiny-vae", build_tiny_vae, not vae_path)):
                 target = tiny_root / name
                 if wanted and not (target / "config.json").is_file():
-                    tmp = tiny_root / f".{name}.tmp"
+                    tmp = tiny_root / f".{name}.{os.getpid()}.tmp"
                     shutil.rmtree(tmp, ignore_errors=True)
-                    build(tmp)
+                    builder(tmp)
                     shutil.rmtree(target, ignore_errors=True)
                     tmp.rename(target)
-        t5_path = t5_path or str(tiny_root / "tiny-t5")
-        vae_path = vae_path or str(tiny_root / "tiny-vae")
+    return t5_path or str(tiny_root / "tiny-t5"), vae_path or str(tiny_root / "tiny-vae")
+
+
+def load_encoders(cfg: TrainConfig, device: torch.device, dist: "Dist | None" = None):
+    """The frozen T5 text encoder and VAE from local folders (tiny random ones only when the demo asks).
+
+    Under torchrun only rank 0 builds missing tiny encoders; the other ranks wait for it at a barrier.
+    """
+    from models.text_encoder import T5TextEncoder
+    from models.vae import VideoAutoencoderKL
+
+    main_rank = dist is None or dist.is_main
+    t5_path, vae_path = tiny_encoder_paths(cfg, build=main_rank)
+    if dist is not None:
+        dist.barrier()
     if not t5_path or not vae_path:
         raise ValueError("encoders.text_encoder and encoders.vae must name local folders (T5 and SD-VAE weights)")
     text_encoder = T5TextEncoder(t5_path, model_max_length=cfg.encoders.model_max_length, device=device)
@@ -375,7 +389,7 @@ def train(
         text_encoder = vae = None
         encoder_paths, caption_channels = manifest.encoders, manifest.caption_channels
     else:
-        text_encoder, vae, encoder_paths = load_encoders(cfg, dist.device, outdir)
+        text_encoder, vae, encoder_paths = load_encoders(cfg, dist.device, dist)
         caption_channels = text_encoder.output_dim
     model, model_config = build_model(cfg, caption_channels)
     model.to(dist.device)
