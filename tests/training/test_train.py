@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from tests.training.conftest import REPO, TINY_OVERRIDES, train_command
 
