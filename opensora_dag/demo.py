@@ -30,7 +30,7 @@ def run_demo(lake: Lakehouse) -> int:
     print(f"\nDemo finished in {time.monotonic() - started:.0f} s. Where to look:")
     print(f"  data root        {lake.root}")
     print(f"  catalog (DuckDB) {lake.catalog_path}   e.g. opensora-dag sql 'SELECT * FROM raw_videos'")
-    for view in lake.tables():
+    for view in lake.query("SELECT view_name FROM duckdb_views() WHERE NOT internal ORDER BY 1")["view_name"]:
         print(f"    view {view}")
     print(f"  media            {lake.media_dir}")
     print(f"  MLflow store     {lake.mlruns_dir}")
