@@ -394,18 +394,20 @@ def build_parser(prog: str = "opensora-dag data") -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+")
     p.add_argument("-o", "--output", required=True)
 
-    p = sub.add_parser("dedupe", help="keep the first row per key")
+    p = sub.add_parser("dedupe", help="keep the first row per key: dedupe INPUT OUTPUT")
     p.add_argument("input")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("output_path", nargs="?", metavar="OUTPUT")
+    p.add_argument("-o", "--output")
     p.add_argument("--subset", nargs="+", default=["path"], metavar="COLUMN", help="key columns (default: path)")
 
     p = sub.add_parser("stats", help="distribution of the Open-Sora numeric columns")
     p.add_argument("input")
     p.add_argument("-o", "--output", help="also write the stats table here (.csv or .parquet)")
 
-    p = sub.add_parser("filter", help="keep rows within the given bounds (inclusive)")
+    p = sub.add_parser("filter", help="keep rows within the given bounds (inclusive): filter INPUT OUTPUT --fmin ...")
     p.add_argument("input")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("output_path", nargs="?", metavar="OUTPUT")
+    p.add_argument("-o", "--output")
     for flag in FILTER_FLAGS:
         p.add_argument(f"--{flag.name}", type=float, default=None, help=flag.help)
     return parser
@@ -466,6 +468,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(args_list)
+        if args.op in ("dedupe", "filter"):  # OUTPUT as the reference's positional argument, or -o OUTPUT
+            if bool(args.output) == bool(args.output_path):
+                parser.error(f"{args.op} needs exactly one output: {args.op} INPUT OUTPUT (or -o OUTPUT)")
+            args.output = args.output or args.output_path
     except SystemExit as exit_:  # argparse exits 2 on usage errors and 0 on --help; return it instead
         return int(exit_.code or 0)
 

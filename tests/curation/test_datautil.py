@@ -256,3 +256,19 @@ def test_main_usage_errors_exit_2(capsys):
     assert datautil.main(["filter", "x.csv", "-o", "y.csv", "--fmin", "many"]) == 2
     assert datautil.main(["--help"]) == 0
     assert "info" in capsys.readouterr().out
+
+
+def test_filter_takes_output_as_positional_argument(tmp_path):
+    """`data filter INPUT OUTPUT --fmin ...`, the reference's form; -o still works; both at once is an error."""
+    import polars as pl
+
+    from curation.datautil import main
+
+    src = tmp_path / "in.csv"
+    pl.DataFrame({"path": ["a", "b", "c"], "text": ["x", "y", "z"], "num_frames": [10, 50, 90]}).write_csv(src)
+    assert main(["filter", str(src), str(tmp_path / "out.parquet"), "--fmin", "40"]) == 0
+    assert pl.read_parquet(tmp_path / "out.parquet")["path"].to_list() == ["b", "c"]
+    assert main(["filter", str(src), "-o", str(tmp_path / "o2.csv"), "--fmax", "50"]) == 0
+    assert pl.read_csv(tmp_path / "o2.csv")["path"].to_list() == ["a", "b"]
+    assert main(["filter", str(src), str(tmp_path / "x.csv"), "-o", str(tmp_path / "y.csv")]) == 2
+    assert main(["dedupe", str(src), str(tmp_path / "d.csv")]) == 0
