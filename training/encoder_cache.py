@@ -260,6 +260,16 @@ def _encoder_path(obj: Any) -> str | None:
     return str(path) if path else None
 
 
+def _swap_into_place(tmp: Path, out_dir: Path) -> Path | None:
+    """Rename ``tmp`` to ``out_dir``; an existing ``out_dir`` is moved aside first and returned for deletion."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    return old
+
+
 def build_encoder_cache(
     rows: pl.DataFrame,
     bucket: Bucket,
@@ -434,10 +444,7 @@ def build_encoder_cache(
         manifest.save(tmp)
 
         # 5. Into place: rename is atomic; an old cache is moved aside first and deleted after.
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            out_dir.rename(old)
-        tmp.rename(out_dir)
+        old = _swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -682,10 +689,7 @@ def build_training_cache(
             "val": build_encoder_cache(val_rows, bucket, preset.frame_interval, cfg.seed, text_encoder, vae, tmp / "val",
                                        epochs=1, **common),
         }
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            out_dir.rename(old)
-        tmp.rename(out_dir)
+        old = _swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
