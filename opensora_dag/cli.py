@@ -15,7 +15,7 @@ from pathlib import Path
 # name -> (module with main(argv), help). Imported only when the subcommand runs.
 DELEGATED = {
     "data": ("curation.datautil", "datautil on DuckDB/Polars: info, merge, dedupe, stats, filter"),
-    "conformance": ("models.conformance", "check an STDiT2 port against golden tensors: conformance DIR [--atol]"),
+    "conformance": ("models.conformance", "check an STDiT2 port against golden tensors: conformance DIR [--atol X] [--simulate-other-cpu SEED]"),
     "buckets": ("training.buckets", "bucket report of a training table: buckets DATASET [--preset stage1]"),
     "train": ("training.train", "train STDiT2: train PRESET --dataset VERSION|PATH [--nproc N] [--steps N] ..."),
     "sample": ("training.sample", "sample videos or images from a checkpoint"),

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from models.attention import reference_softmax_fp32
 from models.conformance import main as conformance_main
 from models.conformance import run_conformance
+from models.float32_islands import island_effects, island_tolerance
 from models.stdit2 import STDiT2, STDiT2Config
 
 SIZES = ("num_frames", "height", "width", "ar", "fps")
@@ -36,54 +37,31 @@ def fixture_a(conformance_dir):
     return d, meta, io, sd
 
 
-@pytest.fixture(scope="module")
-def model64(fixture_a):
-    _, meta, _, sd = fixture_a
-    model = STDiT2(STDiT2Config(**meta["config"])).to(torch.float64).eval()
-    model.load_state_dict(sd)
-    return model
+PURE_FLOAT64 = ("x_embedder", "y_embedder")  # no float32 island upstream: these keep the float64 bound
 
 
-def _hooked_forward(model, io, x_mask):
-    names = ["x_embedder", "pos_embed", "t_embedder", "csize_embedder", "ar_embedder", "fl_embedder",
-             "fps_embedder", "t_block", "t_block_temp", "y_embedder", "final_layer", "blocks.0", "blocks.1"]
-    rec: dict[str, torch.Tensor] = {}
-    handles = []
-    for n in names:
-        def hook(_m, _i, out, n=n):
-            k = sum(key.startswith(n + ".call") for key in rec)
-            rec[f"{n}.call{k}"] = out
-        handles.append(model.get_submodule(n).register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            out = model(io["input.x"], io["input.timestep"], io["input.y"], mask=io["input.mask"], x_mask=x_mask,
-                        output_fp32=False, **{k: io[f"input.{k}"] for k in SIZES})
-    finally:
-        for h in handles:
-            h.remove()
-    return out, rec
+def _module(tensor_name: str) -> str:
+    """'xmask.inter.blocks.1.call0' -> 'blocks.1'."""
+    return tensor_name.removeprefix("xmask.").removeprefix("inter.").rsplit(".call", 1)[0]
 
 
 @pytest.mark.parametrize("with_x_mask", [False, True])
-def test_float64_reproduces_every_output_and_intermediate(fixture_a, model64, with_x_mask):
-    _, _, io, _ = fixture_a
-    out, rec = _hooked_forward(model64, io, io["input.x_mask"] if with_x_mask else None)
+def test_float64_reproduces_every_output_and_intermediate(fixture_a, with_x_mask):
+    d, _, io, _ = fixture_a
+    report = run_conformance(d)
+    assert report.passed, report.format_table()
     prefix = "xmask." if with_x_mask else ""
-    ref_out = io["output.out_xmask_f64" if with_x_mask else "output.out_f64"]
-    assert out.dtype == torch.float64
-    assert (out - ref_out).abs().max().item() <= 1e-12
-    expected = sorted(k[len(prefix) + len("inter."):] for k in io if k.startswith(f"{prefix}inter."))
-    assert expected and set(expected) <= set(rec)
+    out = "out_xmask" if with_x_mask else "out"
+    expected = sorted(k for k in io if k.startswith(f"{prefix}inter."))
+    checked = {r.name: r for r in report.rows}
+    assert expected and set(expected) <= set(checked)
+    assert {f"output.{out}_f64", f"output.{out}"} <= set(checked)
     for name in expected:
-        ref = io[f"{prefix}inter.{name}"]
-        assert rec[name].shape == ref.shape, name
-        assert (rec[name] - ref).abs().max().item() <= 1e-12, name
-    # the public return value is the reference's float32 cast
-    with torch.no_grad():
-        out32 = model64(io["input.x"], io["input.timestep"], io["input.y"], mask=io["input.mask"],
-                        x_mask=io["input.x_mask"] if with_x_mask else None, **{k: io[f"input.{k}"] for k in SIZES})
-    assert out32.dtype == torch.float32
-    assert torch.equal(out32, io["output.out_xmask" if with_x_mask else "output.out"])
+        row = checked[name]
+        if _module(name) in PURE_FLOAT64:
+            assert row.basis == "float64" and row.tol <= 1e-12 * max(1.0, io[name].abs().max().item()), row
+        else:  # downstream of an island: a bound that is honest yet still far below any real bug (see below)
+            assert row.basis.startswith("2x island") and 1e-9 < row.tol < 5e-5, row
 
 
 def test_float32_run_matches_reference_float32_run(fixture_a):
@@ -98,51 +76,122 @@ def test_float32_run_matches_reference_float32_run(fixture_a):
         assert (out - io[key]).abs().max().item() <= 2e-5
 
 
-def test_sampler_and_training_model_calls_of_fixture_d(conformance_dir, model64):
+def test_sampler_and_training_model_calls_of_fixture_d(conformance_dir, fixture_a):
     """CFG batches (2n rows, n-row text mask and size inputs), frame masks and the training ar convention."""
+    _, meta, _, sd = fixture_a
     io = load_file(str(conformance_dir / "iddpm_sample_small" / "io.safetensors"))
     kw = {k: io[f"input.{k}"] for k in SIZES}
+    kw_train = {k: io[f"train.input.{k}"] for k in SIZES}
     y = torch.cat([io["input.text_embeddings"], io["t2v.y_null"]])
-    with torch.no_grad():
-        for run in ("t2v", "cond"):
-            for k in range(5):
-                p = f"{run}.trace.model_call{k}."
-                out = model64(io[p + "x"], io[p + "timestep"], y, mask=io["input.text_mask"],
-                              x_mask=io.get(p + "x_mask"), **kw)
-                assert (out - io[p + "out"]).abs().max().item() <= 1e-6, p
-        kw_train = {k: io[f"train.input.{k}"] for k in SIZES}
-        for trace, x_mask in (("trace", None), ("trace_masked", io["train.input.frame_mask"])):
-            out = model64(io[f"train.{trace}.x_t"], io["train.input.t"], io["train.input.y"],
-                          mask=io["train.input.mask"], x_mask=x_mask, **kw_train)
-            assert (out - io[f"train.{trace}.model_out"]).abs().max().item() <= 1e-6, trace
+
+    def model_calls():
+        model = STDiT2(STDiT2Config(**meta["config"])).to(torch.float64).eval()
+        model.load_state_dict(sd)
+        outs = {}
+        with torch.no_grad():
+            for run in ("t2v", "cond"):
+                for k in range(5):
+                    p = f"{run}.trace.model_call{k}."
+                    outs[p + "out"] = model(io[p + "x"], io[p + "timestep"], y, mask=io["input.text_mask"],
+                                            x_mask=io.get(p + "x_mask"), **kw)
+            for trace, x_mask in (("trace", None), ("trace_masked", io["train.input.frame_mask"])):
+                outs[f"train.{trace}.model_out"] = model(io[f"train.{trace}.x_t"], io["train.input.t"],
+                                                         io["train.input.y"], mask=io["train.input.mask"],
+                                                         x_mask=x_mask, **kw_train)
+        return outs
+
+    ours, effect = island_effects(model_calls)
+    assert len(ours) == 12
+    for name, out in ours.items():
+        ref = io[name]
+        assert out.dtype == ref.dtype == torch.float32
+        tol = island_tolerance(effect[name], ref)
+        assert tol < 1e-3 * max(1.0, ref.abs().max().item()), (name, tol)
+        assert (out - ref).abs().max().item() <= tol, name
 
 
 def test_run_conformance_report(fixture_a):
     d, *_ = fixture_a
-    report = run_conformance(d, atol=1e-12)
+    report = run_conformance(d)
     assert report.passed, report.format_table()
     names = {r.name for r in report.rows}
     assert {"output.out_f64", "output.out_xmask_f64", "inter.blocks.1.call0", "xmask.inter.t_block.call1",
             "output.out_fp32run"} <= names
     assert report.max_abs_diff < 2e-5
+    table = report.format_table()
+    assert "bound from" in table and "float64" in table and "2x island" in table and "float32 run" in table
+
+
+def test_a_simulated_other_cpu_still_passes(fixture_a):
+    """Every float32 island rounded one ulp differently (other seeds than the bounds were measured with)."""
+    d, *_ = fixture_a
+    for seed in (7, 8):
+        report = run_conformance(d, simulate_other_cpu=seed)
+        assert report.passed, report.format_table()
+        # ... and the simulation is real: the pre-issue 1e-12 bound everywhere fails under it, except where no
+        # island reaches (those stay exact)
+        strict = run_conformance(d, atol=1e-12, simulate_other_cpu=seed)
+        failed = {_module(r.name) for r in strict.failures() if "inter." in r.name}
+        assert {"t_embedder", "fps_embedder", "blocks.1"} <= failed, strict.format_table()
+        assert not failed & set(PURE_FLOAT64)
+
+
+def _copy_fixture(src, dst):
+    shutil.copytree(src, dst)
+    os.chmod(dst, 0o755)
+    for f in dst.iterdir():
+        os.chmod(f, 0o644)
+    return dst
+
+
+def _worst_ratio(report) -> float:
+    return max(r.max_abs_diff / r.tol for r in report.rows)
+
+
+def test_real_bugs_fail_by_orders_of_magnitude(fixture_a, tmp_path, monkeypatch):
+    d, *_ = fixture_a
+    import models.stdit2 as stdit2
+
+    # a wrong attention scale (1 %)
+    orig_attention = stdit2.attention
+    with monkeypatch.context() as m:
+        m.setattr(stdit2, "attention", lambda q, k, v, **kw: orig_attention(q, k, v, scale=q.shape[-1] ** -0.5 * 1.01,
+                                                                            **kw))
+        assert _worst_ratio(run_conformance(d)) > 100
+    # a missing text mask
+    orig_forward = stdit2.STDiT2.forward
+    with monkeypatch.context() as m:
+        m.setattr(stdit2.STDiT2, "forward", lambda self, *a, mask=None, **kw: orig_forward(self, *a, mask=None, **kw))
+        assert _worst_ratio(run_conformance(d)) > 100
+    # one constant perturbed: the sinusoid's max_period
+    orig_embedding = stdit2.timestep_embedding
+    with monkeypatch.context() as m:
+        m.setattr(stdit2, "timestep_embedding", lambda t, dim=256, max_period=10000: orig_embedding(t, dim, 10010.0))
+        assert _worst_ratio(run_conformance(d)) > 100
+    # RoPE and QK-norm swapped (the post-v1.1 order)
+    swapped = _copy_fixture(d, tmp_path / "swapped")
+    meta = json.loads((swapped / "meta.json").read_text())
+    meta["config"]["qk_norm_legacy"] = False
+    (swapped / "meta.json").write_text(json.dumps(meta))
+    assert _worst_ratio(run_conformance(swapped)) > 100
+    assert _worst_ratio(run_conformance(d)) < 1
 
 
 def test_conformance_main_passes_and_fails_on_corrupted_copy(fixture_a, tmp_path, capsys):
     d, *_ = fixture_a
     assert conformance_main([str(d)]) == 0
     assert "PASS" in capsys.readouterr().out
+    assert conformance_main([str(d), "--simulate-other-cpu", "3"]) == 0
+    capsys.readouterr()
 
-    bad = tmp_path / "corrupted"
-    shutil.copytree(d, bad)
-    os.chmod(bad, 0o755)
-    for f in bad.iterdir():
-        os.chmod(f, 0o644)
+    bad = _copy_fixture(d, tmp_path / "corrupted")
     sd = load_file(str(bad / "state_dict.safetensors"))
     sd["blocks.1.mlp.fc2.bias"] = sd["blocks.1.mlp.fc2.bias"] + 1e-3  # one weight perturbed
     save_file(sd, str(bad / "state_dict.safetensors"))
     assert conformance_main([str(bad)]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and "inter.blocks.1.call0" in out
+    assert _worst_ratio(run_conformance(bad)) > 30
 
     assert conformance_main([str(tmp_path)]) == 2  # not a fixture directory
 
