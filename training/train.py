@@ -18,19 +18,18 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import os
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from training.config import TRAIN_PRESETS, TrainConfig, load_train_config
+if TYPE_CHECKING:  # the config needs pydantic and PyYAML; the building blocks here need only torch
+    from training.config import TrainConfig
 
 NULL_SEED_OFFSET = 7919  # validation noise: fixed, and different from every training step's seed
 
@@ -251,6 +250,35 @@ def diffusion_loss(scheduler, objective: str, model, enc: dict[str, Any], x_mask
     return scheduler.training_losses(model, x, t, model_kwargs=kwargs, noise=noise, mask=x_mask)["loss"]
 
 
+def train_step(
+    cfg: TrainConfig, dist: Dist, model, booster, optimizer, scheduler, mask_generator, enc: dict[str, Any],
+    gen: torch.Generator, step: int, class_dropout_prob: float, use_zero: bool, ema: torch.nn.Module | None = None,
+) -> tuple[torch.Tensor, float | None, float]:
+    """One optimizer step on an encoded batch: frame masks and caption dropout from ``gen``, the loss under autocast,
+    backward through the booster, clipping (ZeRO clips inside its optimizer), warmup lr, step, EMA.
+
+    Returns (loss, grad norm or None under ZeRO, lr). ``step`` counts the steps already taken.
+    """
+    # MaskGenerator draws on the CPU, which a CUDA generator cannot do: there it gets a CPU one seeded from ``gen``
+    mask_gen = gen if gen.device.type == "cpu" else torch.Generator().manual_seed(gen.initial_seed())
+    x_mask = mask_generator.get_masks(enc["x"], generator=mask_gen)
+    drop = (torch.rand(enc["x"].shape[0], generator=gen, device=dist.device) < class_dropout_prob).long()
+    with autocast(cfg, dist):
+        loss = diffusion_loss(scheduler, cfg.objective, model, enc, x_mask, gen, drop_ids=drop).mean()
+    booster.backward(loss, optimizer)
+    grad_norm = None
+    if not use_zero:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), cfg.optim.grad_clip))
+    lr = cfg.optim.lr * min(1.0, (step + 1) / cfg.optim.warmup_steps) if cfg.optim.warmup_steps else cfg.optim.lr
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad()
+    if ema is not None:
+        update_ema(ema, unwrap(model), cfg.optim.ema_decay)
+    return loss, grad_norm, lr
+
+
 def bucket_name(model_kwargs: dict[str, Any]) -> str:
     t, h, w = int(model_kwargs["num_frames"][0]), int(model_kwargs["height"][0]), int(model_kwargs["width"][0])
     return f"{t}x{h}x{w}"
@@ -348,6 +376,7 @@ def train(
     from training.buckets import Bucket, VariableVideoBatchSampler, bucket_report, load_bucket_preset
     from training.data import VideoTextDataset, collate, load_rows, split_rows
     from training.masks import MaskGenerator
+    from training.throughput import ThroughputWindow, device_peak_tflops
     from training.tracking import RunTracker, default_tracking_uri
 
     # 1. Processes, seeds, output folder
@@ -456,8 +485,9 @@ def train(
         )
 
     # 6. Steps
-    last_log = time.monotonic()
-    window_samples = window_tokens = 0
+    peak_tflops, peak_source = device_peak_tflops(dist.device)
+    say(f"MFU against {peak_tflops} TFLOP/s bf16 ({peak_source})" if peak_tflops else f"MFU not logged: {peak_source}")
+    window = ThroughputWindow(peak_tflops=peak_tflops, num_devices=dist.world_size)
     final_metrics: dict[str, float] = {}
     while step < cfg.steps:
         sampler.set_epoch(epoch)
@@ -469,30 +499,18 @@ def train(
                 enc = cached_batch_to_device(batch, dist.device, generator=gen, vae_dtype=manifest.noise_dtype)
             else:
                 enc = encode_batch(batch, text_encoder, vae, dist.device, generator=gen)
-            x_mask = mask_generator.get_masks(enc["x"], generator=gen)
-            drop = (torch.rand(enc["x"].shape[0], generator=gen, device=dist.device) < model_config.class_dropout_prob).long()
-            with autocast(cfg, dist):
-                loss = diffusion_loss(scheduler, cfg.objective, model, enc, x_mask, gen, drop_ids=drop).mean()
-            booster.backward(loss, optimizer)
-            grad_norm = None
-            if not use_zero:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), cfg.optim.grad_clip))
-            lr = cfg.optim.lr * min(1.0, (step + 1) / cfg.optim.warmup_steps) if cfg.optim.warmup_steps else cfg.optim.lr
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad()
-            update_ema(ema, unwrap(model), cfg.optim.ema_decay)
+            loss, grad_norm, lr = train_step(cfg, dist, model, booster, optimizer, scheduler, mask_generator, enc, gen, step,
+                                             model_config.class_dropout_prob, use_zero, ema)
             step += 1
             epoch_step += 1
 
-            # Metrics: the loss averaged over ranks, per bucket, throughput
+            # Metrics: the loss averaged over ranks, per bucket, throughput (samples, tokens, model FLOPs, MFU)
             reduced = loss.detach().float().clone()
             if dist.world_size > 1:
                 torch.distributed.all_reduce(reduced)
                 reduced /= dist.world_size
-            window_samples += enc["x"].shape[0] * dist.world_size
-            window_tokens += int(enc["x"].shape[0] * enc["x"].shape[2] * math.prod(enc["x"].shape[3:]) / 4) * dist.world_size
+            text_tokens = float(enc["mask"].sum()) / enc["mask"].shape[0] if enc.get("mask") is not None else None
+            window.add(model_config, tuple(enc["x"].shape), text_tokens, replicas=dist.world_size)
             metrics = {"loss": float(reduced), f"loss/{bucket_name(enc['model_kwargs'])}": float(loss.detach()), "lr": lr, "epoch": epoch}
             if grad_norm is not None:
                 metrics["grad_norm"] = grad_norm
@@ -500,9 +518,7 @@ def train(
                 with metrics_path.open("a") as f:
                     f.write(json.dumps({"step": step, "loss": float(reduced), "rank0_loss": float(loss.detach()), "bucket": bucket_name(enc["model_kwargs"])}) + "\n")
             if step % cfg.log_every == 0 or step == cfg.steps:
-                elapsed = max(time.monotonic() - last_log, 1e-9)
-                metrics.update({"samples_per_s": window_samples / elapsed, "tokens_per_s": window_tokens / elapsed})
-                last_log, window_samples, window_tokens = time.monotonic(), 0, 0
+                metrics.update(window.report())
                 say(f"step {step}/{cfg.steps} loss {float(reduced):.4f} ({bucket_name(enc['model_kwargs'])})")
                 report_progress(step, cfg.steps, float(reduced))
             tracker.log_metrics(metrics, step)
@@ -588,6 +604,8 @@ def report_progress(step: int, total: int, loss: float) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from training.config import TRAIN_PRESETS
+
     parser = argparse.ArgumentParser(prog="opensora-dag train", description="Train STDiT2 on a dataset version.")
     parser.add_argument("preset", help=f"training preset ({', '.join(TRAIN_PRESETS)}) or a YAML path")
     parser.add_argument("--dataset", required=True, help="dataset version id (lake/datasets/<id>) or a .parquet/.csv path")
@@ -611,6 +629,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
                "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "training.train", *rest]
         return subprocess.call(cmd)
+
+    from training.config import load_train_config
 
     overrides = list(args.overrides)
     for flag, key in (("steps", "steps"), ("ckpt_every", "ckpt_every"), ("objective", "objective")):

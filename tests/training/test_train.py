@@ -61,7 +61,9 @@ def test_run_is_tracked_in_mlflow(tiny_dataset, tmp_path):
 
     home = tmp_path / "home"
     outdir = tmp_path / "run"
-    out = subprocess.run(train_command(tiny_dataset, outdir, 3, 3), env=run_env(home), cwd=REPO, capture_output=True, text=True)
+    # a peak for the CPU (a recognised GPU has its own) so that MFU is logged as it is on a GPU run
+    env = {**run_env(home), "OPENSORA_PEAK_TFLOPS": "1.0"}
+    out = subprocess.run(train_command(tiny_dataset, outdir, 3, 3), env=env, cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     client = mlflow.MlflowClient(f"sqlite:///{home / 'mlruns' / 'mlflow.db'}")
@@ -71,7 +73,9 @@ def test_run_is_tracked_in_mlflow(tiny_dataset, tmp_path):
     assert "git_commit" in run.data.params
     assert {"loss", "lr", "grad_norm", "val_loss", "val_loss_null_caption"} <= set(run.data.metrics)
     assert any(k.startswith("loss/") for k in run.data.metrics), "loss per bucket"
-    assert {"samples_per_s", "tokens_per_s"} <= set(run.data.metrics)
+    assert {"samples_per_s", "tokens_per_s", "model_tflops_per_s", "mfu"} <= set(run.data.metrics)
+    assert 0 < run.data.metrics["mfu"] < 1 and run.data.metrics["model_tflops_per_s"] > 0
+    assert run.data.metrics["tokens_per_s"] > run.data.metrics["samples_per_s"] > 0
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
