@@ -5,6 +5,7 @@ from dagster import AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeve
 
 from assets.curation import clips
 from assets.scoring import aesthetic_scores, match_scores, motion_scores, ocr_scores
+from resources.batch_keys import batch_key
 from resources.lakehouse import Lakehouse
 
 # Clips are cut to 2..15 s; allow one frame of slack at 30 fps for rounding at the bounds.
@@ -15,7 +16,7 @@ SCORE_RANGES = {"aes": (0.0, 10.0), "flow": (0.0, 576.0), "ocr": (0, 10_000), "m
 
 
 def _clips(context: AssetCheckExecutionContext, lakehouse: Lakehouse) -> pl.DataFrame:
-    return lakehouse.read_partition("clips", context.partition_key)
+    return lakehouse.read_partition("clips", batch_key(context.partition_key))
 
 
 @asset_check(asset=clips, blocking=True, description="Every clip has a path, a file that decodes, and a duration within 2..15 s.")
@@ -41,7 +42,7 @@ def clips_are_valid(context: AssetCheckExecutionContext, lakehouse: Lakehouse) -
 
 
 def _range_check(context: AssetCheckExecutionContext, lakehouse: Lakehouse, table: str, column: str) -> AssetCheckResult:
-    frame = lakehouse.read_partition(table, context.partition_key)
+    frame = lakehouse.read_partition(table, batch_key(context.partition_key))
     low, high = SCORE_RANGES[column]
     values = frame[column].drop_nulls()
     bad = frame.filter(pl.col(column).is_not_null() & ~pl.col(column).is_between(low, high))

@@ -12,6 +12,7 @@ from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataVa
 from pydantic import Field
 
 from opensora_dag.partitions import video_batches
+from resources.batch_keys import batch_key, landing_folder
 from resources.lakehouse import Lakehouse
 from resources.model_store import ModelStore
 
@@ -49,12 +50,19 @@ def quarantine_rows(stage: str, failed: list[tuple[Any, str]], describe: Callabl
     return [{"path": describe(item), "stage": stage, "reason": reason} for item, reason in failed]
 
 
-def write_quarantine(lakehouse: Lakehouse, batch: str, stage: str, rows: Iterable[dict]) -> int:
-    from curation.ingest import QUARANTINE_SCHEMA
+def save_batch(context: AssetExecutionContext, lakehouse: Lakehouse, table: str, batch: str, frame: pl.DataFrame,
+               stage: str | None = None, quarantined: Iterable[dict] = ()) -> dict:
+    """Write a batch's rows of ``table`` and the quarantine records of ``stage`` in ONE lake transaction.
 
-    frame = pl.DataFrame(list(rows), schema=QUARANTINE_SCHEMA)
-    lakehouse.write_partition("quarantine", batch, frame, part=stage)
-    return len(frame)
+    Returns the metadata every asset reports: ``lake_snapshot``, the snapshot that now holds what it wrote."""
+    from curation.ingest import QUARANTINE_SCHEMA
+    from resources.lakehouse import PartitionWrite
+
+    writes = [PartitionWrite(table, batch, frame)]
+    if stage is not None:
+        writes.append(PartitionWrite("quarantine", batch, pl.DataFrame(list(quarantined), schema=QUARANTINE_SCHEMA),
+                                     key={"stage": stage}))
+    return {"lake_snapshot": lakehouse.write_partitions(writes, run_id=context.run.run_id)}
 
 
 # ---- raw_videos ----------------------------------------------------------------------------------------------------
@@ -68,15 +76,15 @@ def write_quarantine(lakehouse: Lakehouse, batch: str, stage: str, rows: Iterabl
 def raw_videos(context: AssetExecutionContext, lakehouse: Lakehouse) -> MaterializeResult:
     from curation.ingest import scan_batch
 
-    batch = context.partition_key
-    scan = scan_batch(lakehouse.batch_dir(batch), progress=context.log.info)
-    lakehouse.write_partition("raw_videos", batch, scan.videos)
-    write_quarantine(lakehouse, batch, "raw_videos", scan.quarantine.iter_rows(named=True))
-    lakehouse.refresh_catalog()
+    batch = batch_key(context.partition_key)  # a key, never a path: refused before any I/O
+    scan = scan_batch(landing_folder(lakehouse, batch), progress=context.log.info)
+    written = save_batch(context, lakehouse, "raw_videos", batch, scan.videos, "raw_videos",
+                         scan.quarantine.iter_rows(named=True))
     for row in scan.quarantine.iter_rows(named=True):
         context.log.warning(f"quarantined {row['path']}: {row['reason']}")
     return MaterializeResult(
         metadata={
+            **written,
             "num_videos": len(scan.videos),
             "num_quarantined": len(scan.quarantine),
             "total_duration_s": float(scan.videos["duration"].sum() or 0.0),
@@ -110,7 +118,7 @@ SCENE_SCHEMA = {"video_id": pl.String, "scene_index": pl.Int64, "start_frame": p
 def scenes(context: AssetExecutionContext, config: ScenesConfig, lakehouse: Lakehouse) -> MaterializeResult:
     from curation.shots import SceneDetectConfig, detect_scenes
 
-    batch = context.partition_key
+    batch = batch_key(context.partition_key)  # a key, never a path: refused before any I/O
     videos = lakehouse.read_partition("raw_videos", batch).to_dicts()
     cfg = SceneDetectConfig(detector=config.detector, adaptive_threshold=config.adaptive_threshold,
                             content_threshold=config.content_threshold, transnet_threshold=config.transnet_threshold)
@@ -124,10 +132,9 @@ def scenes(context: AssetExecutionContext, config: ScenesConfig, lakehouse: Lake
         for v, found in done for k, s in enumerate(found)
     ]
     frame = pl.DataFrame(rows, schema=SCENE_SCHEMA)
-    lakehouse.write_partition("scenes", batch, frame)
-    write_quarantine(lakehouse, batch, "scenes", quarantined)
-    lakehouse.refresh_catalog()
+    written = save_batch(context, lakehouse, "scenes", batch, frame, "scenes", quarantined)
     return MaterializeResult(metadata={
+        **written,
         "num_scenes": len(frame), "num_videos": len(done), "num_quarantined": len(quarantined),
         "detector": config.detector, "preview": markdown_table(frame),
     })
@@ -149,21 +156,22 @@ class ClipsConfig(Config):
     group_name="curation",
     code_version="1",
     kinds={"ffmpeg", "parquet"},
-    description="Scenes cut to H.264 clips under media/clips/<batch>/, with the frames each scorer needs kept aside.",
+    description="Scenes cut to H.264 clips under media/clips/ (immutable, named by content), with the frames each "
+    "scorer needs kept aside.",
 )
 def clips(context: AssetExecutionContext, config: ClipsConfig, lakehouse: Lakehouse) -> MaterializeResult:
-    import shutil
-
     from curation.cutting import CutConfig, cut_clips
     from curation.shots import Scene
 
-    batch = context.partition_key
+    batch = batch_key(context.partition_key)  # a key, never a path: refused before any I/O
     videos = lakehouse.read_partition("raw_videos", batch)
     scene_rows = lakehouse.read_partition("scenes", batch)
     cfg = CutConfig(min_seconds=config.min_seconds, max_seconds=config.max_seconds, target_fps=config.target_fps,
                     short_side=config.short_side, crf=config.crf, preset=config.preset)
-    clip_dir = lakehouse.media_dir / "clips" / batch
-    frames_dir = lakehouse.media_dir / "frames" / batch
+    # Immutable media named by content (source hash, frame range, encode settings): never overwritten or deleted
+    # by a materialization, so a dataset version built earlier keeps decoding; `opensora-dag lake gc` reclaims.
+    clip_dir = lakehouse.media_dir / "clips"
+    frames_dir = lakehouse.media_dir / "frames"
 
     def cut(video: dict):
         own = scene_rows.filter(pl.col("video_id") == video["id"]).sort("scene_index")
@@ -178,17 +186,10 @@ def clips(context: AssetExecutionContext, config: ClipsConfig, lakehouse: Lakeho
     dropped = [{"video_id": v["id"], "start_frame": d.start_frame, "end_frame": d.end_frame, "reason": d.reason}
                for v, result in done for d in result.dropped]
     frame = pl.DataFrame(rows) if rows else pl.DataFrame(schema={"id": pl.String, "path": pl.String, "num_frames": pl.Int64})
-    lakehouse.write_partition("clips", batch, frame)
-    write_quarantine(lakehouse, batch, "clips", quarantined)
-    # A re-run replaces the batch: remove clips and kept frames that the new cut no longer produces.
-    keep = set(frame["id"].to_list()) if "id" in frame.columns else set()
-    for stale in [p for p in clip_dir.glob("*.mp4") if p.stem not in keep] if clip_dir.is_dir() else []:
-        stale.unlink()
-    for stale in [p for p in frames_dir.iterdir() if p.is_dir() and p.name not in keep] if frames_dir.is_dir() else []:
-        shutil.rmtree(stale)
-    lakehouse.refresh_catalog()
+    written = save_batch(context, lakehouse, "clips", batch, frame, "clips", quarantined)
     seconds = float(frame["num_frames"].sum() / config.target_fps) if len(frame) else 0.0
     return MaterializeResult(metadata={
+        **written,
         "num_clips": len(frame), "clip_seconds": seconds, "scenes_dropped": len(dropped),
         "num_quarantined": len(quarantined), "clip_dir": MetadataValue.path(str(clip_dir)),
         "dropped_scenes": markdown_table(pl.DataFrame(dropped) if dropped else pl.DataFrame()),
@@ -209,7 +210,7 @@ def captions(context: AssetExecutionContext, lakehouse: Lakehouse, model_store: 
     from curation.captions import caption_clips, caption_counts, caption_table
     from curation.cutting import load_kept_frames
 
-    batch = context.partition_key
+    batch = batch_key(context.partition_key)  # a key, never a path: refused before any I/O
     clip_rows = lakehouse.read_partition("clips", batch)
     videos = lakehouse.read_partition("raw_videos", batch).select(pl.col("id").alias("video_id"), pl.col("path").alias("video_path"))
     rows = clip_rows.join(videos, on="video_id", how="left").to_dicts() if len(clip_rows) else []
@@ -218,15 +219,14 @@ def captions(context: AssetExecutionContext, lakehouse: Lakehouse, model_store: 
         from models.scorers.captioner import VLMCaptioner
 
         captioner = VLMCaptioner(model_store.captioner, batch_size=model_store.captioner_batch_size, device=model_store.device)
-    result = caption_clips(rows, lakehouse.batch_dir(batch), captioner=captioner,
+    result = caption_clips(rows, landing_folder(lakehouse, batch), captioner=captioner,
                            frames_loader=lambda r: load_kept_frames(r["frames_dir"], "caption"), progress=context.log.info)
     frame = caption_table(result)
-    lakehouse.write_partition("captions", batch, frame)
-    lakehouse.refresh_catalog()
+    written = save_batch(context, lakehouse, "captions", batch, frame)
     counts = caption_counts(result)
     if not model_store.captioner:
         context.log.info("no captioner model configured: clips without sidecar captions stay uncaptioned")
-    return MaterializeResult(metadata={**{k: v for k, v in counts.items()}, "captioner": model_store.captioner or "none",
+    return MaterializeResult(metadata={**written, **counts, "captioner": model_store.captioner or "none",
                                        "preview": markdown_table(frame.select("id", "text", "source", "reason"))})
 
 

@@ -1,6 +1,5 @@
 """The curated dataset: every batch's clips joined with scores and captions, filtered, frozen as a version."""
 
-import hashlib
 import json
 
 from dagster import AssetExecutionContext, Config, DataVersion, MaterializeResult, MetadataValue, asset
@@ -39,15 +38,6 @@ class CuratedDatasetConfig(Config):
         return FilterSpec(**{**base, **fields})
 
 
-def table_data_version(lakehouse: Lakehouse, table: str) -> str:
-    """A digest of every partition file of ``table``: changes exactly when its content changes."""
-    digest = hashlib.blake2b(digest_size=8)
-    for path in sorted(lakehouse.table_dir(table).glob("*.parquet")) if lakehouse.table_dir(table).is_dir() else []:
-        digest.update(path.name.encode())
-        digest.update(hashlib.blake2b(path.read_bytes(), digest_size=16).digest())
-    return digest.hexdigest()
-
-
 @asset(
     deps=[clips, captions, *SCORE_ASSETS],
     group_name="curation",
@@ -60,11 +50,9 @@ def curated_dataset(context: AssetExecutionContext, config: CuratedDatasetConfig
     from curation.datasets import build_dataset, histograms
 
     spec = config.spec()
-    tables = {name: lakehouse.read_table(name) for name in INPUT_TABLES}
-    versions = {name: table_data_version(lakehouse, name) for name in INPUT_TABLES}
-    built = build_dataset(tables, spec, versions, lakehouse.lake_dir / "datasets")
-    view = f"SELECT * FROM read_parquet('{built.data_path}')"
-    lakehouse.refresh_catalog(extra_views={"curated_dataset": view})
+    read = lakehouse.read_at_one_snapshot(list(INPUT_TABLES))  # what was read and what names it: one snapshot
+    built = build_dataset(read.frames, spec, read.versions, lakehouse.lake_dir / "datasets", lake_snapshot=read.snapshot)
+    snapshot = record_dataset_version(lakehouse, built, run_id=context.run.run_id)
 
     import polars as pl
 
@@ -77,6 +65,8 @@ def curated_dataset(context: AssetExecutionContext, config: CuratedDatasetConfig
         data_version=DataVersion(built.version),
         metadata={
             "version": built.version,
+            "lake_snapshot": snapshot,
+            "pinned_snapshot": built.lake_snapshot,
             "num_rows": built.num_rows,
             "num_clips": built.num_clips,
             "path": MetadataValue.path(str(built.path)),
@@ -89,6 +79,21 @@ def curated_dataset(context: AssetExecutionContext, config: CuratedDatasetConfig
             "preview": markdown_table(data.select([c for c in ("path", "text", "num_frames", "aes", "flow", "ocr", "match") if c in data.columns])),
         },
     )
+
+
+def record_dataset_version(lakehouse: Lakehouse, built, run_id: str | None = None) -> int:
+    """Record the version in the lake (``dataset_versions``: what it pins, for gc) and point the
+    ``curated_dataset`` view at it; returns the snapshot."""
+    import polars as pl
+
+    from resources.lakehouse import sql_string
+
+    row = pl.DataFrame([{"version": built.version, "lake_snapshot": built.lake_snapshot, "path": str(built.path),
+                         "num_rows": built.num_rows, "created_at": built.created_at, "retired": False}],
+                       schema_overrides={"lake_snapshot": pl.Int64})
+    snapshot = lakehouse.write_partition("dataset_versions", None, row, key={"version": built.version}, run_id=run_id)
+    lakehouse.refresh_catalog(extra_views={"curated_dataset": f"SELECT * FROM read_parquet({sql_string(built.data_path)})"})
+    return snapshot
 
 
 def histogram_markdown(hist: dict) -> str:

@@ -107,18 +107,16 @@ def evaluation_row(report, run_id: str | None, decision, best_before: float | No
     }
 
 
-def write_evaluation_row(lakehouse: Lakehouse, row: dict) -> pl.DataFrame:
-    """Replace this (checkpoint, prompt set)'s row of the unpartitioned table, keep every other checkpoint's."""
+def write_evaluation_row(lakehouse: Lakehouse, row: dict, run_id: str | None = None) -> tuple[int, int]:
+    """Replace this (checkpoint, prompt set)'s row, in one transaction that touches no other checkpoint's row (two
+    evaluations finishing together both keep theirs). Returns (lake snapshot, number of evaluation rows)."""
     new = pl.DataFrame([row], schema_overrides={"val_loss": pl.Float64, "clip_score": pl.Float64, "aesthetic": pl.Float64,
                                                 "motion": pl.Float64, "temporal_flicker": pl.Float64,
                                                 "best_val_loss_before": pl.Float64, "registered_version": pl.String,
                                                 "mlflow_run_id": pl.String, "dataset_version": pl.String})
-    if lakehouse.has_partition(EVALUATIONS_TABLE, None):
-        old = lakehouse.read_partition(EVALUATIONS_TABLE, None)
-        old = old.filter(~((pl.col("checkpoint") == row["checkpoint"]) & (pl.col("prompt_set") == row["prompt_set"])))
-        new = pl.concat([old, new], how="diagonal_relaxed").sort("evaluated_at")
-    lakehouse.write_partition(EVALUATIONS_TABLE, None, new)
-    return new
+    snapshot = lakehouse.write_partition(EVALUATIONS_TABLE, None, new, run_id=run_id,
+                                         key={"checkpoint": row["checkpoint"], "prompt_set": row["prompt_set"]})
+    return snapshot, len(lakehouse.read_table(EVALUATIONS_TABLE, snapshot=snapshot))
 
 
 @asset(
@@ -177,15 +175,15 @@ def model_evaluation(
     logged_run = ev.log_to_mlflow(report, uri, run_id=report.mlflow_run_id)
 
     # 4. One row per (checkpoint, prompt set) in the evaluations table
-    table = write_evaluation_row(lakehouse, evaluation_row(report, logged_run, decision, best_before))
-    lakehouse.refresh_catalog()
+    snapshot, num_evaluations = write_evaluation_row(lakehouse, evaluation_row(report, logged_run, decision, best_before),
+                                                     run_id=context.run.run_id)
 
     # 5. Metadata: numbers, reasons, previews
     metadata: dict = {
         "checkpoint": MetadataValue.path(report.checkpoint), "step": report.step, "prompt_set": report.prompt_set,
         "scheduler": f"{report.settings['scheduler']} x {report.settings['steps']} steps",
         "mlflow_run_id": logged_run, "registry": decision.reason, "is_best": decision.is_best,
-        "not_worse_than_best": passed, "num_evaluations": len(table),
+        "not_worse_than_best": passed, "num_evaluations": num_evaluations, "lake_snapshot": snapshot,
         "report": MetadataValue.path(str(Path(report.out_dir) / "report.json")),
         "metrics": MetadataValue.json(report.metrics),
         "skipped": MetadataValue.md("\n".join(f"- **{k}**: {v}" for k, v in sorted(report.skipped.items())) or "none"),

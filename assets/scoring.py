@@ -8,8 +8,9 @@ weights are not on local disk writes nulls with the reason (never numbers from r
 import polars as pl
 from dagster import AssetExecutionContext, MaterializeResult, asset
 
-from assets.curation import captions, clips, markdown_table, quarantine_rows, run_isolated, write_quarantine
+from assets.curation import captions, clips, markdown_table, quarantine_rows, run_isolated, save_batch
 from opensora_dag.partitions import video_batches
+from resources.batch_keys import batch_key
 from resources.lakehouse import Lakehouse
 from resources.model_store import ModelStore
 
@@ -33,11 +34,8 @@ def summary(frame: pl.DataFrame, column: str) -> dict:
 
 
 def finish(context, lakehouse: Lakehouse, table: str, frame: pl.DataFrame, column: str, quarantined: list[dict]) -> MaterializeResult:
-    batch = context.partition_key
-    lakehouse.write_partition(table, batch, frame)
-    write_quarantine(lakehouse, batch, table, quarantined)
-    lakehouse.refresh_catalog()
-    return MaterializeResult(metadata={**summary(frame, column), "preview": markdown_table(frame)})
+    written = save_batch(context, lakehouse, table, batch_key(context.partition_key), frame, table, quarantined)
+    return MaterializeResult(metadata={**written, **summary(frame, column), "preview": markdown_table(frame)})
 
 
 def scored(context, stage: str, rows: list[dict], work) -> tuple[dict, list[dict], dict]:
@@ -54,7 +52,7 @@ def motion_scores(context: AssetExecutionContext, lakehouse: Lakehouse, model_st
     from curation.cutting import load_kept_frames
     from models.scorers.motion import motion_score
 
-    rows = lakehouse.read_partition("clips", context.partition_key).to_dicts()
+    rows = lakehouse.read_partition("clips", batch_key(context.partition_key)).to_dicts()
     values, quarantined, reasons = scored(context, "motion_scores", rows,
                                           lambda r: motion_score(load_kept_frames(r["frames_dir"], "flow"), backend=model_store.flow_backend))
     frame = score_table([r["id"] for r in rows], "flow", values, reasons, pl.Float64)
@@ -68,7 +66,7 @@ def ocr_scores(context: AssetExecutionContext, lakehouse: Lakehouse, model_store
     from models.scorers import WeightsUnavailable
     from models.scorers.ocr import OcrScorer
 
-    rows = lakehouse.read_partition("clips", context.partition_key).to_dicts()
+    rows = lakehouse.read_partition("clips", batch_key(context.partition_key)).to_dicts()
     ids = [r["id"] for r in rows]
     try:
         scorer = OcrScorer(backend=model_store.ocr_backend, paddle_det_dir=model_store.paddle_det_dir, paddle_rec_dir=model_store.paddle_rec_dir)
@@ -92,7 +90,7 @@ def aesthetic_scores(context: AssetExecutionContext, lakehouse: Lakehouse, model
     from models.scorers import WeightsUnavailable
     from models.scorers.aesthetic import AestheticScorer
 
-    rows = lakehouse.read_partition("clips", context.partition_key).to_dicts()
+    rows = lakehouse.read_partition("clips", batch_key(context.partition_key)).to_dicts()
     ids = [r["id"] for r in rows]
     try:
         scorer = AestheticScorer(model_store.clip_checkpoint, model_store.aesthetic_mlp, device=model_store.device,
@@ -112,7 +110,7 @@ def match_scores(context: AssetExecutionContext, lakehouse: Lakehouse, model_sto
     from models.scorers import WeightsUnavailable
     from models.scorers.clip_match import ClipMatchScorer
 
-    batch = context.partition_key
+    batch = batch_key(context.partition_key)
     rows = lakehouse.read_partition("clips", batch).join(
         lakehouse.read_partition("captions", batch).select("id", "text"), on="id", how="left").to_dicts()
     ids = [r["id"] for r in rows]

@@ -321,28 +321,35 @@ def cut_clips(
     scaler = VideoReformatter()
     scaler_threads = 1 if out_w * out_h <= 640 * 360 else 0
 
-    def finish(clip: _OpenClip) -> None:
-        num_frames = clip.finish()
-        plan = clip.plan
-        result.clips.append(
-            ClipResult(
-                path=str(out_dir / f"{plan.clip_id}.mp4"),
-                id=plan.clip_id,
-                num_frames=num_frames,
-                fps=float(rate),
-                height=out_h,
-                width=out_w,
-                aspect_ratio=out_h / out_w,
-                resolution=out_h * out_w,
-                video_id=video_id,
-                scene_index=plan.scene_index,
-                start_frame=plan.start_frame,
-                end_frame=plan.end_frame,
-                start_s=plan.start_s,
-                end_s=plan.end_s,
-                frames_dir=str(frames_root / plan.clip_id),
-            )
+    def clip_result(plan: ClipPlan, num_frames: int) -> ClipResult:
+        return ClipResult(
+            path=str(out_dir / f"{plan.clip_id}.mp4"),
+            id=plan.clip_id,
+            num_frames=num_frames,
+            fps=float(rate),
+            height=out_h,
+            width=out_w,
+            aspect_ratio=out_h / out_w,
+            resolution=out_h * out_w,
+            video_id=video_id,
+            scene_index=plan.scene_index,
+            start_frame=plan.start_frame,
+            end_frame=plan.end_frame,
+            start_s=plan.start_s,
+            end_s=plan.end_s,
+            frames_dir=str(frames_root / plan.clip_id),
         )
+
+    def finish(clip: _OpenClip) -> None:
+        result.clips.append(clip_result(clip.plan, clip.finish()))
+
+    # Clips are immutable media named by source, frame range and encode settings: one written earlier (by any run)
+    # is reused as it is, never re-encoded over.
+    for plan in [p for p in plans if _already_cut(out_dir, frames_root, p)]:
+        result.clips.append(clip_result(plan, plan.num_frames))
+    plans = [p for p in plans if not _already_cut(out_dir, frames_root, p)]
+    if not plans:
+        return result
 
     pending = iter(plans)
     plan: ClipPlan | None = next(pending)
@@ -374,12 +381,17 @@ def cut_clips(
         if clip is not None:
             clip.abort(err)
         raise
+    result.clips.sort(key=lambda c: c.start_frame)
     written = {c.id for c in result.clips}
     for missing in (p for p in plans if p.clip_id not in written):
         reason = f"source ended at frame {result.frames_decoded}, inside or before the scene"
         result.dropped.append(DroppedScene(missing.scene_index, missing.start_frame, missing.end_frame, reason))
     result.dropped.sort(key=lambda d: d.start_frame)
     return result
+
+
+def _already_cut(out_dir: Path, frames_root: Path, plan: ClipPlan) -> bool:
+    return (out_dir / f"{plan.clip_id}.mp4").is_file() and (frames_root / plan.clip_id / MANIFEST).is_file()
 
 
 class _SourceEnded(Exception):

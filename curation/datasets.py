@@ -160,6 +160,7 @@ class DatasetVersion(BaseModel):
     drop_counts: dict[str, int]  # DROP_ORDER keys that were checked, in that order
     skipped: list[SkippedCriterion]
     created_at: str
+    lake_snapshot: int | None = None  # the lake snapshot every input table was read from
     reused: bool = False
 
     @property
@@ -207,6 +208,7 @@ def load_version(out_root: str | os.PathLike, version: str) -> DatasetVersion:
         drop_counts=manifest["drop_counts"],
         skipped=[SkippedCriterion(**s) for s in manifest["skipped"]],
         created_at=manifest["created_at"],
+        lake_snapshot=manifest.get("lake_snapshot"),
     )
 
 
@@ -342,6 +344,7 @@ def build_dataset(
     spec: FilterSpec,
     input_versions: Mapping[str, str],
     out_root: str | os.PathLike,
+    lake_snapshot: int | None = None,
 ) -> DatasetVersion:
     """Build (or reuse) the dataset version for ``spec`` over the given tables; see the module docstring.
 
@@ -349,6 +352,7 @@ def build_dataset(
     ``motion_scores``, ``ocr_scores``, ``captions``, ``match_scores`` (e.g. the lakehouse catalog), or a dict of
     those names to Polars frames (missing names and column-less frames are treated as absent tables).
     ``input_versions``: table name -> data version of what was read; it names the version with the spec.
+    ``lake_snapshot``: the snapshot the tables were read from, recorded in the manifest (the version pins it).
     """
     version = dataset_version(spec, input_versions)
     root = Path(out_root)
@@ -436,6 +440,7 @@ def build_dataset(
                 "skipped": [s.model_dump() for s in skipped],
                 "columns": list(CSV_COLUMNS),
                 "created_at": created_at,
+                "lake_snapshot": lake_snapshot,
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
             try:

@@ -29,20 +29,46 @@ def _lakehouse(args):
     return Lakehouse(home=args.home) if args.home else Lakehouse()
 
 
+def _refuse(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def cmd_ingest(args) -> int:
-    from resources.lakehouse import sanitize_partition_key
+    from resources.batch_keys import InvalidBatchKey, key_for_folder, read_landing_map, register_landing_folder, validate_batch_key
 
     from opensora_dag.instance import get_instance
     from opensora_dag.partitions import video_batches
 
+    if args.batch is not None:  # a key given on the command line is a name, never a path: checked before anything
+        try:
+            validate_batch_key(args.batch)
+        except InvalidBatchKey as err:
+            return _refuse(str(err))
     source = Path(args.path).expanduser().resolve()
     if not source.is_dir():
-        print(f"error: {source} is not a folder of videos", file=sys.stderr)
-        return 2
+        return _refuse(f"{source} is not a folder of videos")
     lake = _lakehouse(args)
+    landing = lake.landing_dir.resolve()
+    if source == landing or source in landing.parents:
+        return _refuse(f"{source} holds the landing folder {landing}; ingest one of its sub-folders instead")
+    mapping = read_landing_map(lake)
+    try:
+        if args.batch is not None:
+            # An existing batch keeps its folder; a new one gets landing/<key>/.
+            batch, folder = args.batch, mapping.get(args.batch, args.batch)
+            owner = key_for_folder(folder, mapping)
+            if owner != batch:
+                return _refuse(f"landing folder {folder!r} is already batch {owner!r}; use --batch {owner}")
+        else:  # landing/<folder name>/ (the source itself when it is already there), mapped as the sensor maps it
+            folder = source.name
+            batch = key_for_folder(folder, mapping)
+    except InvalidBatchKey as err:
+        return _refuse(str(err))
     lake.ensure_layout()
-    batch = sanitize_partition_key(args.batch or source.name)
-    target = lake.batch_dir(batch)
+    target = landing / folder
+    if target.resolve().parent != landing:
+        return _refuse(f"landing folder {target} resolves outside {landing}; refusing to write there")
     if target.resolve() != source:
         target.mkdir(parents=True, exist_ok=True)
         for item in sorted(source.rglob("*")):
@@ -56,6 +82,9 @@ def cmd_ingest(args) -> int:
                 dest.symlink_to(item)
             else:
                 shutil.copy2(item, dest)
+    registered = register_landing_folder(lake, folder)
+    if registered != batch:  # another registration won the race for this folder
+        return _refuse(f"landing folder {folder!r} was registered as batch {registered!r} meanwhile")
     instance = get_instance(lake.root)
     if batch not in instance.get_dynamic_partitions(video_batches.name):
         instance.add_dynamic_partitions(video_batches.name, [batch])
@@ -64,8 +93,15 @@ def cmd_ingest(args) -> int:
 
 
 def cmd_materialize(args) -> int:
+    from resources.batch_keys import InvalidBatchKey, validate_batch_key
+
     from opensora_dag.instance import get_instance, materialize_selection
 
+    if args.batch is not None:  # checked before the instance, the lake or any asset is touched
+        try:
+            validate_batch_key(args.batch)
+        except InvalidBatchKey as err:
+            return _refuse(str(err))
     lake = _lakehouse(args)
     lake.ensure_layout()
     instance = get_instance(lake.root)
@@ -81,18 +117,57 @@ def cmd_materialize(args) -> int:
     return 0 if all(o.success for o in outcomes) else 1
 
 
+def print_frame(frame, fmt: str, max_rows: int) -> None:
+    """table (at most max_rows shown), csv (one header line, every row) or json (one array of objects)."""
+    import polars as pl
+
+    if fmt == "csv":
+        sys.stdout.write(frame.write_csv())
+    elif fmt == "json":
+        sys.stdout.write(frame.write_json() + "\n")
+    else:
+        with pl.Config(tbl_rows=max_rows, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200):
+            print(frame)
+
+
 def cmd_sql(args) -> int:
     import duckdb
-    import polars as pl
+
+    from resources.lakehouse import LakeError, QueryRefused
 
     lake = _lakehouse(args)
     try:
-        frame = lake.query(args.query)
-    except (FileNotFoundError, duckdb.Error) as err:
+        frame = lake.query(args.query, snapshot=args.snapshot)
+    except QueryRefused as err:
+        print(f"refused: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, LakeError, duckdb.Error) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    with pl.Config(tbl_rows=args.max_rows, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200):
-        print(frame)
+    print_frame(frame, args.format, args.max_rows)
+    return 0
+
+
+def cmd_lake(args) -> int:
+    from resources import lake_maintenance as maintenance
+    from resources.lakehouse import LakeError
+
+    lake = _lakehouse(args)
+    try:
+        if args.lake_command == "snapshots":
+            print_frame(lake.snapshots(), args.format, args.max_rows)
+        elif args.lake_command == "gc":
+            report = maintenance.gc(lake, maintenance.parse_duration(args.older_than), dry_run=args.dry_run)
+            print(report.summary())
+        elif args.lake_command == "retire":
+            maintenance.retire(lake, args.version)
+            print(f"dataset version {args.version} retired: the next gc may expire the snapshot it pinned")
+        elif args.lake_command == "import":
+            report = maintenance.import_legacy(lake, Path(args.old_home))
+            print(report.summary())
+    except (LakeError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -109,19 +184,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ingest", help="copy (or link) a folder of videos into landing/NAME and register the partition")
     p.add_argument("path")
-    p.add_argument("--batch", help="partition name (default: the folder's name, sanitised)")
+    p.add_argument("--batch", help="batch key: letters, digits, _ . - (default: derived from the folder's name, as the landing sensor does)")
     p.add_argument("--link", action="store_true", help="symlink the files instead of copying them")
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("materialize", help="run assets in-process against the project's Dagster instance")
     p.add_argument("--select", default="*", help="Dagster selection, e.g. 'group:curation' or 'raw_videos+' (default: all)")
-    p.add_argument("--batch", help="video_batches partition (default: every registered batch)")
+    p.add_argument("--batch", help="video_batches partition key (default: every registered batch)")
     p.set_defaults(func=cmd_materialize)
 
-    p = sub.add_parser("sql", help="read-only SQL over catalog.duckdb")
+    formats = argparse.ArgumentParser(add_help=False)
+    formats.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    formats.add_argument("--max-rows", type=int, default=50, help="rows shown by --format table (csv/json: all)")
+
+    p = sub.add_parser("sql", parents=[formats], help="one read-only SELECT over the lake (tables by asset name)")
     p.add_argument("query")
-    p.add_argument("--max-rows", type=int, default=50)
+    p.add_argument("--snapshot", type=int, help="read the lake as of this snapshot (see: lake snapshots)")
     p.set_defaults(func=cmd_sql)
+
+    lake = sub.add_parser("lake", help="lake maintenance: snapshots, gc, retire, import")
+    lake_sub = lake.add_subparsers(dest="lake_command", required=True)
+    lake_sub.add_parser("snapshots", parents=[formats], help="snapshot_id,time,table,batch,run_id of every write")
+    p = lake_sub.add_parser("gc", help="expire old snapshots and delete files and media no snapshot references")
+    p.add_argument("--older-than", required=True, help="age such as 7d, 12h, 30m, 0s")
+    p.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
+    p = lake_sub.add_parser("retire", help="give up a dataset version (gc may then expire its pinned snapshot)")
+    p.add_argument("version")
+    p = lake_sub.add_parser("import", help="copy (never move) a lake written by the previous layout into the catalog")
+    p.add_argument("old_home")
+    lake.set_defaults(func=cmd_lake)
 
     p = sub.add_parser("demo", help="seed landing/sample and run the whole graph on the embedded default")
     p.set_defaults(func=cmd_demo)

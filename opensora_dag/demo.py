@@ -28,10 +28,12 @@ def run_demo(lake: Lakehouse) -> int:
         print(f"{'ok    ' if o.success else 'FAILED'} {where}: {', '.join(o.asset_keys)}")
 
     print(f"\nDemo finished in {time.monotonic() - started:.0f} s. Where to look:")
-    print(f"  data root        {lake.root}")
-    print(f"  catalog (DuckDB) {lake.catalog_path}   e.g. opensora-dag sql 'SELECT * FROM raw_videos'")
-    for view in lake.query("SELECT view_name FROM duckdb_views() WHERE NOT internal ORDER BY 1")["view_name"]:
-        print(f"    view {view}")
+    loc = lake.location
+    print(f"  local home       {lake.root}")
+    print(f"  lake catalog     {loc.catalog.split(' password')[0]}   (DuckLake; data under {loc.lake_data})")
+    print("    e.g. opensora-dag sql 'SELECT * FROM raw_videos'   ·   opensora-dag lake snapshots")
+    print(f"    tables: {', '.join(lake.tables())}")
+    print(f"    views:  {', '.join(lake.refresh_catalog())}")
     print(f"  media            {lake.media_dir}")
     print(f"  MLflow store     {lake.mlruns_dir}")
     print("  Dagster UI       make ui   (http://127.0.0.1:3000)")

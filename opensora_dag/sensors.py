@@ -10,14 +10,18 @@ from dagster import RunRequest, SensorEvaluationContext, SensorResult, SkipReaso
 
 from opensora_dag.jobs import curation_job
 from opensora_dag.partitions import video_batches
-from resources.lakehouse import Lakehouse, sanitize_partition_key
+from resources.batch_keys import is_valid_batch_key, read_landing_map, register_landing_folder
+from resources.lakehouse import Lakehouse
 
 # A folder still being copied into landing/ is left for a later tick.
 SETTLE_SECONDS = float(os.environ.get("OPENSORA_LANDING_SETTLE_SECONDS", "5"))
 
 
 def settled_batches(landing_dir: Path, settle_seconds: float = SETTLE_SECONDS) -> dict[str, Path]:
-    """Non-empty sub-folders of ``landing_dir`` whose files have not changed for ``settle_seconds``."""
+    """Non-empty sub-folders of ``landing_dir`` whose files have not changed for ``settle_seconds``, by folder name.
+
+    Folder names are not keys: :func:`resources.batch_keys.register_landing_folder` maps each to its batch key.
+    """
     found: dict[str, Path] = {}
     if not landing_dir.is_dir():
         return found
@@ -26,17 +30,28 @@ def settled_batches(landing_dir: Path, settle_seconds: float = SETTLE_SECONDS) -
         files = [f for f in folder.rglob("*") if f.is_file()]
         if not files or now - max(f.stat().st_mtime for f in files) < settle_seconds:
             continue
-        found[sanitize_partition_key(folder.name)] = folder
+        found[folder.name] = folder
     return found
 
 
 @sensor(job=curation_job, minimum_interval_seconds=30, description="Registers new landing/<batch>/ folders and curates them.")
 def landing_zone_sensor(context: SensorEvaluationContext, lakehouse: Lakehouse):
     known = set(json.loads(context.cursor)) if context.cursor else set()
-    batches = settled_batches(lakehouse.landing_dir)
-    new_keys = sorted(set(batches) - known)
+    folders = settled_batches(lakehouse.landing_dir)
+    registered = {folder: key for key, folder in read_landing_map(lakehouse).items()}
+    keys, problems = set(), []
+    for name in folders:
+        if is_valid_batch_key(registered.get(name, "")):  # mapped on an earlier tick (or by `ingest`): no write needed
+            keys.add(registered[name])
+            continue
+        try:
+            keys.add(register_landing_folder(lakehouse, name))
+        except Exception as err:  # one unmappable folder must not stop the others; it is reported every tick
+            problems.append(f"landing folder {name!r} skipped: {err}")
+            context.log.warning(problems[-1])
+    new_keys = sorted(keys - known)
     if not new_keys:
-        return SkipReason(f"no new folders in {lakehouse.landing_dir}")
+        return SkipReason("; ".join([f"no new folders in {lakehouse.landing_dir}", *problems]))
     return SensorResult(
         run_requests=[RunRequest(run_key=f"landing:{key}", partition_key=key) for key in new_keys],
         dynamic_partitions_requests=[video_batches.build_add_request(new_keys)],

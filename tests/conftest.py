@@ -13,6 +13,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from tests.services import postgres_db, postgres_server, s3_bucket, s3_server  # noqa: F401  (real services)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

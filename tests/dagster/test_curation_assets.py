@@ -75,4 +75,4 @@ def test_curated_dataset_version_and_rematerialize(curated):
     assert all(o.success for o in materialize_selection("group:curation", ["b1"], instance, resources={"lakehouse": lake}))
     n = lake.query("SELECT count(*) AS n, count(DISTINCT id) AS d FROM clips")
     assert n["n"][0] == n["d"][0] == 3
-    assert len(list((lake.media_dir / "clips" / "b1").glob("*.mp4"))) == 3
+    assert len(list((lake.media_dir / "clips").glob("*.mp4"))) == 3  # immutable media: reused, not re-cut

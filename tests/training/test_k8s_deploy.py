@@ -108,7 +108,7 @@ def test_k8s_run_launcher_builds_a_valid_run_worker_job(instance_config, tmp_pat
     launcher = ConfigurableClassData(rl["module"], rl["class"], yaml.dump(config)).rehydrate()
     assert isinstance(launcher, K8sRunLauncher)
     assert launcher.job_namespace == "opensora"
-    assert launcher.env_secrets == ["opensora-dagster-postgres", "opensora-object-store"]
+    assert launcher.env_secrets == ["opensora-dagster-postgres", "opensora-lake", "opensora-object-store"]
 
     run = DagsterRun(job_name="training_job", run_id="0123abcd-0000-4000-8000-000000000000")
     context = K8sContainerContext.create_for_run(run, launcher, include_run_tags=False)
