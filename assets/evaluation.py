@@ -40,9 +40,10 @@ GIF_EMBED_MAX_BYTES = 512 * 1024  # larger previews are linked by path, not inli
 class EvaluationConfig(Config):
     prompt_set: str = Field("v1", description="Packaged prompt set (training/prompts/eval_prompts_<name>.txt) or a .txt path.")
     max_prompts: int | None = Field(None, description="Use only the first N prompts (quick looks); None = the whole set.")
-    num_frames: int = Field(8, description="Frames per sample (the reference evaluates 16; 8 keeps the CPU demo quick).")
-    height: int = Field(64, description="Sample height in pixels (reference: 240).")
-    width: int = Field(96, description="Sample width in pixels (reference: 426).")
+    num_frames: int | None = Field(None, description="Frames per sample; None = the trained preset's (its largest "
+                                                       "video bucket), as for height and width.")
+    height: int | None = Field(None, description="Sample height in pixels; None = the trained preset's resolution.")
+    width: int | None = Field(None, description="Sample width in pixels; None = the trained preset's resolution.")
     scheduler: str | None = Field(None, description="iddpm / dpm-solver / rflow; None = the fast one for the objective "
                                                     "(dpm-solver for IDDPM checkpoints, rflow for rectified flow).")
     num_sampling_steps: int | None = Field(20, description="None = the scheduler's default (iddpm 100, dpm-solver 20, rflow 30).")
@@ -50,7 +51,9 @@ class EvaluationConfig(Config):
     seed: int = Field(42, description="Prompt i is sampled with seed + i.")
     checkpoint: str | None = Field(None, description="Evaluate this step-* folder (or a run folder's newest step) "
                                                      "instead of trained_model's final checkpoint.")
-    model_name: str = Field("opensora-stdit2", description="MLflow registered model that holds the best checkpoints.")
+    model_name: str = Field("opensora-stdit2", description="MLflow registered model that holds the best checkpoints "
+                                                        "(demo checkpoints, trained with tiny random encoders, use "
+                                                        "<model_name>-demo).")
     vbench_dir: str | None = Field(None, description="VBench weights folder; unset = $VBENCH_CACHE_DIR or ~/.cache/vbench.")
     val_max_samples: int | None = Field(None, description="Held-out clips scored; None = the training config's val_max_samples.")
     embed_previews: int = Field(4, description="GIF previews inlined into the materialization's markdown.")
@@ -149,8 +152,12 @@ def model_evaluation(
     if config.max_prompts is not None:
         prompts = prompt_set.prompts[: config.max_prompts]
         prompt_set = ev.PromptSet(prompt_set.name, ev.prompt_set_version(prompt_set.name, prompts), prompts)
-    objective = read_state(checkpoint)["objective"]
+    state = read_state(checkpoint)
+    objective = state["objective"]
     scheduler = config.scheduler or ev.PREVIEW_SCHEDULERS[objective]
+    num_frames, (height, width) = ev.evaluation_shape(state.get("config") or {})
+    num_frames, height, width = config.num_frames or num_frames, config.height or height, config.width or width
+    model_name = ev.registry_model_name(config.model_name, state)
     out_dir = evaluation_dir(lakehouse, checkpoint, prompt_set.version)
     context.log.info(f"evaluating {checkpoint} on prompt set {prompt_set.version} ({len(prompt_set)} prompts) into {out_dir}")
 
@@ -158,7 +165,7 @@ def model_evaluation(
     report = ev.evaluate_checkpoint(
         checkpoint, prompt_set, out_dir,
         clip_checkpoint=model_store.clip_checkpoint, clip_model_name=model_store.clip_model_name,
-        aesthetic_mlp=model_store.aesthetic_mlp, num_frames=config.num_frames, image_size=(config.height, config.width),
+        aesthetic_mlp=model_store.aesthetic_mlp, num_frames=num_frames, image_size=(height, width),
         steps=config.num_sampling_steps, scheduler=scheduler, cfg_scale=config.cfg_scale, seed=config.seed,
         device=model_store.device, flow_backend=model_store.flow_backend, vbench_dir=config.vbench_dir,
         val_max_samples=config.val_max_samples, log=context.log.info,
@@ -169,9 +176,9 @@ def model_evaluation(
 
     # 3. MLflow: compare with the registered best, then register if better, then log to the training run
     uri = tracking.uri(lakehouse.root)
-    passed, best_before = ev.compare_to_best(report.val_loss, uri, config.model_name)
-    decision = ev.register_if_best(report, uri, config.model_name, run_id=report.mlflow_run_id)
-    context.log.info(f"registry: {decision.reason}" + (f" -> {config.model_name} v{decision.version}" if decision.version else ""))
+    passed, best_before = ev.compare_to_best(report.val_loss, uri, model_name, cohort=report.cohort)
+    decision = ev.register_if_best(report, uri, model_name, run_id=report.mlflow_run_id)
+    context.log.info(f"registry: {decision.reason}" + (f" -> {model_name} v{decision.version}" if decision.version else ""))
     logged_run = ev.log_to_mlflow(report, uri, run_id=report.mlflow_run_id)
 
     # 4. One row per (checkpoint, prompt set) in the evaluations table
@@ -183,6 +190,7 @@ def model_evaluation(
         "checkpoint": MetadataValue.path(report.checkpoint), "step": report.step, "prompt_set": report.prompt_set,
         "scheduler": f"{report.settings['scheduler']} x {report.settings['steps']} steps",
         "mlflow_run_id": logged_run, "registry": decision.reason, "is_best": decision.is_best,
+        "registered_model": model_name, **{f"cohort_{k}": v for k, v in report.cohort.items()},
         "not_worse_than_best": passed, "num_evaluations": num_evaluations, "lake_snapshot": snapshot,
         "report": MetadataValue.path(str(Path(report.out_dir) / "report.json")),
         "metrics": MetadataValue.json(report.metrics),
@@ -193,7 +201,7 @@ def model_evaluation(
     if best_before is not None:
         metadata["best_val_loss_before"] = MetadataValue.float(best_before)
     if decision.version:
-        metadata["registered_version"] = f"{config.model_name} v{decision.version}"
+        metadata["registered_version"] = f"{model_name} v{decision.version}"
     for sample in report.samples:
         video = sample.files.get("mp4") or sample.files.get("png")
         if video:

@@ -64,7 +64,11 @@ TINY_RESOLUTIONS: tuple[str, ...] = tuple(DEMO_ASPECT_RATIOS)
 ASPECT_CHOICES: dict[str, tuple[int, int]] = {
     "9:16": (9, 16), "16:9": (16, 9), "3:4": (3, 4), "4:3": (4, 3), "1:1": (1, 1),
 }
-"""Aspect ratio label (H:W, the reference's reading) -> (H, W) proportions."""
+"""Aspect ratio value (H:W, the reference's reading) -> (H, W) proportions."""
+ASPECT_LABELS: dict[str, str] = {
+    "9:16": "16:9 landscape", "16:9": "9:16 portrait", "3:4": "4:3 landscape", "4:3": "3:4 portrait", "1:1": "1:1 square",
+}
+"""What each choice shows: the shape it produces, as width:height (the reference's "9:16" gives 426x240)."""
 LENGTH_CHOICES: tuple[str, ...] = ("2s", "4s", "8s", "16s")
 
 Mode = Literal["image", "video"]
@@ -287,7 +291,8 @@ def build_app(
                             elem_id="resolution",
                         )
                         aspect_ratio = gr.Radio(
-                            choices=list(ASPECT_CHOICES), value=defaults.aspect_ratio, label="Aspect Ratio (H:W)",
+                            choices=[(ASPECT_LABELS[k], k) for k in ASPECT_CHOICES], value=defaults.aspect_ratio,
+                            label="Aspect ratio (width:height of the video)",
                             elem_id="aspect-ratio",
                         )
                     length = gr.Radio(

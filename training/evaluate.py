@@ -348,10 +348,16 @@ class EvaluationReport:
     samples: list[SampleRecord] = field(default_factory=list)
     out_dir: str = ""
     seconds: float = 0.0
+    preset: str | None = None  # the training preset's name (TrainConfig.name)
 
     @property
     def val_loss(self) -> float | None:
         return self.metrics.get("val_loss")
+
+    @property
+    def cohort(self) -> dict[str, str]:
+        """What makes two checkpoints' validation losses comparable: same dataset version, preset and objective."""
+        return {"dataset_version": str(self.dataset_version), "preset": str(self.preset), "objective": self.objective}
 
     @property
     def ema_dir(self) -> Path:
@@ -412,7 +418,7 @@ def evaluate_checkpoint(
     report = EvaluationReport(
         checkpoint=str(checkpoint_dir), step=int(state.get("step", 0)), objective=state["objective"],
         dataset_version=state.get("dataset_version"), mlflow_run_id=state.get("mlflow_run_id"),
-        prompt_set=prompt_set.version, out_dir=str(out_dir),
+        prompt_set=prompt_set.version, out_dir=str(out_dir), preset=state.get("config", {}).get("name"),
         settings={"num_frames": num_frames, "image_size": list(image_size), "steps": steps, "scheduler": scheduler,
                   "cfg_scale": cfg_scale, "fps": fps, "frame_interval": frame_interval, "seed": seed,
                   "device": device, "flow_backend": flow_backend, "num_prompts": len(prompt_set)},
@@ -543,28 +549,71 @@ class RegistryDecision:
     reason: str = ""
 
 
-def best_version(tracking_uri: str, model_name: str = DEFAULT_MODEL_NAME):
-    """The version holding the ``best`` alias, else the registered version with the lowest ``val_loss`` tag, else None."""
+def evaluation_shape(train_config: dict[str, Any]) -> tuple[int, tuple[int, int]]:
+    """(num_frames, (height, width)) to sample a checkpoint at: its bucket preset's largest video resolution, at
+    the most frames trained there, in the aspect ratio closest to 9:16 landscape (the reference's 240x426)."""
+    from training.aspect import ASPECT_RATIOS
+    from training.buckets import load_bucket_preset
+
+    preset = load_bucket_preset((train_config.get("data") or {}).get("bucket_preset") or "stage1")
+    videos = {res: [t for t, e in frames.items() if t > 1 and e.keep_prob > 0 and e.batch_size]
+              for res, frames in preset.bucket_config.items() if res in ASPECT_RATIOS}
+    videos = {res: ts for res, ts in videos.items() if ts}
+    if not videos:
+        raise ValueError(f"bucket preset {preset.name!r} trains no video bucket: give num_frames/height/width")
+    resolution = max(videos, key=lambda r: ASPECT_RATIOS[r][0])
+    sizes = ASPECT_RATIOS[resolution][1]
+    ratio = min(sizes, key=lambda key: abs(float(key) - 9 / 16))
+    return max(videos[resolution]), tuple(sizes[ratio])
+
+
+def registry_model_name(base: str, state: dict[str, Any]) -> str:
+    """Checkpoints trained with tiny random encoders (the demo) register as ``<base>-demo``, never beside real ones."""
+    encoders = (state.get("config") or {}).get("encoders") or {}
+    demo = encoders.get("text_encoder") is None or encoders.get("vae") is None
+    return f"{base}-demo" if demo else base
+
+
+def _check_model_name(model_name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}", model_name):
+        raise ValueError(f"registered model names are letters, digits, '_', '.', '-' (got {model_name!r})")
+    return model_name
+
+
+def cohort_alias(cohort: dict[str, str]) -> str:
+    """The alias of a cohort's best version (MLflow aliases are short identifiers: a digest of the cohort)."""
+    digest = hashlib.blake2b(json.dumps(cohort, sort_keys=True).encode(), digest_size=5).hexdigest()
+    return f"{BEST_ALIAS}-{digest}"
+
+
+def best_version(tracking_uri: str, model_name: str = DEFAULT_MODEL_NAME, cohort: dict[str, str] | None = None):
+    """The registered version with the lowest ``val_loss`` among those comparable with ``cohort`` (same tags for
+    dataset_version, preset and objective), or None. Without a cohort: the one holding the ``best`` alias, else
+    the lowest ``val_loss`` of all."""
     from mlflow.exceptions import MlflowException
 
     client = _client(tracking_uri)
-    try:
-        return client.get_model_version_by_alias(model_name, BEST_ALIAS)
-    except MlflowException as err:
-        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise
+    _check_model_name(model_name)
+    if cohort is None:
+        try:
+            return client.get_model_version_by_alias(model_name, BEST_ALIAS)
+        except MlflowException as err:
+            if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
     versions = [v for v in client.search_model_versions(f"name = '{model_name}'") if "val_loss" in v.tags]
+    if cohort is not None:
+        versions = [v for v in versions if all(v.tags.get(k) == str(value) for k, value in cohort.items())]
     return min(versions, key=lambda v: float(v.tags["val_loss"]), default=None)
 
 
 def compare_to_best(val_loss: float | None, tracking_uri: str, model_name: str = DEFAULT_MODEL_NAME,
-                    rel_tol: float = VAL_LOSS_REL_TOL) -> tuple[bool, float | None]:
-    """(passed, best val_loss registered): passes when nothing is registered yet or ``val_loss <= best``
-    (within ``rel_tol``: re-evaluating the same weights is never "worse" because of float noise).
+                    rel_tol: float = VAL_LOSS_REL_TOL, cohort: dict[str, str] | None = None) -> tuple[bool, float | None]:
+    """(passed, best comparable val_loss registered): passes when nothing comparable is registered yet or
+    ``val_loss <= best`` (within ``rel_tol``: re-evaluating the same weights is never "worse" because of float noise).
 
     A missing ``val_loss`` never passes: a checkpoint that could not be validated is not shown to be no worse.
     """
-    best = best_version(tracking_uri, model_name)
+    best = best_version(tracking_uri, model_name, cohort)
     best_loss = float(best.tags["val_loss"]) if best is not None and "val_loss" in best.tags else None
     if val_loss is None:
         return False, best_loss
@@ -573,24 +622,29 @@ def compare_to_best(val_loss: float | None, tracking_uri: str, model_name: str =
 
 def register_if_best(report: EvaluationReport, tracking_uri: str, model_name: str = DEFAULT_MODEL_NAME,
                      run_id: str | None = None, rel_tol: float = VAL_LOSS_REL_TOL) -> RegistryDecision:
-    """Register the checkpoint's ``ema/`` folder as a new model version with alias ``best`` when its val_loss is
-    lower than the best registered one by more than ``rel_tol`` (or nothing is registered yet).
+    """Register the checkpoint's ``ema/`` folder as a new model version when its val_loss is lower than the best
+    registered version of its cohort (same dataset version, preset and objective) by more than ``rel_tol``, or when
+    nothing comparable is registered yet. Losses of other cohorts are never compared.
 
     The folder is logged as artifacts of the training run (``checkpoints/step-N/ema``) and the version's source is
     ``runs:/<run>/checkpoints/step-N/ema``; each version carries tags val_loss, checkpoint, step, dataset_version,
-    prompt_set and objective. The checkpoint that already holds the alias is never registered twice.
+    preset, prompt_set and objective, and the aliases ``best`` (the newest cohort best) and ``best-<cohort digest>``.
+    The checkpoint that already is its cohort's best is never registered twice.
     """
     from mlflow.exceptions import MlflowException
 
     val_loss = report.val_loss
-    current = best_version(tracking_uri, model_name)
+    cohort = report.cohort
+    where = ", ".join(f"{k} {v}" for k, v in cohort.items())
+    current = best_version(tracking_uri, model_name, cohort)
     best = float(current.tags["val_loss"]) if current is not None and "val_loss" in current.tags else None
     if val_loss is None:
         return RegistryDecision(False, best, None, f"no val_loss: {report.skipped.get('val_loss', 'not computed')}")
     if current is not None and current.tags.get("checkpoint") == report.checkpoint:
-        return RegistryDecision(False, best, None, f"{report.checkpoint} is already the best (version {current.version})")
+        return RegistryDecision(False, best, None, f"{report.checkpoint} is already the best of {where} "
+                                                   f"(version {current.version})")
     if best is not None and not val_loss < best * (1 - rel_tol):
-        return RegistryDecision(False, best, None, f"val_loss {val_loss:.6g} is not below the best {best:.6g}")
+        return RegistryDecision(False, best, None, f"val_loss {val_loss:.6g} is not below the best {best:.6g} of {where}")
     if not report.ema_dir.is_dir():
         raise FileNotFoundError(f"no EMA weights to register at {report.ema_dir}")
 
@@ -605,9 +659,10 @@ def register_if_best(report: EvaluationReport, tracking_uri: str, model_name: st
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     tags = {"val_loss": repr(float(val_loss)), "checkpoint": report.checkpoint, "step": str(report.step),
-            "dataset_version": str(report.dataset_version), "prompt_set": report.prompt_set, "objective": report.objective}
+            "prompt_set": report.prompt_set, **cohort}
     version = client.create_model_version(model_name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id, tags=tags,
-                                          description=f"{report.checkpoint} (val_loss {val_loss:.6g})")
+                                          description=f"{report.checkpoint} (val_loss {val_loss:.6g}; {where})")
     client.set_registered_model_alias(model_name, BEST_ALIAS, version.version)
-    before = "nothing registered" if best is None else f"previous best {best:.6g}"
+    client.set_registered_model_alias(model_name, cohort_alias(cohort), version.version)
+    before = f"nothing comparable registered ({where})" if best is None else f"previous best {best:.6g} of {where}"
     return RegistryDecision(True, best, str(version.version), f"val_loss {val_loss:.6g} ({before})")

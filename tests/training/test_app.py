@@ -66,6 +66,17 @@ def test_image_size_follows_reference_tables():
         image_size_for("999p", "1:1")
 
 
+def test_aspect_choices_are_labelled_by_the_shape_they_produce():
+    from training.app import ASPECT_LABELS
+
+    for value, label in ASPECT_LABELS.items():
+        h, w = image_size_for("240p", value)
+        ratio, shape = label.split()
+        lw, lh = (int(x) for x in ratio.split(":"))
+        assert shape == ("landscape" if w > h else "portrait" if h > w else "square"), (value, label, (h, w))
+        assert abs(w / h - lw / lh) < 0.05, (value, label, (h, w))
+
+
 def test_lengths_are_seconds_at_8_fps():
     assert [num_frames_for(length) for length in LENGTH_CHOICES] == [16, 32, 64, 128]
     assert num_frames_for(2) == 16
@@ -313,8 +324,9 @@ def test_browser_generates_video_and_image(browser, served_app):
     # The reference's controls are all there, with its defaults.
     labels = cdp.eval("[...document.querySelectorAll('#resolution label')].map(l => l.textContent.trim())")
     assert labels == ["64px", "128px", "144p", "240p", "360p", "480p", "720p"]
-    assert cdp.eval("[...document.querySelectorAll('#aspect-ratio label')].map(l => l.textContent.trim())") == list(
-        ASPECT_CHOICES)
+    # each aspect choice is labelled by the shape it produces (the reference's "9:16" value gives a landscape video)
+    assert cdp.eval("[...document.querySelectorAll('#aspect-ratio label')].map(l => l.textContent.trim())") == [
+        "16:9 landscape", "9:16 portrait", "4:3 landscape", "3:4 portrait", "1:1 square"]
     assert cdp.eval("[...document.querySelectorAll('#length label')].map(l => l.textContent.trim())") == list(
         LENGTH_CHOICES)
     assert cdp.eval("document.querySelector('#sampling-steps input[type=number]').value") == "100"
@@ -323,7 +335,7 @@ def test_browser_generates_video_and_image(browser, served_app):
 
     _type_into(cdp, "#prompt textarea", PROMPT)
     _click_choice(cdp, "resolution", "64px")
-    _click_choice(cdp, "aspect-ratio", "9:16")
+    _click_choice(cdp, "aspect-ratio", "16:9 landscape")
     _click_choice(cdp, "length", "2s")
     _type_into(cdp, "#sampling-steps input[type=number]", "2")
     assert cdp.eval("document.querySelector('#sampling-steps input[type=range]').value") == "2"

@@ -152,15 +152,35 @@ def test_clip_and_aesthetic_are_skipped_without_weights(tmp_path):
 
 
 def test_clip_score_runs_when_weights_are_local(tmp_path):
-    """With local weights (a tiny random CLIP here) the score is computed per video, within [-100, 100]."""
+    """With local weights (a tiny random CLIP here) each video's score is 100 x cos(image, text) averaged over its
+    evenly spaced frames, checked against open_clip called directly (not through our scorer)."""
+    import open_clip
+    import torch
+    from PIL import Image
+
     from models.scorers.clip_backbone import build_tiny_clip
 
     build_tiny_clip(tmp_path / "clip")
-    videos = [np.stack([textured_frame(64, 96, s)] * 3) for s in range(2)]
-    result = ev.clip_score(videos, ["a cat", "a dog"], tmp_path / "clip", device="cpu")
+    videos = [np.stack([textured_frame(64, 96, 3 * v + k) for k in range(10)]) for v in range(2)]
+    prompts = ["a cat", "a dog"]
+    result = ev.clip_score(videos, prompts, tmp_path / "clip", device="cpu")
     assert not result.skipped and len(result.values) == 2
-    assert all(-100 <= v <= 100 for v in result.values)
-    assert result.value == pytest.approx(np.mean(result.values))
+
+    name = f"local-dir:{tmp_path / 'clip'}"
+    model, _, preprocess = open_clip.create_model_and_transforms(name, device="cpu")
+    tokenizer = open_clip.get_tokenizer(name)
+    model.eval()
+    expected = []
+    with torch.no_grad():
+        for video, prompt in zip(videos, prompts):
+            frames = [video[i] for i in (0, 1, 3, 4, 5, 6, 8, 9)]  # 8 of 10, evenly spaced (rounded linspace)
+            image = model.encode_image(torch.stack([preprocess(Image.fromarray(f)) for f in frames]))
+            text = model.encode_text(tokenizer([prompt]))
+            cos = torch.nn.functional.cosine_similarity(image, text.expand_as(image))
+            expected.append(float((100 * cos).mean()))  # no clamp: the reference match score is 100 x cos
+    np.testing.assert_allclose(result.values, expected, rtol=1e-4, atol=1e-4)
+    assert len(set(np.round(result.values, 4))) == 2  # two different videos, two different scores
+    assert result.value == pytest.approx(np.mean(expected), rel=1e-4)
     aes = ev.aesthetic(videos, tmp_path / "clip", tmp_path / "missing-mlp.pth", device="cpu")
     assert aes.skipped and "aesthetic MLP weights not found" in aes.skipped_reason
 
@@ -339,3 +359,47 @@ def test_evaluate_checkpoint_end_to_end(tiny_checkpoint, tmp_path):
     assert report.settings["scheduler"] == "dpm-solver" and report.settings["steps"] == 3
     saved = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert saved["metrics"] == report.metrics and saved["samples"][0]["prompt"] == prompts.prompts[0]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Registry cohorts, demo model names, evaluation shape
+# --------------------------------------------------------------------------------------------------------------
+def cohort_report(tmp_path, name: str, val_loss: float, dataset_version: str = "tiny-v1", preset: str = "stage1",
+                  objective: str = "iddpm") -> ev.EvaluationReport:
+    report = fake_report(tmp_path / dataset_version / preset / objective, name, val_loss)
+    report.dataset_version, report.preset, report.objective = dataset_version, preset, objective
+    return report
+
+
+def test_registry_compares_only_checkpoints_of_the_same_dataset_preset_and_objective(tmp_path, tracking_uri):
+    name = "cohorts"
+    assert ev.register_if_best(cohort_report(tmp_path, "step-00000001", 1.0), tracking_uri, name).is_best
+    # another dataset version, preset or objective: never "worse" than a loss it cannot be compared with
+    for other in ({"dataset_version": "tiny-v2"}, {"preset": "stage2"}, {"objective": "rflow"}):
+        decision = ev.register_if_best(cohort_report(tmp_path, "step-00000002", 5.0, **other), tracking_uri, name)
+        assert decision.is_best and decision.best_val_loss_before is None, (other, decision.reason)
+    # within the cohort the usual rule holds
+    worse = ev.register_if_best(cohort_report(tmp_path, "step-00000003", 1.5), tracking_uri, name)
+    assert not worse.is_best and worse.best_val_loss_before == 1.0
+    cohort = cohort_report(tmp_path, "step-00000004", 0.0).cohort
+    assert ev.compare_to_best(1.2, tracking_uri, name, cohort=cohort) == (False, 1.0)
+    assert ev.compare_to_best(4.0, tracking_uri, name, cohort={**cohort, "objective": "rflow"}) == (True, 5.0)
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    version = client.get_model_version_by_alias(name, ev.cohort_alias(cohort))
+    assert version.tags["val_loss"] == "1.0" and version.tags["preset"] == "stage1"
+
+
+def test_demo_checkpoints_register_under_their_own_model_name():
+    demo = {"config": {"encoders": {"text_encoder": None, "vae": None, "build_tiny_if_missing": True}}}
+    real = {"config": {"encoders": {"text_encoder": "/models/t5", "vae": "/models/sd-vae"}}}
+    assert ev.registry_model_name("opensora-stdit2", demo) == "opensora-stdit2-demo"
+    assert ev.registry_model_name("opensora-stdit2", real) == "opensora-stdit2"
+    with pytest.raises(ValueError):
+        ev.best_version("sqlite:///unused.db", "x' or name != '")
+
+
+def test_evaluation_samples_at_the_trained_presets_resolution():
+    assert ev.evaluation_shape({"data": {"bucket_preset": "demo_cpu"}}) == (8, (96, 160))
+    assert ev.evaluation_shape({"data": {"bucket_preset": "stage1"}}) == (32, (240, 426))
