@@ -84,14 +84,17 @@ def evaluation_dir(lakehouse: Lakehouse, checkpoint: Path, prompt_set_version: s
 
 def previews_markdown(report, limit: int) -> str:
     """A table of the samples; the first ``limit`` GIFs inlined as data: URIs (the UI renders markdown images)."""
-    lines = ["| # | prompt | preview | flicker | motion |", "|---|---|---|---|---|"]
+    lines = ["| # | prompt | preview | adherence | flicker | motion |", "|---|---|---|---|---|---|"]
     for sample in report.samples:
         gif = Path(sample.files.get("gif", ""))
         cell = "(not inlined)"
         if sample.index < limit and gif.is_file() and gif.stat().st_size <= GIF_EMBED_MAX_BYTES:
             cell = f"![sample {sample.index}](data:image/gif;base64,{base64.b64encode(gif.read_bytes()).decode()})"
         flicker, motion = sample.metrics.get("temporal_flicker"), sample.metrics.get("motion")
+        adherence = sample.metrics.get("prompt_adherence")
+        why = getattr(sample, "adherence", "").replace("|", "/")
         lines.append(f"| {sample.index} | {sample.prompt.replace('|', '/')} | {cell} | "
+                     f"{'' if adherence is None else f'{adherence:.2f}'} {why} | "
                      f"{'' if flicker is None else f'{flicker:.2f}'} | {'' if motion is None else f'{motion:.2f}'} |")
     return "\n".join(lines)
 
@@ -103,6 +106,7 @@ def evaluation_row(report, run_id: str | None, decision, best_before: float | No
         "dataset_version": report.dataset_version, "prompt_set": report.prompt_set, "objective": report.objective,
         "evaluated_at": datetime.now(timezone.utc), "val_loss": m.get("val_loss"), "clip_score": m.get("clip_score"),
         "aesthetic": m.get("aesthetic"), "motion": m.get("motion"), "temporal_flicker": m.get("temporal_flicker"),
+        "prompt_adherence": m.get("prompt_adherence"), "prompt_adherence_shuffled": m.get("prompt_adherence_shuffled"),
         "metrics": json.dumps(m, sort_keys=True), "skipped": json.dumps(report.skipped, sort_keys=True),
         "num_samples": len(report.samples), "samples_dir": str(Path(report.out_dir) / "samples"),
         "mlflow_run_id": run_id, "registered_version": decision.version, "is_best": decision.is_best,
@@ -116,7 +120,8 @@ def write_evaluation_row(lakehouse: Lakehouse, row: dict, run_id: str | None = N
     new = pl.DataFrame([row], schema_overrides={"val_loss": pl.Float64, "clip_score": pl.Float64, "aesthetic": pl.Float64,
                                                 "motion": pl.Float64, "temporal_flicker": pl.Float64,
                                                 "best_val_loss_before": pl.Float64, "registered_version": pl.String,
-                                                "mlflow_run_id": pl.String, "dataset_version": pl.String})
+                                                "mlflow_run_id": pl.String, "dataset_version": pl.String,
+                                                "prompt_adherence": pl.Float64, "prompt_adherence_shuffled": pl.Float64})
     snapshot = lakehouse.write_partition(EVALUATIONS_TABLE, None, new, run_id=run_id,
                                          key={"checkpoint": row["checkpoint"], "prompt_set": row["prompt_set"]})
     return snapshot, len(lakehouse.read_table(EVALUATIONS_TABLE, snapshot=snapshot))

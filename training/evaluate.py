@@ -332,6 +332,23 @@ class SampleRecord:
     prompt: str
     files: dict[str, str]  # "mp4" (or "png" for one frame) and "gif" -> path
     metrics: dict[str, float | None] = field(default_factory=dict)
+    adherence: str = ""  # why the sample scored what it did against its prompt ("red: blob in 7/8 frames, ...")
+
+
+@dataclass
+class AdherenceSummary:
+    per_prompt: list  # models.scorers.adherence.AdherenceResult, one per video
+    mean: float | None
+    shuffled_mean: float | None  # each video scored against another prompt: what ignoring the text would give
+
+
+def prompt_adherence(videos: Sequence[np.ndarray], prompts: Sequence[str], seed: int = 0) -> AdherenceSummary:
+    """Weight-free prompt adherence for the synthetic world, with the shuffled-prompt control."""
+    from models.scorers.adherence import score_prompts, shuffled_control
+
+    results, mean = score_prompts(list(videos), list(prompts))
+    shuffled = shuffled_control(list(videos), list(prompts), seed)[1] if len(prompts) > 1 else None
+    return AdherenceSummary(results, mean, shuffled)
 
 
 @dataclass
@@ -444,8 +461,21 @@ def evaluate_checkpoint(
         record.metrics.update({"temporal_flicker": flicker, "temporal_flicker_score": flicker_score(flicker),
                                "motion": motion(video, flow_backend) if len(video) > 1 else None})
 
-    # 3. Metrics that need weights: computed only from local weights, else skipped with the reason
+    # 2b. Prompt adherence in the synthetic world (no weights: colour blobs, shapes, motion, OCR of titles), each
+    #     sample against its own prompt and, as the "follows text" control, against another prompt.
     prompts = list(prompt_set.prompts)
+    adherence = prompt_adherence(videos, prompts, seed=seed)
+    for record, result in zip(report.samples, adherence.per_prompt):
+        record.metrics["prompt_adherence"] = result.score
+        record.adherence = result.reason
+    if adherence.mean is None:
+        report.skipped["prompt_adherence"] = "no prompt of the set names a colour, shape, motion or title"
+    else:
+        report.metrics["prompt_adherence"] = adherence.mean
+        if adherence.shuffled_mean is not None:
+            report.metrics["prompt_adherence_shuffled"] = adherence.shuffled_mean
+
+    # 3. Metrics that need weights: computed only from local weights, else skipped with the reason
     clip = clip_checkpoint
     if clip_checkpoint is not None:
         from models.scorers import WeightsUnavailable
@@ -592,8 +622,8 @@ def best_version(tracking_uri: str, model_name: str = DEFAULT_MODEL_NAME, cohort
     the lowest ``val_loss`` of all."""
     from mlflow.exceptions import MlflowException
 
+    _check_model_name(model_name)  # it is pasted into a search filter below
     client = _client(tracking_uri)
-    _check_model_name(model_name)
     if cohort is None:
         try:
             return client.get_model_version_by_alias(model_name, BEST_ALIAS)

@@ -67,7 +67,12 @@ def test_evaluate_register_and_check_two_checkpoints(setup):
     assert result.success
     meta = result.asset_materializations_for_node("model_evaluation")[0].metadata
     val1 = meta["val_loss"].value
-    assert meta["is_best"].value is True and meta["registered_version"].value == "opensora-stdit2 v1"
+    # tiny random encoders: a demo checkpoint, registered beside (never among) real ones
+    assert meta["is_best"].value is True and meta["registered_version"].value == "opensora-stdit2-demo v1"
+    assert meta["registered_model"].value == "opensora-stdit2-demo" and meta["cohort_objective"].value == "iddpm"
+    # prompt adherence (weight-free) with its shuffled-prompt control, per sample beside the previews
+    assert 0.0 <= meta["prompt_adherence"].value <= 1.0 and "prompt_adherence_shuffled" in meta
+    assert "| adherence |" in meta["previews"].value
     assert "best_val_loss_before" not in meta
     assert "data:image/gif;base64," in meta["previews"].value  # the UI shows the sample inline
     assert Path(meta["sample_00"].value).suffix == ".mp4" and Path(meta["sample_00"].value).is_file()
@@ -90,7 +95,7 @@ def test_evaluate_register_and_check_two_checkpoints(setup):
     assert second_check.metadata["best_registered_val_loss"].value == pytest.approx(val1)
 
     client = mlflow.MlflowClient(setup["uri"])
-    best = client.get_model_version_by_alias("opensora-stdit2", "best")
+    best = client.get_model_version_by_alias("opensora-stdit2-demo", "best")
     assert float(best.tags["val_loss"]) == pytest.approx(min(val1, val2))
     assert best.tags["checkpoint"] == str((second if val2 < val1 else first).resolve())
 
