@@ -1,7 +1,9 @@
 """Curation assets: thin wrappers that read a batch from the lakehouse, call the library, write the result.
 
-Every per-video (or per-clip) step runs in isolation: a file that breaks a step goes to ``quarantine`` with the
-stage and the reason, and the rest of the batch proceeds.
+Every per-video (or per-clip) step runs in isolation (``run_isolated``): a file whose input is rejected goes to
+``quarantine`` with the stage and the reason, and the rest of the batch proceeds; an exception from our own code or
+a scorer (a component error) is quarantined the same way while rare, and fails the stage with a summary when it
+hits more than ``max_component_error_share`` of the items (``curation.errors`` tells the two apart).
 """
 
 from collections.abc import Callable, Iterable
@@ -12,9 +14,10 @@ from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataVa
 from pydantic import Field
 
 from opensora_dag.partitions import video_batches
-from resources.batch_keys import batch_key, landing_folder
+from resources.batch_keys import batch_key, landing_folder, landing_folder_url
 from resources.lakehouse import Lakehouse
 from resources.model_store import ModelStore
+from resources.storage import local_media_path, rebase
 
 T = TypeVar("T")
 
@@ -30,23 +33,103 @@ def markdown_table(frame: pl.DataFrame, max_rows: int = 20) -> MetadataValue:
     return MetadataValue.md("\n".join(lines))
 
 
+COMPONENT_ERROR = "component error"
+"""Prefix of the quarantine reason of an item that broke our code (not its input): see ``curation.errors``."""
+ERROR_SHARE_ENV = "OPENSORA_MAX_COMPONENT_ERROR_SHARE"
+DEFAULT_ERROR_SHARE = 0.2
+
+
+class IsolationConfig(Config):
+    """Run config shared by the per-item stages: how many component errors a stage tolerates."""
+
+    max_component_error_share: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="Fail the stage when more than this share of its items raise component errors (not input "
+        f"rejections). Default: ${ERROR_SHARE_ENV}, else {DEFAULT_ERROR_SHARE}.",
+    )
+
+
+def component_error_share(configured: float | None = None) -> float:
+    """The share of a stage's items that may raise component errors before the stage fails: ``configured`` (a
+    Config field), else ``$OPENSORA_MAX_COMPONENT_ERROR_SHARE``, else 0.2."""
+    import os
+
+    if configured is not None:
+        share, source = configured, "config"
+    else:
+        raw = os.environ.get(ERROR_SHARE_ENV, "").strip()
+        if not raw:
+            return DEFAULT_ERROR_SHARE
+        try:
+            share, source = float(raw), ERROR_SHARE_ENV
+        except ValueError:
+            raise ValueError(f"{ERROR_SHARE_ENV}={raw!r} is not a number in [0, 1]") from None
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"max component error share from {source} must be in [0, 1], got {share}")
+    return share
+
+
+def _summarize(reasons: list[str], limit: int = 8) -> str:
+    """``3 x ValueError: boom; 1 x KeyError: 'x'``: distinct reasons, most frequent first."""
+    from collections import Counter
+
+    counts = Counter(r[:300] for r in reasons).most_common()
+    text = "; ".join(f"{n} x {reason}" for reason, n in counts[:limit])
+    return text + (f"; ... {len(counts) - limit} more distinct reasons" if len(counts) > limit else "")
+
+
 def run_isolated(
-    context: AssetExecutionContext, stage: str, items: list[T], work: Callable[[T], Any], describe: Callable[[T], str]
+    context: AssetExecutionContext, stage: str, items: list[T], work: Callable[[T], Any], describe: Callable[[T], str],
+    max_error_share: float | None = None,
 ) -> tuple[list[tuple[T, Any]], list[tuple[T, str]]]:
-    """Apply ``work`` to each item with a count/total progress log; returns (item, result) and (item, reason) pairs."""
-    done, failed = [], []
+    """Apply ``work`` to each item with a count/total progress log; returns (item, result) and (item, reason) pairs.
+
+    An item whose input is rejected (``curation.errors.is_input_rejection``: ``InputRejected``, a PyAV decode
+    error, an ``OSError`` reading it) is quarantined with the reason; any number of them never fails the stage.
+    Any other exception is a component error: the item is quarantined with ``"component error: ..."`` and logged
+    with its traceback, and when component errors exceed ``max_error_share`` of the items (default
+    :func:`component_error_share`) the stage fails with a summary of the reasons instead of writing anything.
+    Component errors below the limit are reported as asset metadata (``num_component_errors``, ``component_errors``).
+    """
+    from dagster import Failure
+
+    from curation.errors import is_input_rejection
+
+    share = component_error_share(max_error_share)
+    done, failed, component = [], [], []
     for index, item in enumerate(items, start=1):
         try:
             done.append((item, work(item)))
-        except Exception as err:  # one bad file must not fail the batch: it is quarantined with the reason instead
-            reason = f"{type(err).__name__}: {err}"
-            context.log.warning(f"{stage}: {describe(item)} quarantined: {reason}")
-            failed.append((item, reason))
+        except Exception as err:  # sorted below: bad input is quarantined, a broken component counts against the budget
+            detail = f"{type(err).__name__}: {err}"
+            if is_input_rejection(err):
+                context.log.warning(f"{stage}: {describe(item)} quarantined (input rejected): {detail}")
+                failed.append((item, detail))
+            else:
+                context.log.exception(f"{stage}: {describe(item)}: {COMPONENT_ERROR}: {detail}")
+                component.append(detail)
+                failed.append((item, f"{COMPONENT_ERROR}: {detail}"))
         context.log.info(f"{stage}: {index}/{len(items)} {describe(item)}")
+    if not component:
+        return done, failed
+    summary = _summarize(component)
+    counts = {"num_component_errors": len(component), "num_input_rejections": len(failed) - len(component),
+              "max_component_error_share": share}
+    if len(component) > share * len(items):
+        raise Failure(
+            description=f"{stage}: {len(component)} of {len(items)} items ({len(component) / len(items):.0%}) raised "
+            f"component errors, more than the allowed {share:.0%} (max_component_error_share / {ERROR_SHARE_ENV}); "
+            f"nothing was written. Reasons: {summary}",
+            metadata={**counts, "component_errors": MetadataValue.md(summary)},
+        )
+    context.log.warning(f"{stage}: {len(component)} of {len(items)} items quarantined with component errors "
+                        f"(allowed up to {share:.0%}): {summary}")
+    context.add_asset_metadata({**counts, "component_errors": MetadataValue.md(summary)})
     return done, failed
 
 
 def quarantine_rows(stage: str, failed: list[tuple[Any, str]], describe: Callable[[Any], str]) -> list[dict]:
+    """Quarantine records (path, stage, reason) of the items ``run_isolated`` could not process."""
     return [{"path": describe(item), "stage": stage, "reason": reason} for item, reason in failed]
 
 
@@ -77,7 +160,10 @@ def raw_videos(context: AssetExecutionContext, lakehouse: Lakehouse) -> Material
     from curation.ingest import scan_batch
 
     batch = batch_key(context.partition_key)  # a key, never a path: refused before any I/O
-    scan = scan_batch(landing_folder(lakehouse, batch), progress=context.log.info)
+    folder = landing_folder(lakehouse, batch)  # on S3: a cached local copy of landing/<folder>/
+    scan = scan_batch(folder, progress=context.log.info)
+    if lakehouse.storage.remote:  # record where the files live for every machine: their s3:// URLs
+        scan = published_scan(scan, folder, landing_folder_url(lakehouse, batch))
     written = save_batch(context, lakehouse, "raw_videos", batch, scan.videos, "raw_videos",
                          scan.quarantine.iter_rows(named=True))
     for row in scan.quarantine.iter_rows(named=True):
@@ -123,7 +209,8 @@ def scenes(context: AssetExecutionContext, config: ScenesConfig, lakehouse: Lake
     cfg = SceneDetectConfig(detector=config.detector, adaptive_threshold=config.adaptive_threshold,
                             content_threshold=config.content_threshold, transnet_threshold=config.transnet_threshold)
     done, failed = run_isolated(
-        context, "scenes", videos, lambda v: detect_scenes(v["path"], video_id=v["id"], config=cfg), lambda v: v["path"]
+        context, "scenes", videos, lambda v: detect_scenes(local_media_path(v["path"]), video_id=v["id"], config=cfg),
+        lambda v: v["path"]
     )
     quarantined = quarantine_rows("scenes", failed, lambda v: v["path"])
     rows = [
@@ -170,17 +257,34 @@ def clips(context: AssetExecutionContext, config: ClipsConfig, lakehouse: Lakeho
                     short_side=config.short_side, crf=config.crf, preset=config.preset)
     # Immutable media named by content (source hash, frame range, encode settings): never overwritten or deleted
     # by a materialization, so a dataset version built earlier keeps decoding; `opensora-dag lake gc` reclaims.
-    clip_dir = lakehouse.media_dir / "clips"
-    frames_dir = lakehouse.media_dir / "frames"
+    # On S3 the clips are cut into local scratch space and published to media/ (an object already there is kept).
+    storage = lakehouse.storage
+    scratch = None
+    if storage.remote:
+        import tempfile
+        from pathlib import Path
+
+        (lakehouse.root / "scratch").mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix="clips-", dir=lakehouse.root / "scratch"))
+        clip_dir, frames_dir = scratch / "clips", scratch / "frames"
+    else:
+        clip_dir, frames_dir = lakehouse.media_dir / "clips", lakehouse.media_dir / "frames"
 
     def cut(video: dict):
         own = scene_rows.filter(pl.col("video_id") == video["id"]).sort("scene_index")
         found = [Scene(video_id=video["id"], index=r["scene_index"], start_frame=r["start_frame"], end_frame=r["end_frame"],
                        start_s=r["start_s"], end_s=r["end_s"], fps=video["fps"]) for r in own.iter_rows(named=True)]
-        return cut_clips(video["path"], video["id"], found, clip_dir, cfg, frames_root=frames_dir)
+        result = cut_clips(local_media_path(video["path"]), video["id"], found, clip_dir, cfg, frames_root=frames_dir)
+        return publish_clips(storage, result) if scratch is not None else result
 
     with_scenes = [v for v in videos.to_dicts() if v["id"] in set(scene_rows["video_id"].to_list())]
-    done, failed = run_isolated(context, "clips", with_scenes, cut, lambda v: v["path"])
+    try:
+        done, failed = run_isolated(context, "clips", with_scenes, cut, lambda v: v["path"])
+    finally:
+        if scratch is not None:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
     quarantined = quarantine_rows("clips", failed, lambda v: v["path"])
     rows = [c.to_row() for _, result in done for c in result.clips]
     dropped = [{"video_id": v["id"], "start_frame": d.start_frame, "end_frame": d.end_frame, "reason": d.reason}
@@ -191,7 +295,7 @@ def clips(context: AssetExecutionContext, config: ClipsConfig, lakehouse: Lakeho
     return MaterializeResult(metadata={
         **written,
         "num_clips": len(frame), "clip_seconds": seconds, "scenes_dropped": len(dropped),
-        "num_quarantined": len(quarantined), "clip_dir": MetadataValue.path(str(clip_dir)),
+        "num_quarantined": len(quarantined), "clip_dir": MetadataValue.path(storage.url("media", "clips")),
         "dropped_scenes": markdown_table(pl.DataFrame(dropped) if dropped else pl.DataFrame()),
         "preview": markdown_table(frame.select([c for c in ("id", "num_frames", "height", "width", "start_s", "end_s") if c in frame.columns])),
     })
@@ -214,20 +318,63 @@ def captions(context: AssetExecutionContext, lakehouse: Lakehouse, model_store: 
     clip_rows = lakehouse.read_partition("clips", batch)
     videos = lakehouse.read_partition("raw_videos", batch).select(pl.col("id").alias("video_id"), pl.col("path").alias("video_path"))
     rows = clip_rows.join(videos, on="video_id", how="left").to_dicts() if len(clip_rows) else []
+    folder = landing_folder(lakehouse, batch)  # sidecar captions are read from it (on S3: a cached local copy)
+    if lakehouse.storage.remote:  # the videos' s3:// URLs as paths inside that copy, so sidecars match them
+        url = landing_folder_url(lakehouse, batch)
+        rows = [{**r, "video_path": rebase(r["video_path"], url, folder) if r.get("video_path") else None} for r in rows]
     captioner = None
     if model_store.captioner:
         from models.scorers.captioner import VLMCaptioner
 
         captioner = VLMCaptioner(model_store.captioner, batch_size=model_store.captioner_batch_size, device=model_store.device)
-    result = caption_clips(rows, landing_folder(lakehouse, batch), captioner=captioner,
-                           frames_loader=lambda r: load_kept_frames(r["frames_dir"], "caption"), progress=context.log.info)
+    result = caption_clips(rows, folder, captioner=captioner,
+                           frames_loader=lambda r: load_kept_frames(local_media_path(r["frames_dir"]), "caption"),
+                           progress=context.log.info)
     frame = caption_table(result)
-    written = save_batch(context, lakehouse, "captions", batch, frame)
+    for bad in result.bad_sidecars:  # a bad sidecar costs only its own captions: quarantined, the rest proceeds
+        context.log.warning(f"captions: sidecar {bad.path} quarantined: {bad.reason}")
+    written = save_batch(context, lakehouse, "captions", batch, frame, "captions", result.quarantine_rows("captions"))
     counts = caption_counts(result)
     if not model_store.captioner:
         context.log.info("no captioner model configured: clips without sidecar captions stay uncaptioned")
     return MaterializeResult(metadata={**written, **counts, "captioner": model_store.captioner or "none",
                                        "preview": markdown_table(frame.select("id", "text", "source", "reason"))})
+
+
+def published_scan(scan, folder, url: str):
+    """A scan of a local copy of a landing folder, with its paths (and the reasons that name them) moved to ``url``."""
+    local = str(folder.resolve())
+
+    def moved(frame: pl.DataFrame) -> pl.DataFrame:
+        columns = [pl.col(c).map_elements(lambda p: rebase(p, local, url), return_dtype=pl.String) for c in ("path",)
+                   if c in frame.columns and len(frame)]
+        if "reason" in frame.columns and len(frame):
+            columns.append(pl.col("reason").str.replace_all(local, url, literal=True))
+        return frame.with_columns(columns) if columns else frame
+
+    from dataclasses import replace
+
+    return replace(scan, videos=moved(scan.videos), quarantine=moved(scan.quarantine))
+
+
+def publish_clips(storage, result):
+    """Upload each cut clip and its kept-frames folder to ``media/clips/<id>.mp4`` and ``media/frames/<id>/``
+    (immutable: an object already there is kept, never uploaded over); the result then names their URLs."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from curation.cutting import MANIFEST
+
+    published = []
+    for clip in result.clips:
+        clip_url = storage.url("media", "clips", f"{clip.id}.mp4")
+        if not storage.exists(clip_url):
+            storage.put_file(clip.path, "media", "clips", f"{clip.id}.mp4")
+        frames_url = storage.url("media", "frames", clip.id)
+        if Path(clip.frames_dir).is_dir() and not storage.exists(f"{frames_url}/{MANIFEST}"):
+            storage.put_dir(clip.frames_dir, "media", "frames", clip.id, last=MANIFEST)
+        published.append(replace(clip, path=clip_url, frames_dir=frames_url))
+    return replace(result, clips=published)
 
 
 CURATION_ASSETS = [raw_videos, scenes, clips, captions]

@@ -2,17 +2,23 @@
 
 Each reads the frames the cutting pass kept for it (never the video again) and writes a table keyed by the clip
 ``id`` with its Open-Sora column (``aes``, ``flow``, ``ocr``, ``match``) and a ``reason`` column. A scorer whose
-weights are not on local disk writes nulls with the reason (never numbers from random weights).
+weights are not on local disk writes nulls with the reason (never numbers from random weights); the dataset
+filter then fails that criterion for every clip unless its spec skips it.
+
+A clip whose frames cannot be read is quarantined (input rejected). An exception from the scorer itself is a
+component error: quarantined with its reason while rare, and the asset fails with a summary when more than
+``max_component_error_share`` of the clips raise one (``ScoringConfig``, ``$OPENSORA_MAX_COMPONENT_ERROR_SHARE``).
 """
 
 import polars as pl
 from dagster import AssetExecutionContext, MaterializeResult, asset
 
-from assets.curation import captions, clips, markdown_table, quarantine_rows, run_isolated, save_batch
+from assets.curation import IsolationConfig, captions, clips, markdown_table, quarantine_rows, run_isolated, save_batch
 from opensora_dag.partitions import video_batches
 from resources.batch_keys import batch_key
 from resources.lakehouse import Lakehouse
 from resources.model_store import ModelStore
+from resources.storage import local_media_path
 
 
 def score_table(ids: list[str], column: str, values: dict[str, object], reasons: dict[str, str], dtype) -> pl.DataFrame:
@@ -38,9 +44,16 @@ def finish(context, lakehouse: Lakehouse, table: str, frame: pl.DataFrame, colum
     return MaterializeResult(metadata={**written, **summary(frame, column), "preview": markdown_table(frame)})
 
 
-def scored(context, stage: str, rows: list[dict], work) -> tuple[dict, list[dict], dict]:
-    """Score clip rows in isolation: values by id, quarantine records, and the failure reason by id."""
-    done, failed = run_isolated(context, stage, rows, work, lambda r: r["path"])
+class ScoringConfig(IsolationConfig):
+    """Run config of a score asset (``max_component_error_share``: see ``assets.curation.run_isolated``)."""
+
+
+def scored(context, stage: str, rows: list[dict], work, config: ScoringConfig | None = None) -> tuple[dict, list[dict], dict]:
+    """Score clip rows in isolation: values by id, quarantine records, and the failure reason by id.
+
+    Fails the asset (``dagster.Failure``) when component errors exceed the configured share of ``rows``."""
+    share = config.max_component_error_share if config is not None else None
+    done, failed = run_isolated(context, stage, rows, work, lambda r: r["path"], max_error_share=share)
     values = {r["id"]: v for r, v in done}
     reasons = {r["id"]: reason for r, reason in failed}
     return values, quarantine_rows(stage, failed, lambda r: r["path"]), reasons
@@ -48,20 +61,21 @@ def scored(context, stage: str, rows: list[dict], work) -> tuple[dict, list[dict
 
 @asset(deps=[clips], partitions_def=video_batches, group_name="curation", code_version="1", kinds={"opencv", "parquet"},
        description="`flow`: mean optical-flow magnitude over frames 0/10/20/30 at 320x576 (OpenCV, no weights).")
-def motion_scores(context: AssetExecutionContext, lakehouse: Lakehouse, model_store: ModelStore) -> MaterializeResult:
+def motion_scores(context: AssetExecutionContext, config: ScoringConfig, lakehouse: Lakehouse, model_store: ModelStore) -> MaterializeResult:
     from curation.cutting import load_kept_frames
     from models.scorers.motion import motion_score
 
     rows = lakehouse.read_partition("clips", batch_key(context.partition_key)).to_dicts()
     values, quarantined, reasons = scored(context, "motion_scores", rows,
-                                          lambda r: motion_score(load_kept_frames(r["frames_dir"], "flow"), backend=model_store.flow_backend))
+                                          lambda r: motion_score(load_kept_frames(local_media_path(r["frames_dir"]), "flow"), backend=model_store.flow_backend),
+                                          config)
     frame = score_table([r["id"] for r in rows], "flow", values, reasons, pl.Float64)
     return finish(context, lakehouse, "motion_scores", frame, "flow", quarantined)
 
 
 @asset(deps=[clips], partitions_def=video_batches, group_name="curation", code_version="1", kinds={"onnx", "parquet"},
        description="`ocr`: text boxes with score > 0.3 on one frame (PP-OCR via rapidocr), plus text area fraction.")
-def ocr_scores(context: AssetExecutionContext, lakehouse: Lakehouse, model_store: ModelStore) -> MaterializeResult:
+def ocr_scores(context: AssetExecutionContext, config: ScoringConfig, lakehouse: Lakehouse, model_store: ModelStore) -> MaterializeResult:
     from curation.cutting import load_kept_frames
     from models.scorers import WeightsUnavailable
     from models.scorers.ocr import OcrScorer
@@ -75,7 +89,8 @@ def ocr_scores(context: AssetExecutionContext, lakehouse: Lakehouse, model_store
         frame = score_table(ids, "ocr", {}, {i: str(err) for i in ids}, pl.Int64).with_columns(
             pl.lit(None, dtype=pl.Float64).alias("ocr_area"), pl.lit(None, dtype=pl.String).alias("ocr_text"))
         return finish(context, lakehouse, "ocr_scores", frame, "ocr", [])
-    values, quarantined, reasons = scored(context, "ocr_scores", rows, lambda r: scorer.score(load_kept_frames(r["frames_dir"], "ocr")[0]))
+    values, quarantined, reasons = scored(context, "ocr_scores", rows, lambda r: scorer.score(load_kept_frames(local_media_path(r["frames_dir"]), "ocr")[0]),
+                                          config)
     frame = score_table(ids, "ocr", {i: v.num_boxes for i, v in values.items()}, reasons, pl.Int64).with_columns(
         pl.Series("ocr_area", [values[i].area_fraction if i in values else None for i in ids], dtype=pl.Float64),
         pl.Series("ocr_text", [" | ".join(values[i].texts) if i in values else None for i in ids], dtype=pl.String),
@@ -85,7 +100,7 @@ def ocr_scores(context: AssetExecutionContext, lakehouse: Lakehouse, model_store
 
 @asset(deps=[clips], partitions_def=video_batches, group_name="curation", code_version="1", kinds={"pytorch", "parquet"},
        description="`aes`: LAION improved-aesthetic MLP on CLIP ViT-L/14 features, mean of frames at 10/50/90%.")
-def aesthetic_scores(context: AssetExecutionContext, lakehouse: Lakehouse, model_store: ModelStore) -> MaterializeResult:
+def aesthetic_scores(context: AssetExecutionContext, config: ScoringConfig, lakehouse: Lakehouse, model_store: ModelStore) -> MaterializeResult:
     from curation.cutting import load_kept_frames
     from models.scorers import WeightsUnavailable
     from models.scorers.aesthetic import AestheticScorer
@@ -99,13 +114,13 @@ def aesthetic_scores(context: AssetExecutionContext, lakehouse: Lakehouse, model
         context.log.warning(f"aesthetic_scores skipped: {err}")
         return finish(context, lakehouse, "aesthetic_scores", score_table(ids, "aes", {}, {i: str(err) for i in ids}, pl.Float64), "aes", [])
     values, quarantined, reasons = scored(context, "aesthetic_scores", rows,
-                                          lambda r: scorer.score_clips([load_kept_frames(r["frames_dir"], "aesthetic")])[0])
+                                          lambda r: scorer.score_clips([load_kept_frames(local_media_path(r["frames_dir"]), "aesthetic")])[0], config)
     return finish(context, lakehouse, "aesthetic_scores", score_table(ids, "aes", values, reasons, pl.Float64), "aes", quarantined)
 
 
 @asset(deps=[clips, captions], partitions_def=video_batches, group_name="curation", code_version="1", kinds={"pytorch", "parquet"},
        description="`match`: 100 * cos(CLIP image features of the middle frame, CLIP text features of the caption).")
-def match_scores(context: AssetExecutionContext, lakehouse: Lakehouse, model_store: ModelStore) -> MaterializeResult:
+def match_scores(context: AssetExecutionContext, config: ScoringConfig, lakehouse: Lakehouse, model_store: ModelStore) -> MaterializeResult:
     from curation.cutting import load_kept_frames
     from models.scorers import WeightsUnavailable
     from models.scorers.clip_match import ClipMatchScorer
@@ -121,7 +136,7 @@ def match_scores(context: AssetExecutionContext, lakehouse: Lakehouse, model_sto
         return finish(context, lakehouse, "match_scores", score_table(ids, "match", {}, {i: str(err) for i in ids}, pl.Float64), "match", [])
     with_text = [r for r in rows if r.get("text")]
     values, quarantined, reasons = scored(context, "match_scores", with_text,
-                                          lambda r: scorer.score(load_kept_frames(r["frames_dir"], "match"), [r["text"]])[0])
+                                          lambda r: scorer.score(load_kept_frames(local_media_path(r["frames_dir"]), "match"), [r["text"]])[0], config)
     reasons.update({r["id"]: "clip has no caption" for r in rows if not r.get("text")})
     return finish(context, lakehouse, "match_scores", score_table(ids, "match", values, reasons, pl.Float64), "match", quarantined)
 

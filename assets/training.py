@@ -8,6 +8,7 @@ from pydantic import Field
 
 from resources.lakehouse import Lakehouse
 from resources.launcher import TrainingLauncher
+from resources.storage import local_dataset_version
 from resources.tracking import Tracking
 
 
@@ -20,25 +21,28 @@ class TrainingRunConfig(Config):
 
 def current_dataset_version(context: AssetExecutionContext, lakehouse: Lakehouse) -> str:
     """The version the latest ``curated_dataset`` materialization produced (else the newest on disk)."""
-    from curation.datasets import latest_version
+    from resources.storage import latest_dataset_version
 
     event = context.instance.get_latest_materialization_event(AssetKey("curated_dataset"))
     if event is not None and event.asset_materialization is not None:
         version = event.asset_materialization.metadata.get("version")
         if version is not None:
             return str(version.value)
-    latest = latest_version(lakehouse.lake_dir / "datasets")
+    latest = latest_dataset_version(lakehouse)  # local folder, or the newest published on the object store
     if latest is None:
         raise ValueError("no curated dataset version exists yet: materialize curated_dataset first")
     return latest.version
 
 
-def run_folder(root: Path) -> Path:
-    """Resume the newest run under ``root`` if it did not finish, else start the next ``run-NNN``."""
-    runs = sorted(p for p in root.glob("run-*") if p.is_dir())
-    if runs and not (runs[-1] / "final_metrics.json").is_file():
-        return runs[-1]
-    return root / f"run-{len(runs) + 1:03d}"
+def runs_root(lakehouse: Lakehouse, preset: str, version: str) -> Path:
+    """Where the runs of ``preset`` on dataset ``version`` live: ``checkpoints/<preset>/<version>/run-NNN``.
+
+    ``training.train --resume auto`` picks the run folder: it continues the newest run if it did not finish and no
+    live process holds its lease (a crashed materialization), and starts the next ``run-NNN`` otherwise, so a
+    second materialization, the weekly schedule during a long run or a relaunched Kubernetes Job never writes
+    into a folder that another training still writes.
+    """
+    return lakehouse.checkpoints_dir / Path(preset).stem / version
 
 
 @asset(
@@ -56,21 +60,23 @@ def trained_model(
     launcher: TrainingLauncher,
 ) -> MaterializeResult:
     version = config.dataset_version or current_dataset_version(context, lakehouse)
-    dataset_dir = lakehouse.lake_dir / "datasets" / version
+    dataset_dir = local_dataset_version(lakehouse, version)  # on S3: a cached local copy of the version folder
     if not (dataset_dir / "data.parquet").is_file():
         raise FileNotFoundError(f"dataset version {version} has no data.parquet under {dataset_dir}")
     num_rows = json.loads((dataset_dir / "manifest.json").read_text())["counts"]["kept"]
-    outdir = run_folder(lakehouse.checkpoints_dir / Path(config.preset).stem / version)
-    argv = [config.preset, "--dataset", str(dataset_dir), "--outdir", str(outdir), "--resume",
+    root = runs_root(lakehouse, config.preset, version)
+    argv = [config.preset, "--dataset", str(dataset_dir), "--outdir", str(root), "--resume=auto",
             "--tracking-uri", tracking.uri(lakehouse.root)]
     if config.steps is not None:
         argv += ["--steps", str(config.steps)]
     for override in config.overrides:
         argv += ["--set", override]
-    context.log.info(f"training {config.preset} on dataset {version} ({num_rows} clips) into {outdir}")
+    context.log.info(f"training {config.preset} on dataset {version} ({num_rows} clips) in a run folder under {root}")
     result = launcher.launch(context, argv, env={"OPENSORA_HOME": str(lakehouse.root)})
 
     metadata = dict(result.metadata or {})
+    run_dir = metadata.get("run_dir")  # the run folder rank 0 trained in
+    outdir = Path(str(run_dir.value)) if run_dir is not None else root
     metadata.update({"dataset_version": version, "dataset_rows": num_rows, "preset": config.preset, "outdir": MetadataValue.path(str(outdir))})
     curve = outdir / "loss_curve.png"
     if curve.is_file():

@@ -17,13 +17,16 @@ Nothing heavy is imported here: the captioner object is passed in (see ``models.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
-from curation.probe import VIDEO_EXTENSIONS
+from curation.errors import InputRejected
+from curation.probe import VIDEO_EXTENSIONS, landing_path
 
 CSV_SIDECAR = "captions.csv"
 JSON_SIDECAR = "captions.json"
@@ -38,8 +41,16 @@ CAPTION_COLUMNS = ("id", "text", "source", "reason", "reason_code")
 REASON_CODES = ("empty_caption", "empty_after_cleaning", "no_frames", "no_source")
 
 
-class SidecarError(ValueError):
+class SidecarError(InputRejected, ValueError):
     """A caption sidecar file is malformed; the message names the file and the line (or JSON item)."""
+
+
+@dataclass(frozen=True)
+class BadSidecar:
+    """A sidecar file that could not be used: where it lies (absolute) and why. Its captions are not used at all."""
+
+    path: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -67,24 +78,48 @@ class SidecarCaptions:
 
     ranged: dict[str, list[_RangedCaption]] = field(default_factory=dict)
     whole: dict[str, CaptionLookup] = field(default_factory=dict)
+    problems: list[BadSidecar] = field(default_factory=list)  # files skipped when read with strict=False
 
     @classmethod
-    def from_batch_dir(cls, batch_dir: str | Path) -> "SidecarCaptions":
+    def from_batch_dir(cls, batch_dir: str | Path, *, strict: bool = True) -> "SidecarCaptions":
         """Read ``captions.csv``, ``captions.json`` and every ``<video stem>.txt`` that sits beside a video.
 
         Whole-video captions are taken in the order txt, csv, json: a second whole-video caption for the same video
-        from a later source is ignored, but two within one csv/json file are an error (the file contradicts itself).
+        from a later source is ignored, but two different ones within one csv/json file are an error (the file
+        contradicts itself; the same row twice is not). Files are text in UTF-8 (with or without BOM) or UTF-16
+        with a BOM. File names are compared after NFC normalisation, so a name written by macOS (NFD) matches.
+
+        A malformed file raises :class:`SidecarError`; with ``strict=False`` it is skipped whole instead (none of
+        its captions is used) and listed in ``problems`` with the reason, and every other file still counts. The
+        files are those :func:`curation.ingest.list_batch_files` lists: a link leaving the folder is never read.
         """
+        from curation.ingest import list_batch_files
+
         batch_dir = Path(batch_dir)
         if not batch_dir.is_dir():
             raise FileNotFoundError(f"batch folder {batch_dir} does not exist")
         captions = cls()
-        captions._read_txt_sidecars(batch_dir)
-        if (batch_dir / CSV_SIDECAR).is_file():
-            captions._add_rows(_read_csv(batch_dir / CSV_SIDECAR), f"sidecar:{CSV_SIDECAR}")
-        if (batch_dir / JSON_SIDECAR).is_file():
-            captions._add_rows(_read_json(batch_dir / JSON_SIDECAR), f"sidecar:{JSON_SIDECAR}")
+        files = list_batch_files(batch_dir)
+        captions._read_txt_sidecars(batch_dir, files, strict)
+        listed = set(files)
+        for name, reader in ((CSV_SIDECAR, _read_csv), (JSON_SIDECAR, _read_json)):
+            path = batch_dir / name
+            if path in listed:
+                captions._read_one(path, strict, lambda: captions._add_rows(reader(path), f"sidecar:{name}"))
         return captions
+
+    def _read_one(self, path: Path, strict: bool, read: Callable[[], None]) -> None:
+        """Run ``read``; when not ``strict`` a malformed or unreadable file becomes a problem, not an exception."""
+        try:
+            read()
+        except SidecarError as err:
+            if strict:
+                raise
+            self.problems.append(BadSidecar(landing_path(path), str(err)))
+        except OSError as err:
+            if strict:
+                raise
+            self.problems.append(BadSidecar(landing_path(path), f"{path.name}: cannot be read ({err.strerror or err})"))
 
     def __len__(self) -> int:
         return sum(len(v) for v in self.ranged.values()) + len(self.whole)
@@ -122,45 +157,95 @@ class SidecarCaptions:
 
     # -- readers ---------------------------------------------------------------------------------------------
 
-    def _read_txt_sidecars(self, batch_dir: Path) -> None:
-        for txt in sorted(batch_dir.rglob("*.txt")):
-            rel = txt.relative_to(batch_dir)
-            if any(part.startswith(".") for part in rel.parts):
+    def _read_txt_sidecars(self, batch_dir: Path, files: list[Path], strict: bool) -> None:
+        videos_by_stem: dict[tuple[Path, str], list[Path]] = {}
+        for path in files:
+            if path.suffix.lower() in VIDEO_EXTENSIONS:
+                videos_by_stem.setdefault((path.parent, _nfc(path.stem)), []).append(path)
+        for txt in files:
+            if txt.suffix != ".txt":
                 continue
-            videos = sorted(
-                p for p in txt.parent.glob(f"{_glob_escape(txt.stem)}.*") if p.stem == txt.stem and p.suffix.lower() in VIDEO_EXTENSIONS
-            )
+            videos = sorted(videos_by_stem.get((txt.parent, _nfc(txt.stem)), []))
             if not videos:
                 continue  # a note or licence file, not a caption
-            try:
-                text = txt.read_text(encoding="utf-8-sig")
-            except UnicodeDecodeError as err:
-                raise SidecarError(f"{rel.as_posix()}: not UTF-8 text ({err})") from err
-            text = " ".join(text.split())  # a multi-line caption is one caption
-            for video in videos:
-                key = video.relative_to(batch_dir).as_posix()
-                self.whole.setdefault(key, CaptionLookup(text, f"sidecar:{rel.as_posix()}"))
+            rel = txt.relative_to(batch_dir).as_posix()
+
+            def read(txt: Path = txt, rel: str = rel, videos: list[Path] = videos) -> None:
+                text = " ".join(_read_text(txt, rel).split())  # a multi-line caption is one caption
+                for video in videos:
+                    key = _normalise_file(video.relative_to(batch_dir).as_posix())
+                    self.whole.setdefault(key, CaptionLookup(text, f"sidecar:{rel}"))
+
+            self._read_one(txt, strict, read)
 
     def _add_rows(self, rows: Iterable[tuple[str, str, float | None, float | None, str]], source: str) -> None:
-        whole_seen: dict[str, str] = {}
+        """Add one file's rows, all or none: a file that contradicts itself adds nothing."""
+        whole_seen: dict[str, tuple[str, str]] = {}
+        whole: list[tuple[str, str]] = []
+        ranged: list[tuple[str, _RangedCaption]] = []
         for file, text, start_s, end_s, where in rows:
             if start_s is None:
                 if file in whole_seen:
-                    raise SidecarError(f"{where}: second whole-video caption for {file!r} (first at {whole_seen[file]})")
-                whole_seen[file] = where
-                self.whole.setdefault(file, CaptionLookup(text, source))
+                    first_text, first_where = whole_seen[file]
+                    if text == first_text:
+                        continue  # the same row twice says nothing new
+                    raise SidecarError(f"{where}: second whole-video caption for {file!r} (first at {first_where})")
+                whole_seen[file] = (text, where)
+                whole.append((file, text))
             else:
-                self.ranged.setdefault(file, []).append(_RangedCaption(start_s, end_s, text, source))
+                ranged.append((file, _RangedCaption(start_s, end_s, text, source)))
+        for file, text in whole:
+            self.whole.setdefault(file, CaptionLookup(text, source))
+        for file, caption in ranged:
+            self.ranged.setdefault(file, []).append(caption)
 
 
-def _glob_escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
+def _nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
 
 
 def _normalise_file(name: str) -> str:
-    """``"./sub/a.mp4"`` and ``"sub\\a.mp4"`` -> ``"sub/a.mp4"``: sidecar keys and lookups compare in this form."""
-    path = PurePosixPath(name.strip().replace("\\", "/"))
+    """``"./sub/a.mp4"`` and ``"sub\\a.mp4"`` -> ``"sub/a.mp4"``: sidecar keys and lookups compare in this form.
+
+    Names are NFC-normalised, so ``café.mp4`` written by macOS (NFD: ``e`` + combining accent) finds its row.
+    """
+    path = PurePosixPath(_nfc(name.strip().replace("\\", "/")))
     return path.as_posix().removeprefix("./")
+
+
+_UTF8_BOM = b"\xef\xbb\xbf"
+_UTF32_BOMS = (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")
+_UTF16_BOMS = {b"\xff\xfe": "utf-16-le", b"\xfe\xff": "utf-16-be"}
+
+
+def _read_text(path: Path, name: str) -> str:
+    """A sidecar's text: UTF-8 (with or without BOM) or UTF-16 with a BOM; anything else is a SidecarError.
+
+    Nothing is guessed: bytes that are neither are refused with the offset of the first bad byte, and text with
+    NUL characters (typically UTF-16 saved without a BOM) is refused too.
+    """
+    data = path.read_bytes()
+    if data.startswith(_UTF32_BOMS):
+        raise SidecarError(f"{name}: UTF-32 text is not supported; save it as UTF-8")
+    for bom, encoding in _UTF16_BOMS.items():
+        if data.startswith(bom):
+            try:
+                text = data[len(bom):].decode(encoding)
+            except UnicodeDecodeError as err:
+                raise SidecarError(f"{name}: not valid {encoding.upper()} text despite its byte-order mark ({err.reason} at byte {err.start + len(bom)})") from err
+            break
+    else:
+        try:
+            text = data.removeprefix(_UTF8_BOM).decode("utf-8")
+        except UnicodeDecodeError as err:
+            offset = err.start + (len(_UTF8_BOM) if data.startswith(_UTF8_BOM) else 0)
+            raise SidecarError(
+                f"{name}: not UTF-8 text (byte 0x{data[offset]:02x} at offset {offset}) and no UTF-16 byte-order mark; "
+                "save it as UTF-8"
+            ) from err
+    if "\x00" in text:
+        raise SidecarError(f"{name}: contains NUL characters (UTF-16 saved without a byte-order mark?); save it as UTF-8")
+    return text
 
 
 def _parse_time(value: Any, where: str, column: str) -> float | None:
@@ -194,8 +279,9 @@ def _check_row(file: Any, text: Any, start: Any, end: Any, where: str) -> tuple[
 
 def _read_csv(path: Path) -> list[tuple[str, str, float | None, float | None, str]]:
     """Rows of ``captions.csv``: header with ``file`` and ``text``, optional ``start_s`` / ``end_s``."""
+    text = _read_text(path, path.name)
     try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
+        with io.StringIO(text, newline="") as f:
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
             missing = [c for c in ("file", "text") if c not in header]
@@ -211,8 +297,6 @@ def _read_csv(path: Path) -> list[tuple[str, str, float | None, float | None, st
                 if all((v or "").strip() == "" for v in record.values()):
                     continue  # blank line
                 rows.append(_check_row(record["file"], record["text"], record.get("start_s"), record.get("end_s"), where))
-    except UnicodeDecodeError as err:
-        raise SidecarError(f"{path.name}: not UTF-8 text ({err})") from err
     except csv.Error as err:
         raise SidecarError(f"{path.name}: malformed CSV ({err})") from err
     return rows
@@ -220,10 +304,9 @@ def _read_csv(path: Path) -> list[tuple[str, str, float | None, float | None, st
 
 def _read_json(path: Path) -> list[tuple[str, str, float | None, float | None, str]]:
     """``captions.json``: a list of ``{"file", "text"[, "start_s", "end_s"]}`` objects or a ``{file: text}`` mapping."""
+    text = _read_text(path, path.name)
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except UnicodeDecodeError as err:
-        raise SidecarError(f"{path.name}: not UTF-8 text ({err})") from err
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise SidecarError(f"{path.name}:{err.lineno}: invalid JSON ({err.msg}, column {err.colno})") from err
     rows = []
@@ -317,6 +400,22 @@ class ClipColumns:
     end_s: str = "end_s"
 
 
+class CaptionResult(list):
+    """What :func:`caption_clips` returns: the :class:`CaptionRow` list itself, plus ``bad_sidecars``.
+
+    ``bad_sidecars`` lists the sidecar files that could not be used (not UTF-8/UTF-16 text, malformed, contradicting
+    themselves), each with the reason; the captions asset quarantines them with :meth:`quarantine_rows`.
+    """
+
+    def __init__(self, rows: Iterable[CaptionRow] = (), bad_sidecars: Iterable[BadSidecar] = ()) -> None:
+        super().__init__(rows)
+        self.bad_sidecars: list[BadSidecar] = list(bad_sidecars)
+
+    def quarantine_rows(self, stage: str = "captions") -> list[dict]:
+        """``quarantine`` records (path, stage, reason) of the bad sidecars."""
+        return [{"path": bad.path, "stage": stage, "reason": bad.reason} for bad in self.bad_sidecars]
+
+
 FramesLoader = Callable[[Mapping[str, Any]], Sequence[Any]]
 
 SOURCES = ("sidecar", "model")
@@ -327,10 +426,10 @@ def _video_key(video_path: str, batch_dir: Path) -> str:
     path = Path(video_path)
     if not path.is_absolute():
         return _normalise_file(str(video_path))
-    try:
-        return path.resolve().relative_to(batch_dir.resolve()).as_posix()
+    try:  # where the file lies, not where a link made by ``ingest --link`` points
+        return _normalise_file(Path(landing_path(path)).relative_to(batch_dir.resolve()).as_posix())
     except ValueError:
-        return path.name
+        return _normalise_file(path.name)
 
 
 def caption_clips(
@@ -344,7 +443,7 @@ def caption_clips(
     columns: ClipColumns = ClipColumns(),
     t5_clean: bool = False,
     progress: Callable[[str], None] | None = None,
-) -> list[CaptionRow]:
+) -> CaptionResult:
     """Caption every clip from the first source in ``order`` that yields a non-empty cleaned caption.
 
     Args:
@@ -353,11 +452,13 @@ def caption_clips(
         captioner: a model captioner, or None when no model is configured.
         frames_loader: ``row -> frames`` (RGB uint8 [H, W, 3]) kept for the clip; required with a captioner.
         order: sources to try, any of ``("sidecar", "model")`` in order of preference.
-        sidecars: pre-read sidecars (read from ``batch_dir`` if None).
+        sidecars: pre-read sidecars (read from ``batch_dir`` if None, skipping and reporting malformed files).
         t5_clean: also apply the T5 caption cleaning (see :func:`clean_dataset_caption`).
 
-    Returns one :class:`CaptionRow` per clip in input order. Clips with no usable source get ``text=None`` and a
-    reason listing what was tried; counts by source and reason come from :func:`caption_counts`.
+    Returns one :class:`CaptionRow` per clip in input order (a :class:`CaptionResult`, whose ``bad_sidecars``
+    lists the sidecar files that could not be used, with reasons: one bad file never costs the other videos their
+    captions). Clips with no usable source get ``text=None`` and a reason listing what was tried; counts by source
+    and reason come from :func:`caption_counts`.
     """
     unknown = [s for s in order if s not in SOURCES]
     if unknown or not order:
@@ -366,7 +467,7 @@ def caption_clips(
         raise ValueError("a captioner needs a frames_loader (row -> the frames kept for the clip)")
     batch_dir = Path(batch_dir)
     if sidecars is None and "sidecar" in order:
-        sidecars = SidecarCaptions.from_batch_dir(batch_dir)
+        sidecars = SidecarCaptions.from_batch_dir(batch_dir, strict=False)
 
     rows = list(clips)
     results: list[CaptionRow | None] = [None] * len(rows)
@@ -414,7 +515,10 @@ def caption_clips(
                 if progress:
                     progress(f"{label}: captioned {min(start + len(chunk), len(pending))}/{len(pending)} clips")
 
-    return [r if r is not None else _uncaptioned(str(rows[i][columns.id]), tried[i]) for i, r in enumerate(results)]
+    return CaptionResult(
+        (r if r is not None else _uncaptioned(str(rows[i][columns.id]), tried[i]) for i, r in enumerate(results)),
+        sidecars.problems if sidecars is not None else (),
+    )
 
 
 def _uncaptioned(clip_id: str, tried: list[tuple[str, str]]) -> CaptionRow:
@@ -447,7 +551,9 @@ def caption_table(rows: Sequence[CaptionRow]):
 
 __all__ = [
     "CAPTION_COLUMNS",
+    "BadSidecar",
     "CaptionLookup",
+    "CaptionResult",
     "CaptionRow",
     "Captioner",
     "REASON_CODES",

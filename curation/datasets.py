@@ -9,13 +9,14 @@ Each version folder holds::
 
     data.parquet     the kept clips: Open-Sora columns, provenance columns, and ``batch`` when the clips had one
     opensora.csv     the same rows, Open-Sora columns + provenance columns (what the reference's training reads)
-    dropped.parquet  id, path and the reason of every clip left out
-    manifest.json    spec, inputs, counts, drop counts per filter, skipped criteria with reasons, created_at
+    dropped.parquet  id, path, batch, the reason (the check that dropped it) and its detail, of every clip left out
+    manifest.json    spec, inputs, counts, drop counts per filter, every criterion's state, skipped criteria, created_at
 
 Drop counts are attributed in a fixed order (``DROP_ORDER``): each clip is counted once, at the first check it
-fails. A criterion whose column has no value at all (a scorer that ran without its weights writes an all-null
-column, or the score table is absent) is skipped and reported rather than applied, since applying it would drop
-every clip for a reason that says nothing about the clips.
+fails. The criteria and their meaning are ``curation.filters`` (the same SQL as ``opensora-dag data filter``): a
+clip without a value fails an active criterion, e.g. every clip fails ``aesmin`` when the aesthetic scorer ran
+without weights (its detail says why the value is missing). A criterion is inactive only when the spec says so
+(``FilterSpec.skip``); each skip is reported with the reason, and the asset shows it as a failed check.
 """
 
 from __future__ import annotations
@@ -25,19 +26,31 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel
+
+# FilterSpec, PRESETS, Criterion and CRITERIA lived here before the filter became one module; still importable.
+from curation.filters import (  # noqa: F401
+    CRITERIA,
+    PRESETS,
+    Criterion,
+    FilterSpec,
+    failure_detail_sql,
+    first_failure_sql,
+    resolution_sql,
+)
 
 if TYPE_CHECKING:
     import duckdb
     import polars as pl
 
 # Bump when the builder's output changes for the same spec and inputs: it is part of the version hash.
-BUILDER_VERSION = 1
+# 2: an all-null criterion column is no longer skipped on its own (only FilterSpec.skip skips); dropped.parquet
+#    has a detail column; the manifest reports every criterion.
+BUILDER_VERSION = 2
 
 CLIPS_TABLE = "clips"
 # Score / caption table -> the one column the builder takes from it.
@@ -67,78 +80,10 @@ CLIP_OPTIONAL = {
 }
 NO_CAPTION = "no caption"
 DUPLICATE = "duplicate"
+DUPLICATE_DETAIL = "another copy of the same clip id is kept (first batch, then path)"
 
 
-class FilterSpec(BaseModel):
-    """Which clips go into a curated dataset. Every bound is inclusive and optional (None: not applied).
-
-    A clip whose value is missing fails a bound that is applied (as ``filter`` in the reference's datautil).
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    min_frames: int | None = Field(None, ge=1, description="keep clips with num_frames >= this")
-    max_frames: int | None = Field(None, ge=1, description="keep clips with num_frames <= this")
-    min_resolution: int | None = Field(None, ge=1, description="keep clips with height*width >= this (pixels)")
-    max_resolution: int | None = Field(None, ge=1, description="keep clips with height*width <= this (pixels)")
-    fpsmin: float | None = Field(None, ge=0, description="keep clips with fps >= this")
-    fpsmax: float | None = Field(None, ge=0, description="keep clips with fps <= this")
-    aesmin: float | None = Field(None, description="keep clips with aesthetic score >= this (reference: 5)")
-    flowmin: float | None = Field(None, ge=0, description="keep clips with optical-flow score >= this")
-    flowmax: float | None = Field(None, ge=0, description="keep clips with optical-flow score <= this")
-    ocrmax: float | None = Field(None, ge=0, description="keep clips with at most this many OCR text boxes")
-    matchmin: float | None = Field(None, description="keep clips with CLIP text-frame match (100*cos) >= this")
-    dedupe: bool = Field(
-        True, description="keep one row per clip id (same content landed in two batches): first batch, then path"
-    )
-    require_caption: bool = Field(True, description="drop clips without a non-empty caption (training needs text)")
-
-    @model_validator(mode="after")
-    def _bounds_ordered(self) -> "FilterSpec":
-        for lo, hi in (("min_frames", "max_frames"), ("min_resolution", "max_resolution"),
-                       ("fpsmin", "fpsmax"), ("flowmin", "flowmax")):  # fmt: skip
-            a, b = getattr(self, lo), getattr(self, hi)
-            if a is not None and b is not None and a > b:
-                raise ValueError(f"{lo}={a} is greater than {hi}={b}: no clip could pass")
-        return self
-
-    def canonical_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-
-
-# Named specs, usable as CLI / launchpad choices.
-PRESETS: dict[str, FilterSpec] = {
-    "all": FilterSpec(),
-    # The reference's curation recipe keeps aes >= 5 (report section 4).
-    "reference": FilterSpec(aesmin=5.0),
-    # Trainable clips for the bucket sampler: at least 16 frames at 144p or more, some motion, little text.
-    "train": FilterSpec(min_frames=16, min_resolution=144 * 256, aesmin=5.0, flowmin=0.5, ocrmax=5),
-}
-
-
-@dataclass(frozen=True)
-class Criterion:
-    """One spec bound: keep a clip when ``column <op> spec.<name>``."""
-
-    name: str
-    column: str
-    op: str
-
-
-# The fixed order drops are attributed in (after "no caption", before "duplicate").
-CRITERIA = (
-    Criterion("min_frames", "num_frames", ">="),
-    Criterion("max_frames", "num_frames", "<="),
-    Criterion("min_resolution", "resolution", ">="),
-    Criterion("max_resolution", "resolution", "<="),
-    Criterion("fpsmin", "fps", ">="),
-    Criterion("fpsmax", "fps", "<="),
-    Criterion("aesmin", "aes", ">="),
-    Criterion("flowmin", "flow", ">="),
-    Criterion("flowmax", "flow", "<="),
-    Criterion("ocrmax", "ocr", "<="),
-    Criterion("matchmin", "match", ">="),
-)
+# The fixed order drops are attributed in: "no caption", the criteria (curation.filters.CRITERIA), "duplicate".
 DROP_ORDER = (NO_CAPTION, *(c.name for c in CRITERIA), DUPLICATE)
 
 
@@ -146,6 +91,20 @@ class SkippedCriterion(BaseModel):
     criterion: str
     column: str
     reason: str
+
+
+class CriterionReport(BaseModel):
+    """What one criterion of the spec did to a version: unset, skipped (by the spec) or applied."""
+
+    criterion: str
+    flag: str  # its CLI flag
+    column: str
+    status: str  # "unset" | "skipped" | "applied"
+    bound: str | None = None  # "aes >= 5.0" when set
+    with_value: int = 0  # clips that have a value in the criterion's column
+    dropped: int = 0  # clips dropped at this criterion (first check they failed)
+    dropped_without_value: int = 0  # ... of which had no value
+    reason: str | None = None  # skipped: why; applied: set when no clip has a value (every clip fails it)
 
 
 class DatasetVersion(BaseModel):
@@ -160,6 +119,7 @@ class DatasetVersion(BaseModel):
     drop_counts: dict[str, int]  # DROP_ORDER keys that were checked, in that order
     skipped: list[SkippedCriterion]
     created_at: str
+    criteria: list[CriterionReport] = []  # every criterion, in CRITERIA order (empty for builder-1 manifests)
     lake_snapshot: int | None = None  # the lake snapshot every input table was read from
     reused: bool = False
 
@@ -208,6 +168,7 @@ def load_version(out_root: str | os.PathLike, version: str) -> DatasetVersion:
         drop_counts=manifest["drop_counts"],
         skipped=[SkippedCriterion(**s) for s in manifest["skipped"]],
         created_at=manifest["created_at"],
+        criteria=[CriterionReport(**c) for c in manifest.get("criteria", [])],
         lake_snapshot=manifest.get("lake_snapshot"),
     )
 
@@ -270,7 +231,8 @@ def _joined_sql(schemas: dict[str, dict[str, str]]) -> str:
 
     Side tables are first reduced to one row per id, so a clip scored in two batches does not multiply:
     scores of the same id agree (ids are content hashes), and the caption kept is the smallest non-empty one,
-    which makes the choice deterministic.
+    which makes the choice deterministic. ``<column>_reason`` carries a side table's ``reason`` for a missing value
+    (e.g. "CLIP checkpoint path is not set"), so a clip dropped for lacking it says why.
     """
     clip_cols = schemas[CLIPS_TABLE]
     select = [
@@ -283,10 +245,8 @@ def _joined_sql(schemas: dict[str, dict[str, str]]) -> str:
     for name, sql_type in CLIP_OPTIONAL.items():
         value = f"c.{_ident(name)}" if name in clip_cols else "NULL"
         select.append(f"CAST({value} AS {sql_type}) AS {name}")
-    hw = "CAST(c.height AS BIGINT) * CAST(c.width AS BIGINT)"
     ratio = "CAST(c.height AS DOUBLE) / nullif(CAST(c.width AS DOUBLE), 0)"
-    select.append(f"coalesce(CAST(c.resolution AS BIGINT), {hw}) AS resolution" if "resolution" in clip_cols
-                  else f"{hw} AS resolution")  # fmt: skip
+    select.append(f"{resolution_sql(clip_cols, prefix='c.')} AS resolution")  # the filter's own definition
     select.append(f"coalesce(CAST(c.aspect_ratio AS DOUBLE), {ratio}) AS aspect_ratio" if "aspect_ratio" in clip_cols
                   else f"{ratio} AS aspect_ratio")  # fmt: skip
 
@@ -294,49 +254,84 @@ def _joined_sql(schemas: dict[str, dict[str, str]]) -> str:
     for i, (table, column) in enumerate(SIDE_TABLES.items()):
         alias = f"s{i}"
         cols = schemas.get(table, {})
+        why = _ident(f"{column}_reason")
         if "id" not in cols or column not in cols:
             select.append(f"CAST(NULL AS {'VARCHAR' if column == 'text' else 'DOUBLE'}) AS {_ident(column)}")
+            select.append(f"CAST(NULL AS VARCHAR) AS {why}")
             continue
         if column == "text":
-            reduce = "min(CAST(text AS VARCHAR)) FILTER (WHERE text IS NOT NULL AND trim(CAST(text AS VARCHAR)) <> '')"
+            has_value = "text IS NOT NULL AND trim(CAST(text AS VARCHAR)) <> ''"
+            reduce = f"min(CAST(text AS VARCHAR)) FILTER (WHERE {has_value})"
         else:
+            has_value = f"{_ident(column)} IS NOT NULL"
             reduce = f"max(CAST({_ident(column)} AS DOUBLE))"
+        reason = f"min(CAST(reason AS VARCHAR)) FILTER (WHERE NOT ({has_value}))" if "reason" in cols else "CAST(NULL AS VARCHAR)"
         ctes.append(
-            f"{alias} AS (SELECT CAST(id AS VARCHAR) AS id, {reduce} AS {_ident(column)} "
+            f"{alias} AS (SELECT CAST(id AS VARCHAR) AS id, {reduce} AS {_ident(column)}, {reason} AS {why} "
             f"FROM {_ident(table)} GROUP BY CAST(id AS VARCHAR))"
         )
         joins.append(f"LEFT JOIN {alias} ON {alias}.id = CAST(c.id AS VARCHAR)")
         select.append(f"{alias}.{_ident(column)} AS {_ident(column)}")
+        # A clip the table has no row for has no reason from it; say so rather than leave it blank.
+        select.append(f"CASE WHEN {alias}.id IS NULL THEN {_sql_str(f'no {table} row for the clip')} ELSE {alias}.{why} END AS {why}")
     with_clause = ("WITH " + ", ".join(ctes) + " ") if ctes else ""
     return f"{with_clause}SELECT {', '.join(select)} FROM {_ident(CLIPS_TABLE)} c {' '.join(joins)}"
 
 
-def _skipped(
+def _column_state(table: str, column: str, schemas: dict[str, dict[str, str]], n: int, with_value: int,
+                  why_null: str | None) -> str:
+    """What the joined table holds for a criterion's column, in words (for skip and all-null reasons)."""
+    if table not in schemas:
+        return f"table {table} was not provided (or has no rows)"
+    derived = table == CLIPS_TABLE and column == "resolution"  # computed from height and width
+    needed = [column] if table == CLIPS_TABLE else ["id", column]
+    lacking = [c for c in needed if c not in schemas[table]]
+    if lacking and not derived:
+        return f"table {table} lacks column(s) {lacking}"
+    if with_value == 0:
+        return f"{table}.{column} is null for all {n} clips" + (f": {why_null}" if why_null else "")
+    return f"{table}.{column} has a value for {with_value} of {n} clips"
+
+
+def _criteria_report(
     con: "duckdb.DuckDBPyConnection", spec: FilterSpec, schemas: dict[str, dict[str, str]], n: int
-) -> list[SkippedCriterion]:
-    """Criteria set in ``spec`` whose column has no value in any clip: skipped, with why."""
-    active = [c for c in CRITERIA if getattr(spec, c.name) is not None]
-    if not active or n == 0:
-        return []
-    columns = sorted({c.column for c in active})
-    counts = con.execute(f"SELECT {', '.join(f'count({_ident(c)})' for c in columns)} FROM __ds_joined").fetchone()
-    non_null = dict(zip(columns, counts))
+) -> list[CriterionReport]:
+    """Every criterion's state: unset, skipped by the spec (with why) or applied (with its drops)."""
     table_of = {col: table for table, col in SIDE_TABLES.items()}
-    skipped = []
-    for criterion in active:
-        if non_null[criterion.column] > 0:
-            continue
-        table = table_of.get(criterion.column, CLIPS_TABLE)
-        derived = table == CLIPS_TABLE and criterion.column in ("resolution", "aspect_ratio")  # computed from H, W
-        needed = [criterion.column] if table == CLIPS_TABLE else ["id", criterion.column]
-        if table not in schemas:
-            reason = f"table {table} was not provided (or has no rows)"
-        elif not derived and any(c not in schemas[table] for c in needed):
-            reason = f"table {table} lacks column(s) {[c for c in needed if c not in schemas[table]]}"
-        else:
-            reason = f"{table}.{criterion.column} is null for all {n} clips (scorer weights missing?)"
-        skipped.append(SkippedCriterion(criterion=criterion.name, column=criterion.column, reason=reason))
-    return skipped
+    set_criteria = [c for c in CRITERIA if getattr(spec, c.name) is not None]
+    columns = sorted({c.column for c in set_criteria})
+    aggs = []
+    for column in columns:
+        aggs.append(f"count({_ident(column)})")
+        aggs.append(f"min({_ident(column + '_reason')})" if column in table_of else "NULL")  # deterministic
+    row = con.execute(f"SELECT {', '.join(aggs)} FROM __ds_joined").fetchone() if aggs else ()
+    with_value = {col: int(row[2 * i]) for i, col in enumerate(columns)}
+    why_null = {col: row[2 * i + 1] for i, col in enumerate(columns)}
+    drops = {
+        name: (int(total), int(without))
+        for name, total, without in con.execute(
+            "SELECT drop_reason, count(*), count(*) FILTER (WHERE __ds_missing) FROM __ds_checked "
+            "WHERE drop_reason IS NOT NULL GROUP BY 1"
+        ).fetchall()
+    }
+    reports = []
+    for c in CRITERIA:
+        report = CriterionReport(criterion=c.name, flag=c.flag, column=c.column, status="unset")
+        if getattr(spec, c.name) is not None:
+            table = table_of.get(c.column, CLIPS_TABLE)
+            state = _column_state(table, c.column, schemas, n, with_value[c.column], why_null[c.column])
+            dropped, without = drops.get(c.name, (0, 0))
+            update: dict[str, Any] = {"bound": f"{c.column} {c.op} {spec.bound(c)!r}", "with_value": with_value[c.column]}
+            if c.name in spec.skip:
+                update |= {"status": "skipped", "reason": f"skipped by the spec (skip={list(spec.skip)}); {state}"}
+            else:
+                update |= {"status": "applied", "dropped": dropped, "dropped_without_value": without}
+                if n and with_value[c.column] == 0:
+                    update["reason"] = (f"{state}: every clip fails {c.name}; provide what fills {c.column} "
+                                        f"or list {c.name} in the spec's skip")  # fmt: skip
+            report = report.model_copy(update=update)
+        reports.append(report)
+    return reports
 
 
 def build_dataset(
@@ -373,28 +368,32 @@ def build_dataset(
         con.execute(f"CREATE OR REPLACE TEMP TABLE __ds_joined AS {_joined_sql(schemas)}")
         (n,) = con.execute("SELECT count(*) FROM __ds_joined").fetchone()
 
-        # 3. Decide which criteria apply; an all-null column means the scorer never ran: skip, report.
-        skipped = _skipped(con, spec, schemas, n)
-        skipped_names = {s.criterion for s in skipped}
-        applied = [c for c in CRITERIA if getattr(spec, c.name) is not None and c.name not in skipped_names]
+        # 3. The criteria the spec applies (set, and not in its skip list): only the spec decides, never the data.
+        applied = spec.active()
+        values = {c.name: _ident(c.column) for c, _ in applied}  # __ds_joined has every criterion's column
 
         # 4. Attribute each clip to its first failing check (NULL reason: kept so far), then dedupe the survivors.
-        cases = []
-        if spec.require_caption:
-            cases.append(f"WHEN text IS NULL OR trim(text) = '' THEN {_sql_str(NO_CAPTION)}")
-        for c in applied:
-            # NOT coalesce(..., false): a missing value fails the bound, as in the reference.
-            value = float(getattr(spec, c.name))
-            cases.append(f"WHEN NOT coalesce({_ident(c.column)} {c.op} {value!r}, false) THEN {_sql_str(c.name)}")
-        reason = f"CASE {' '.join(cases)} ELSE NULL END" if cases else "CAST(NULL AS VARCHAR)"
+        #    A missing value fails an active criterion (curation.filters), with the reason it is missing.
+        leading = [f"WHEN text IS NULL OR trim(text) = '' THEN {_sql_str(NO_CAPTION)}"] if spec.require_caption else []
+        reason = first_failure_sql(applied, values, leading)
+        null_reasons = {c.name: _ident(c.column + "_reason") for c, _ in applied if c.column in SIDE_TABLES.values()}
+        detail = failure_detail_sql(applied, values, "drop_reason", null_reasons)
+        detail = (f"CASE WHEN drop_reason = {_sql_str(NO_CAPTION)} THEN {_sql_str(NO_CAPTION)} || "
+                  f"coalesce(': ' || text_reason, '') ELSE {detail} END")  # fmt: skip
+        missing = "CASE drop_reason " + " ".join(
+            f"WHEN {_sql_str(c.name)} THEN {values[c.name]} IS NULL" for c, _ in applied) + " ELSE false END"
         con.execute(f"CREATE OR REPLACE TEMP TABLE __ds_checked AS SELECT *, {reason} AS drop_reason FROM __ds_joined")
+        con.execute(f"CREATE OR REPLACE TEMP TABLE __ds_checked AS SELECT *, {detail} AS drop_detail, "
+                    f"{missing if applied else 'false'} AS __ds_missing FROM __ds_checked")
         if spec.dedupe:
             con.execute(
                 f"""
                 CREATE OR REPLACE TEMP TABLE __ds_checked AS
-                SELECT * EXCLUDE (rank_in_id, drop_reason),
+                SELECT * EXCLUDE (rank_in_id, drop_reason, drop_detail),
                        CASE WHEN drop_reason IS NULL AND rank_in_id > 1 THEN {_sql_str(DUPLICATE)} ELSE drop_reason END
-                       AS drop_reason
+                       AS drop_reason,
+                       CASE WHEN drop_reason IS NULL AND rank_in_id > 1 THEN {_sql_str(DUPLICATE_DETAIL)} ELSE drop_detail END
+                       AS drop_detail
                 FROM (
                     SELECT *,
                            row_number() OVER (PARTITION BY id, drop_reason IS NULL
@@ -403,7 +402,10 @@ def build_dataset(
                 )
                 """
             )
-        checked_keys = {c.name for c in applied}
+        criteria = _criteria_report(con, spec, schemas, n)
+        skipped = [SkippedCriterion(criterion=r.criterion, column=r.column, reason=r.reason or "")
+                   for r in criteria if r.status == "skipped"]  # fmt: skip
+        checked_keys = {c.name for c, _ in applied}
         checked_keys |= ({NO_CAPTION} if spec.require_caption else set()) | ({DUPLICATE} if spec.dedupe else set())
         found = dict(
             con.execute("SELECT drop_reason, count(*) FROM __ds_checked WHERE drop_reason IS NOT NULL GROUP BY 1").fetchall()
@@ -425,7 +427,8 @@ def build_dataset(
                 f"TO {_sql_str(tmp / 'opensora.csv')} (FORMAT CSV, HEADER)"
             )
             con.execute(
-                "COPY (SELECT id, path, batch, drop_reason AS reason FROM __ds_checked WHERE drop_reason IS NOT NULL "
+                "COPY (SELECT id, path, batch, drop_reason AS reason, drop_detail AS detail FROM __ds_checked "
+                "WHERE drop_reason IS NOT NULL "
                 f"ORDER BY path, id) TO {_sql_str(tmp / 'dropped.parquet')} (FORMAT PARQUET)"
             )
             created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -436,8 +439,9 @@ def build_dataset(
                 "inputs": dict(sorted((str(k), str(v)) for k, v in input_versions.items())),
                 "counts": {"clips": int(n), "kept": int(kept), "dropped": int(n - kept)},
                 "drop_counts": drop_counts,
-                "applied": {c.name: f"{c.column} {c.op} {getattr(spec, c.name)}" for c in applied},
+                "applied": {c.name: f"{c.column} {c.op} {getattr(spec, c.name)}" for c, _ in applied},
                 "skipped": [s.model_dump() for s in skipped],
+                "criteria": [r.model_dump() for r in criteria],
                 "columns": list(CSV_COLUMNS),
                 "created_at": created_at,
                 "lake_snapshot": lake_snapshot,

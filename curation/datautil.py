@@ -6,7 +6,9 @@ output's extension), so a million rows take about a second on two cores and memo
 the one operation SQL does poorly: an order-preserving "keep the first row per key" (``dedupe``).
 
 The filter flags keep the reference's meaning: bounds are inclusive, and a row whose value is missing fails the
-bound (NaN compares false in pandas, NULL is not true in SQL), so ``--aesmin 5`` also drops rows never scored.
+bound (NaN compares false in pandas, NULL is not true in SQL), so ``--aesmin 5`` also drops rows never scored. The
+criteria are ``curation.filters``, the same ones (same SQL) the curated dataset applies; ``filter`` reports how many
+rows each flag dropped and how many of them had no value (``--dropped FILE`` writes them with the reason).
 
 Every write goes to a temporary file beside the target and is renamed over it, so ``filter in.parquet -o in.parquet``
 is safe and a reader never sees half a file.
@@ -21,6 +23,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
+
+from curation.filters import CRITERIA, FilterSpec, failure_detail_sql, first_failure_sql, keep_sql, value_sql
 
 if TYPE_CHECKING:
     import duckdb
@@ -48,29 +52,10 @@ class DatautilError(ValueError):
 
 
 # ---- filter flags ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class FilterFlag:
-    """One reference filter flag: ``column <op> value`` must hold for a row to be kept."""
-
-    name: str
-    column: str
-    op: str  # ">=" or "<="
-    help: str
-
-
-# Order is the order the reference applies them in; flags after matchmin are this project's additions.
-FILTER_FLAGS = (
-    FilterFlag("fmin", "num_frames", ">=", "keep rows with num_frames >= FMIN"),
-    FilterFlag("fmax", "num_frames", "<=", "keep rows with num_frames <= FMAX"),
-    FilterFlag("hwmax", "resolution", "<=", "keep rows with height*width <= HWMAX (uses 'resolution' if present)"),
-    FilterFlag("aesmin", "aes", ">=", "keep rows with aesthetic score aes >= AESMIN"),
-    FilterFlag("matchmin", "match", ">=", "keep rows with text-image match score >= MATCHMIN"),
-    FilterFlag("flowmin", "flow", ">=", "keep rows with optical-flow score flow >= FLOWMIN"),
-    FilterFlag("flowmax", "flow", "<=", "keep rows with flow <= FLOWMAX"),
-    FilterFlag("ocrmax", "ocr", "<=", "keep rows with at most OCRMAX text boxes"),
-    FilterFlag("fpsmin", "fps", ">=", "keep rows with fps >= FPSMIN"),
-    FilterFlag("fpsmax", "fps", "<=", "keep rows with fps <= FPSMAX"),
-)
+# The criteria live in curation.filters, shared with the curated dataset: one implementation, one meaning. The CLI
+# uses their flags (the reference's names: --fmin, --fmax, --hwmax, --aesmin, --matchmin, --flowmin, --flowmax,
+# --ocrmax; plus --hwmin, --fpsmin, --fpsmax).
+FILTER_FLAGS = CRITERIA
 
 
 # ---- results -----------------------------------------------------------------------------------------------------
@@ -114,6 +99,9 @@ class WriteResult:
     output: str
     rows_in: int
     rows_out: int
+    # filter only: rows dropped per flag (first flag failed, in CRITERIA order), and how many of those had no value
+    drop_counts: dict[str, int] = field(default_factory=dict)
+    missing_counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def dropped(self) -> int:
@@ -343,6 +331,7 @@ def filter(  # noqa: A001 - the reference's operation name; called as datautil.f
     *,
     fmin: float | None = None,
     fmax: float | None = None,
+    hwmin: float | None = None,
     hwmax: float | None = None,
     aesmin: float | None = None,
     flowmin: float | None = None,
@@ -351,35 +340,57 @@ def filter(  # noqa: A001 - the reference's operation name; called as datautil.f
     ocrmax: float | None = None,
     fpsmin: float | None = None,
     fpsmax: float | None = None,
+    dropped: str | os.PathLike | None = None,
 ) -> WriteResult:
-    """Keep rows meeting every given bound (inclusive); a missing value fails its bound, as in the reference."""
-    bounds = {
-        "fmin": fmin, "fmax": fmax, "hwmax": hwmax, "aesmin": aesmin, "flowmin": flowmin,
+    """Keep rows meeting every given bound (inclusive); a missing value fails its bound, as in the reference.
+
+    The bounds are those of ``curation.filters`` (the curated dataset's filter, same meaning). The result counts the
+    rows dropped per flag (each row once, at the first flag it fails) and how many of those lacked the value;
+    ``dropped``: also write the dropped rows there with ``drop_reason`` (the flag) and ``drop_detail``.
+    """
+    flags = {
+        "fmin": fmin, "fmax": fmax, "hwmin": hwmin, "hwmax": hwmax, "aesmin": aesmin, "flowmin": flowmin,
         "matchmin": matchmin, "flowmax": flowmax, "ocrmax": ocrmax, "fpsmin": fpsmin, "fpsmax": fpsmax,
     }  # fmt: skip
+    try:
+        spec = FilterSpec.from_flags(**flags)
+    except ValueError as err:  # pydantic's ValidationError is a ValueError: contradictory or negative bounds
+        raise DatautilError(f"bad filter bounds: {err}") from None
+    active = spec.active()
     con = _connect()
     try:
         source = _source(con, input)
         schema = _schema(con, source)
-        conditions = []
-        for flag in FILTER_FLAGS:
-            value = bounds[flag.name]
+        values = {}
+        for criterion, _ in active:
+            value = value_sql(criterion, schema)
             if value is None:
-                continue
-            if flag.name == "hwmax" and "resolution" not in schema:
-                _require(schema, ("height", "width"), "--hwmax (without a 'resolution' column)", input)
-                column = "(CAST(height AS BIGINT) * CAST(width AS BIGINT))"
-            else:
-                _require(schema, (flag.column,), f"--{flag.name}", input)
-                column = _ident(flag.column)
-            # NULL {op} x is NULL, which WHERE treats as false: a missing value fails its bound.
-            conditions.append(f"{column} {flag.op} {float(value)!r}")
-        where = " AND ".join(conditions) or "true"
-        rows_in = _count(con, source)
-        rows_out = _copy(con, f"SELECT * FROM {source} WHERE {where}", output)
+                if criterion.column == "resolution":
+                    _require(schema, ("height", "width"), f"--{criterion.flag} (without a 'resolution' column)", input)
+                _require(schema, (criterion.column,), f"--{criterion.flag}", input)
+            values[criterion.name] = value
+        # 1. One scan: rows in, and rows dropped per criterion (first failed) and without a value. The counting
+        #    CASE yields the criterion's position (cheaper than its name on a million rows); same order, same logic.
+        reason = first_failure_sql(active, values)
+        position = first_failure_sql(active, values, as_position=True)
+        aggs = ["count(*)"]
+        for k, (criterion, _) in enumerate(active):
+            aggs.append(f"count(*) FILTER (WHERE __reason = {k})")
+            aggs.append(f"count(*) FILTER (WHERE __reason = {k} AND {values[criterion.name]} IS NULL)")
+        counts = con.execute(f"SELECT {', '.join(aggs)} FROM (SELECT *, {position} AS __reason FROM {source})").fetchone()
+        rows_in = int(counts[0])
+        drop_counts = {c.flag: int(counts[1 + 2 * i]) for i, (c, _) in enumerate(active)}
+        missing_counts = {c.flag: int(counts[2 + 2 * i]) for i, (c, _) in enumerate(active)}
+        # 2. The kept rows (NULL {op} x is NULL, which WHERE treats as false: a missing value fails its bound).
+        rows_out = _copy(con, f"SELECT * FROM {source} WHERE {keep_sql(active, values)}", output)
+        if dropped is not None:
+            detail = failure_detail_sql(active, values, "__reason")
+            flag_of = "CASE __reason " + " ".join(f"WHEN {_sql_str(c.name)} THEN {_sql_str(c.flag)}" for c, _ in active) + " END"
+            _copy(con, f"SELECT * EXCLUDE (__reason), {flag_of} AS drop_reason, {detail} AS drop_detail "
+                       f"FROM (SELECT *, {reason} AS __reason FROM {source}) WHERE __reason IS NOT NULL", dropped)
     finally:
         con.close()
-    return WriteResult(str(output), rows_in, rows_out)
+    return WriteResult(str(output), rows_in, rows_out, drop_counts, missing_counts)
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------------------
@@ -408,8 +419,9 @@ def build_parser(prog: str = "opensora-dag data") -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("output_path", nargs="?", metavar="OUTPUT")
     p.add_argument("-o", "--output")
-    for flag in FILTER_FLAGS:
-        p.add_argument(f"--{flag.name}", type=float, default=None, help=flag.help)
+    for criterion in FILTER_FLAGS:
+        p.add_argument(f"--{criterion.flag}", type=float, default=None, help=criterion.help)
+    p.add_argument("--dropped", metavar="FILE", help="also write the dropped rows here, with drop_reason and drop_detail")
     return parser
 
 
@@ -498,12 +510,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _write_frame(frame, args.output)
                 console.print(f"stats -> {args.output}")
         elif args.op == "filter":
-            bounds = {flag.name: getattr(args, flag.name) for flag in FILTER_FLAGS}
-            result = filter(args.input, args.output, **bounds)
+            bounds = {c.flag: getattr(args, c.flag) for c in FILTER_FLAGS}
+            result = filter(args.input, args.output, **bounds, dropped=args.dropped)
             used = ", ".join(f"--{k} {v:g}" for k, v in bounds.items() if v is not None) or "no bounds"
+            why = ", ".join(
+                f"{flag} {n:,}" + (f" ({result.missing_counts[flag]:,} without a value)" if result.missing_counts.get(flag) else "")
+                for flag, n in result.drop_counts.items() if n
+            )  # fmt: skip
             console.print(
                 f"filter ({used}): {result.rows_in:,} -> {result.rows_out:,} rows "
-                f"({result.dropped:,} dropped) -> {result.output}"
+                f"({result.dropped:,} dropped{': ' + why if why else ''}) -> {result.output}"
             )
     except DatautilError as error:
         print(f"error: {error}", file=sys.stderr)

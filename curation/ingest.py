@@ -1,14 +1,32 @@
-"""Scan a landing batch: probe every file, keep one row per distinct video, quarantine the rest with reasons."""
+"""Land and scan a batch: copy (or link) a folder into the landing zone, then probe every file, keep one row per
+distinct video and quarantine the rest with reasons.
+
+Landing is crash-safe: every file is written under a hidden temporary name and renamed into place, so a full disk
+or Ctrl-C never leaves a truncated file under the real name, and a re-run replaces any copy whose size or content
+differs from its source. Links made by ``ingest --link`` are recorded in ``.opensora-links.json`` in the landing
+folder; scanning follows only those and links that stay inside the folder, and quarantines any other link.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import polars as pl
 
-from curation.probe import VIDEO_EXTENSIONS, ProbeError, probe_video
+from curation.probe import VIDEO_EXTENSIONS, ProbeError, content_hash, landing_path, probe_video
+
+# Written by ``land_files(..., link=True)`` in the landing folder: {"links": {"<relative posix path>": "<target>"}}.
+LINKS_MANIFEST = ".opensora-links.json"
+# Suffix of the hidden temporary names files are written under before the rename (leftovers are swept).
+TMP_SUFFIX = ".ingest-tmp"
+STALE_TMP_SECONDS = 3600
 
 SIDECAR_EXTENSIONS = {".txt", ".csv", ".json", ".jsonl", ".srt", ".vtt", ".md"}
 
@@ -30,43 +48,238 @@ QUARANTINE_SCHEMA = {"path": pl.String, "stage": pl.String, "reason": pl.String}
 
 
 @dataclass
+class BatchFiles:
+    """What a landing folder holds: the files to use, and the links that may not be followed, with the reason."""
+
+    files: list[Path] = field(default_factory=list)  # regular files and allowed links, sorted
+    rejected: list[tuple[Path, str]] = field(default_factory=list)  # (link, reason), sorted
+
+
+def read_link_manifest(batch_dir: Path) -> dict[str, str]:
+    """The links ``ingest --link`` made in ``batch_dir``: relative POSIX path -> the file it was made to point at."""
+    try:
+        data = json.loads((Path(batch_dir) / LINKS_MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # none, or unreadable: no link leaving the folder is trusted
+    links = data.get("links") if isinstance(data, dict) else None
+    if not isinstance(links, dict):
+        return {}
+    return {k: v for k, v in links.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def _link_problem(link: Path, root: Path, real_root: str, manifest: dict[str, str]) -> str | None:
+    """Why ``link`` may not be followed, or None when it stays inside the folder or was made by ``ingest --link``."""
+    target = os.path.realpath(link)
+    if not os.path.exists(link):
+        return f"broken symbolic link (to {os.readlink(link)})"
+    if target == real_root or target.startswith(real_root.rstrip(os.sep) + os.sep):
+        return None
+    recorded = manifest.get(link.relative_to(root).as_posix())
+    if recorded is not None and os.path.realpath(recorded) == target:
+        return None
+    kind = "folder" if os.path.isdir(target) else "file"
+    return (f"symbolic link to the {kind} {target}, outside the landing folder "
+            f"(only links made by `opensora-dag ingest --link` may leave it)")
+
+
+def walk_batch(batch_dir: Path) -> BatchFiles:
+    """Every non-hidden file under the batch folder, in a stable order, with the links that may not be followed.
+
+    A symbolic link is followed when its target lies inside the folder or when ``ingest --link`` recorded it in
+    ``.opensora-links.json`` (and it still points where it was made to); any other link, and a broken one, is
+    rejected with the reason. Links to folders are never descended into (a folder inside is listed where it is).
+    """
+    root = Path(batch_dir)
+    real_root = os.path.realpath(root)
+    manifest = read_link_manifest(root)
+    found = BatchFiles()
+    pending = [root]
+    while pending:
+        folder = pending.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as err:
+            if folder == root:
+                raise
+            found.rejected.append((folder, f"folder cannot be listed: {err.strerror or err}"))
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            if entry.is_symlink():
+                problem = _link_problem(path, root, real_root, manifest)
+                if problem is not None:
+                    found.rejected.append((path, problem))
+                elif path.is_file():
+                    found.files.append(path)
+            elif entry.is_dir(follow_symlinks=False):
+                pending.append(path)
+            elif entry.is_file(follow_symlinks=False):
+                found.files.append(path)
+    found.files.sort()
+    found.rejected.sort()
+    return found
+
+
+def list_batch_files(batch_dir: Path) -> list[Path]:
+    """Every regular, non-hidden file under the batch folder that may be read, in a stable order (see walk_batch)."""
+    return walk_batch(batch_dir).files
+
+
+# ---- landing files (``opensora-dag ingest``) -------------------------------------------------------------------
+
+
+@dataclass
+class LandReport:
+    copied: list[Path] = field(default_factory=list)
+    linked: list[Path] = field(default_factory=list)
+    replaced: list[Path] = field(default_factory=list)  # already there, but not the source's bytes (or link)
+    kept: list[Path] = field(default_factory=list)  # already there and identical to the source
+
+
+def same_content(a: Path, b: Path) -> bool:
+    """Both files hold the same bytes: equal sizes, then equal hashes."""
+    return os.path.getsize(a) == os.path.getsize(b) and content_hash(a) == content_hash(b)
+
+
+def _temporary_name(dest: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name[:100]}.", suffix=TMP_SUFFIX)  # within NAME_MAX
+    os.close(fd)
+    return Path(tmp)
+
+
+def _replace_with(dest: Path, write: Callable[[Path], None]) -> None:
+    """Write ``dest`` under a hidden temporary name with ``write(tmp)``, then rename it into place (atomic)."""
+    tmp = _temporary_name(dest)
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    except BaseException:  # a full disk, Ctrl-C: the real name keeps what it had, the temporary goes
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def copy_atomic(source: Path, dest: Path) -> None:
+    """``shutil.copy2`` through a temporary name: ``dest`` is either absent, its old content, or a complete copy."""
+
+    def write(tmp: Path) -> None:
+        shutil.copyfile(source, tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the bytes are on disk before the name points at them
+        finally:
+            os.close(fd)
+        shutil.copystat(source, tmp)
+
+    _replace_with(dest, write)
+
+
+def link_atomic(source: Path, dest: Path) -> None:
+    def write(tmp: Path) -> None:
+        tmp.unlink()
+        tmp.symlink_to(source)
+
+    _replace_with(dest, write)
+
+
+def _write_link_manifest(target: Path, links: dict[str, str]) -> None:
+    path = target / LINKS_MANIFEST
+    if not links and not path.exists():
+        return
+    text = json.dumps({"links": dict(sorted(links.items()))}, indent=1, ensure_ascii=False) + "\n"
+    _replace_with(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _sweep_stale_temporaries(target: Path) -> None:
+    """Remove temporaries a killed ingest left behind (hidden, never scanned; only disk space)."""
+    cutoff = time.time() - STALE_TMP_SECONDS
+    for tmp in target.rglob(f".*{TMP_SUFFIX}"):
+        try:
+            if tmp.is_file() and tmp.lstat().st_mtime < cutoff:
+                tmp.unlink()
+        except OSError:
+            pass
+
+
+def land_files(source: Path, target: Path, *, link: bool = False) -> LandReport:
+    """Copy (or, with ``link``, symlink) every file under ``source`` to the same place under ``target``.
+
+    Each file is written under a temporary name and renamed, so an interrupted run never leaves a truncated file
+    under the real name. A file already there is kept when it has the source's bytes (or already links to it) and
+    replaced otherwise. Links are recorded in ``target/.opensora-links.json``, which is what lets a scan follow
+    them out of the landing folder.
+    """
+    source, target = Path(source).resolve(), Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    _sweep_stale_temporaries(target)
+    links = read_link_manifest(target)
+    report = LandReport()
+    for item in sorted(source.rglob("*")):
+        if not item.is_file() or item.name == LINKS_MANIFEST or item.name.endswith(TMP_SUFFIX):
+            continue
+        rel = item.relative_to(source)
+        dest = target / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        key = rel.as_posix()
+        existed = dest.exists() or dest.is_symlink()
+        if dest.is_symlink() and os.path.realpath(dest) == os.path.realpath(item):
+            links[key] = str(item)  # an earlier --link, still pointing at the source
+            report.kept.append(dest)
+            continue
+        if not dest.is_symlink() and dest.is_file() and same_content(dest, item):
+            links.pop(key, None)
+            report.kept.append(dest)
+            continue
+        if link:
+            link_atomic(item, dest)
+            links[key] = str(item)
+            (report.replaced if existed else report.linked).append(dest)
+        else:
+            copy_atomic(item, dest)
+            links.pop(key, None)
+            (report.replaced if existed else report.copied).append(dest)
+    # Forget recorded links that are no longer links (replaced by hand, deleted).
+    links = {k: v for k, v in links.items() if (target / k).is_symlink()}
+    _write_link_manifest(target, links)
+    return report
+
+
+@dataclass
 class BatchScan:
     videos: pl.DataFrame  # RAW_VIDEO_SCHEMA, one row per distinct video
     quarantine: pl.DataFrame  # QUARANTINE_SCHEMA
     sidecars: list[Path]
 
 
-def list_batch_files(batch_dir: Path) -> list[Path]:
-    """Every regular, non-hidden file under the batch folder, in a stable order."""
-    return sorted(
-        p for p in Path(batch_dir).rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(batch_dir).parts)
-    )
-
-
 def scan_batch(batch_dir: Path, progress: Callable[[str], None] | None = None) -> BatchScan:
     """Probe the files of one landing folder.
 
-    Sidecars (captions, notes) are listed, not probed. Files with a video extension that do not decode, and
-    files of unknown types, go to quarantine with the reason; byte-identical copies keep the first path (in
-    sorted order) and the others are quarantined as duplicates, so nothing is lost silently.
+    Sidecars (captions, notes) are listed, not probed. Files with a video extension that do not decode (for any
+    reason: every exception while probing one file is that file's quarantine reason), files of unknown types and
+    links that leave the folder (see :func:`walk_batch`) go to quarantine with the reason, recorded where they
+    lie in the folder; byte-identical copies keep the first path (in sorted order) and the others are quarantined
+    as duplicates, so nothing is lost silently.
     """
     batch_dir = Path(batch_dir)
     if not batch_dir.is_dir():
         raise FileNotFoundError(f"landing folder {batch_dir} does not exist")
-    files = list_batch_files(batch_dir)
+    listing = walk_batch(batch_dir)
+    files = listing.files
     sidecars = [p for p in files if p.suffix.lower() in SIDECAR_EXTENSIONS]
     candidates = [p for p in files if p not in sidecars]
 
     rows: dict[str, dict] = {}
-    quarantined: list[dict] = []
+    quarantined: list[dict] = [{"path": landing_path(p), "stage": "raw_videos", "reason": reason} for p, reason in listing.rejected]
     for done, path in enumerate(candidates, start=1):
         if path.suffix.lower() not in VIDEO_EXTENSIONS:
-            quarantined.append({"path": str(path.resolve()), "stage": "raw_videos", "reason": f"unsupported file type {path.suffix or '(none)'!r}"})
+            quarantined.append({"path": landing_path(path), "stage": "raw_videos", "reason": f"unsupported file type {path.suffix or '(none)'!r}"})
         else:
             try:
                 info = probe_video(path)
-            except ProbeError as err:
-                quarantined.append({"path": str(path.resolve()), "stage": "raw_videos", "reason": str(err)})
+            except Exception as err:  # ProbeError carries its reason; anything else still concerns this file only
+                reason = str(err) if isinstance(err, ProbeError) else f"probe failed: {type(err).__name__}: {err}"
+                quarantined.append({"path": landing_path(path), "stage": "raw_videos", "reason": reason})
             else:
                 if info.id in rows:
                     first = rows[info.id]["path"]

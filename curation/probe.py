@@ -11,10 +11,12 @@ from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 
+from curation.errors import InputRejected
+
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv"}
 
 
-class ProbeError(Exception):
+class ProbeError(InputRejected):
     """The file is not a usable video; ``str(err)`` is the quarantine reason."""
 
 
@@ -46,6 +48,12 @@ def content_hash(path: Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def landing_path(path: Path) -> str:
+    """Where a file lies: its folder resolved, its own name kept, so a link is recorded where it is, not its target."""
+    path = Path(path)
+    return str(path.parent.resolve() / path.name)
+
+
 def is_candidate(path: Path) -> bool:
     """Files the curation pipeline considers: anything but sidecars and hidden files.
 
@@ -56,15 +64,30 @@ def is_candidate(path: Path) -> bool:
 
 
 def probe_video(path: Path) -> VideoInfo:
-    """Return the metadata of ``path`` or raise ``ProbeError`` with a human-readable reason."""
+    """Return the metadata of ``path`` or raise ``ProbeError`` with a human-readable reason.
+
+    Every failure on this one file is a ``ProbeError``: the expected ones (not a container, no decoder, truncated)
+    with their own reason, anything unexpected as ``probe failed: <type>: <message>``.
+    """
+    path = Path(path)
+    try:
+        return _probe(path)
+    except ProbeError:
+        raise
+    except Exception as err:  # anything else PyAV or the OS throws for this one file is still a reason, not a crash
+        raise ProbeError(f"probe failed: {type(err).__name__}: {err}") from err
+
+
+def _probe(path: Path) -> VideoInfo:
     import av
 
-    path = Path(path)
     size = path.stat().st_size
     if size == 0:
         raise ProbeError("empty file (0 bytes)")
     try:
-        container = av.open(str(path), mode="r")
+        # Container and stream metadata (title, comment, ...) is not always UTF-8: a Latin-1 title must not make a
+        # decodable video unreadable, so undecodable metadata bytes become U+FFFD.
+        container = av.open(str(path), mode="r", metadata_errors="replace")
     except av.FFmpegError as err:
         raise ProbeError(f"cannot open as a video container: {err}") from err
     with container:
@@ -72,6 +95,8 @@ def probe_video(path: Path) -> VideoInfo:
             kinds = sorted({s.type for s in container.streams}) or ["none"]
             raise ProbeError(f"no video stream (streams: {', '.join(kinds)})")
         stream = container.streams.video[0]
+        if stream.codec_context is None:
+            raise ProbeError("no decoder for the video stream's codec (FFmpeg does not know it)")
         codec = stream.codec_context.name
         rate = stream.average_rate or stream.guessed_rate
         if not rate:
@@ -106,7 +131,7 @@ def probe_video(path: Path) -> VideoInfo:
     duration = num_frames / fps
     return VideoInfo(
         id=content_hash(path),
-        path=str(path.resolve()),
+        path=landing_path(path),
         size=size,
         codec=codec,
         fps=round(fps, 6),

@@ -21,8 +21,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from curation.errors import InputRejected
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import av
+
+
+class UndecodableVideo(InputRejected, ValueError):
+    """The file has no video stream this FFmpeg can decode: a fact about the input, not a broken component."""
 
 
 @dataclass(frozen=True)
@@ -41,11 +47,15 @@ def open_video(path: str | Path, *, threads: bool = True) -> tuple[av.container.
     """Open ``path`` and return (container, first video stream) with frame threading enabled."""
     import av
 
-    container = av.open(str(path), mode="r")
+    # Metadata that is not UTF-8 (a Latin-1 title) is read with U+FFFD instead of failing: the frames still decode.
+    container = av.open(str(path), mode="r", metadata_errors="replace")
     if not container.streams.video:
         container.close()
-        raise ValueError(f"{path}: no video stream")
+        raise UndecodableVideo(f"{path}: no video stream")
     stream = container.streams.video[0]
+    if stream.codec_context is None:
+        container.close()
+        raise UndecodableVideo(f"{path}: no decoder for the video stream's codec (FFmpeg does not know it)")
     if threads:
         # Frame + slice threads; thread_count 0 lets FFmpeg pick from the number of cores.
         stream.thread_type = "AUTO"

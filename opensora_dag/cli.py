@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import shutil
 import sys
 from pathlib import Path
 
@@ -35,10 +34,7 @@ def _refuse(message: str) -> int:
 
 
 def cmd_ingest(args) -> int:
-    from resources.batch_keys import InvalidBatchKey, key_for_folder, read_landing_map, register_landing_folder, validate_batch_key
-
-    from opensora_dag.instance import get_instance
-    from opensora_dag.partitions import video_batches
+    from resources.batch_keys import InvalidBatchKey, key_for_folder, read_landing_map, validate_batch_key
 
     if args.batch is not None:  # a key given on the command line is a name, never a path: checked before anything
         try:
@@ -49,8 +45,11 @@ def cmd_ingest(args) -> int:
     if not source.is_dir():
         return _refuse(f"{source} is not a folder of videos")
     lake = _lakehouse(args)
-    landing = lake.landing_dir.resolve()
-    if source == landing or source in landing.parents:
+    storage = lake.storage
+    if storage.remote and args.link:
+        return _refuse(f"--link needs a local data path; landing/ is on {storage.root}: the files are uploaded instead")
+    landing = None if storage.remote else lake.landing_dir.resolve()
+    if landing is not None and (source == landing or source in landing.parents):
         return _refuse(f"{source} holds the landing folder {landing}; ingest one of its sub-folders instead")
     mapping = read_landing_map(lake)
     try:
@@ -66,22 +65,33 @@ def cmd_ingest(args) -> int:
     except InvalidBatchKey as err:
         return _refuse(str(err))
     lake.ensure_layout()
+    if storage.remote:  # upload into landing/<folder>/ on the object store (files already there are kept)
+        target = storage.url("landing", folder)
+        for item in sorted(source.rglob("*")):
+            rel = item.relative_to(source).as_posix()
+            if item.is_file() and not storage.exists(storage.url("landing", folder, rel)):
+                storage.put_file(item, "landing", folder, rel)
+        return _register_ingested(lake, folder, batch, target)
     target = landing / folder
     if target.resolve().parent != landing:
         return _refuse(f"landing folder {target} resolves outside {landing}; refusing to write there")
     if target.resolve() != source:
-        target.mkdir(parents=True, exist_ok=True)
-        for item in sorted(source.rglob("*")):
-            if not item.is_file():
-                continue
-            dest = target / item.relative_to(source)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if dest.exists():
-                continue
-            if args.link:
-                dest.symlink_to(item)
-            else:
-                shutil.copy2(item, dest)
+        from curation.ingest import land_files
+
+        # Temporary name + rename per file: an interrupted ingest leaves no truncated file under a real name, and
+        # a re-run replaces any copy whose size or bytes differ from the source; links are recorded as ingest's.
+        landed = land_files(source, target, link=args.link)
+        if landed.replaced:
+            print(f"replaced {len(landed.replaced)} file(s) that differed from the source")
+    return _register_ingested(lake, folder, batch, target)
+
+
+def _register_ingested(lake, folder: str, batch: str, target) -> int:
+    from resources.batch_keys import register_landing_folder
+
+    from opensora_dag.instance import get_instance
+    from opensora_dag.partitions import video_batches
+
     registered = register_landing_folder(lake, folder)
     if registered != batch:  # another registration won the race for this folder
         return _refuse(f"landing folder {folder!r} was registered as batch {registered!r} meanwhile")

@@ -42,12 +42,15 @@ class MaterializeOutcome:
 
 
 def materialize_selection(
-    selection: str | None, batches: list[str] | None, instance, defs=None, resources: dict | None = None
+    selection: str | None, batches: list[str] | None, instance, defs=None, resources: dict | None = None,
+    asset_config: dict[str, dict] | None = None,
 ) -> list[MaterializeOutcome]:
     """Run the selected assets in-process: partitioned ones once per batch, then unpartitioned ones whole.
 
     ``selection`` uses Dagster's selection syntax (``group:curation``, ``raw_videos+``, ``key:clips``);
-    ``batches`` default to every registered ``video_batches`` partition; ``resources`` override the code location's.
+    ``batches`` default to every registered ``video_batches`` partition; ``resources`` override the code location's;
+    ``asset_config`` maps an asset name to its run config (``{"curated_dataset": {"preset": "demo"}}``), given to
+    the run that materializes it.
     """
     from dagster import AssetSelection, materialize
 
@@ -77,10 +80,17 @@ def materialize_selection(
     all_assets = list(defs.assets or []) + list(defs.asset_checks or [])
     resources = {**(defs.resources or {}), **(resources or {})}
     outcomes: list[MaterializeOutcome] = []
+
+    def run_config(keys) -> dict | None:
+        ops = {k.path[-1]: {"config": cfg} for k in keys for name, cfg in (asset_config or {}).items() if k.to_user_string() == name}
+        return {"ops": ops} if ops else None
+
     for batch in (batches or []) if partitioned else []:
-        result = materialize(all_assets, selection=partitioned, partition_key=batch, instance=instance, resources=resources, raise_on_error=False)
+        result = materialize(all_assets, selection=partitioned, partition_key=batch, instance=instance, resources=resources,
+                             run_config=run_config(partitioned), raise_on_error=False)
         outcomes.append(MaterializeOutcome(batch, [k.to_user_string() for k in partitioned], result.success, result.run_id))
     if unpartitioned:
-        result = materialize(all_assets, selection=unpartitioned, instance=instance, resources=resources, raise_on_error=False)
+        result = materialize(all_assets, selection=unpartitioned, instance=instance, resources=resources,
+                             run_config=run_config(unpartitioned), raise_on_error=False)
         outcomes.append(MaterializeOutcome(None, [k.to_user_string() for k in unpartitioned], result.success, result.run_id))
     return outcomes

@@ -10,6 +10,13 @@ curation_job = define_asset_job(
     description="Curate one landing batch: probe, shots, clips, scores, captions.",
 )
 
+# All batches -> one dataset version; requested after every successful curation run.
+dataset_job = define_asset_job(
+    "dataset_job",
+    selection=AssetSelection.assets("curated_dataset"),
+    description="Rebuild the curated dataset version from every batch (reused when nothing it reads changed).",
+)
+
 # Train on the newest dataset version, then evaluate the new checkpoint.
 training_job = define_asset_job(
     "training_job",

@@ -1,10 +1,9 @@
-"""Sensors: turn new landing folders into ``video_batches`` partitions and curation runs."""
+"""Sensors: turn new (or changed) landing folders into ``video_batches`` partitions and curation runs."""
 
 
+import hashlib
 import json
 import os
-import time
-from pathlib import Path
 
 from dagster import RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
 
@@ -13,49 +12,70 @@ from opensora_dag.partitions import video_batches
 from resources.batch_keys import is_valid_batch_key, read_landing_map, register_landing_folder
 from resources.lakehouse import Lakehouse
 
-# A folder still being copied into landing/ is left for a later tick.
-SETTLE_SECONDS = float(os.environ.get("OPENSORA_LANDING_SETTLE_SECONDS", "5"))
+
+def folder_digest(files: list[tuple[str, int]]) -> str:
+    """A digest of a folder's file list: relative names and sizes (not mtimes, which ``cp -p``/``rsync -a`` keep)."""
+    return hashlib.sha256(json.dumps(sorted(files)).encode()).hexdigest()[:16]
 
 
-def settled_batches(landing_dir: Path, settle_seconds: float = SETTLE_SECONDS) -> dict[str, Path]:
-    """Non-empty sub-folders of ``landing_dir`` whose files have not changed for ``settle_seconds``, by folder name.
-
-    Folder names are not keys: :func:`resources.batch_keys.register_landing_folder` maps each to its batch key.
-    """
-    found: dict[str, Path] = {}
-    if not landing_dir.is_dir():
-        return found
-    now = time.time()
-    for folder in sorted(p for p in landing_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = [f for f in folder.rglob("*") if f.is_file()]
-        if not files or now - max(f.stat().st_mtime for f in files) < settle_seconds:
+def landing_folders(storage) -> dict[str, str]:
+    """Every non-empty, non-hidden folder directly under ``landing/`` (local or on S3) -> :func:`folder_digest`."""
+    found = {}
+    for name, _size, is_dir in storage.list_dir(storage.url("landing")):
+        if not is_dir or name.startswith("."):
             continue
-        found[folder.name] = folder
+        files = storage.files(storage.url("landing", name))
+        if files:
+            found[name] = folder_digest(files)
     return found
 
 
-@sensor(job=curation_job, minimum_interval_seconds=30, description="Registers new landing/<batch>/ folders and curates them.")
+def settled_batches(current: dict[str, str], previous: dict[str, str], requested: dict[str, str]) -> dict[str, str]:
+    """Folders to curate now: the file list and sizes are what the previous evaluation saw (settled), and differ from
+    what the folder's last run was requested with (new, or it gained or changed files since). Folder -> digest."""
+    return {name: digest for name, digest in sorted(current.items())
+            if previous.get(name) == digest and requested.get(name) != digest}
+
+
+def _read_cursor(cursor: str | None) -> tuple[dict[str, str], dict[str, str], set[str]]:
+    """(seen on the previous tick, digest each folder was last requested with, keys of a cursor in the old format)."""
+    state = json.loads(cursor) if cursor else {}
+    if isinstance(state, list):  # the previous format: the keys already requested
+        return {}, {}, {str(k) for k in state}
+    return dict(state.get("seen", {})), dict(state.get("requested", {})), set()
+
+
+@sensor(job=curation_job, minimum_interval_seconds=30,
+        description="Registers landing/<folder>/ once its file list is settled, and curates it again when it changes.")
 def landing_zone_sensor(context: SensorEvaluationContext, lakehouse: Lakehouse):
-    known = set(json.loads(context.cursor)) if context.cursor else set()
-    folders = settled_batches(lakehouse.landing_dir)
+    seen, requested, legacy = _read_cursor(context.cursor)
+    current = landing_folders(lakehouse.storage)
     registered = {folder: key for key, folder in read_landing_map(lakehouse).items()}
-    keys, problems = set(), []
-    for name in folders:
-        if is_valid_batch_key(registered.get(name, "")):  # mapped on an earlier tick (or by `ingest`): no write needed
-            keys.add(registered[name])
-            continue
-        try:
-            keys.add(register_landing_folder(lakehouse, name))
-        except Exception as err:  # one unmappable folder must not stop the others; it is reported every tick
-            problems.append(f"landing folder {name!r} skipped: {err}")
-            context.log.warning(problems[-1])
-    new_keys = sorted(keys - known)
-    if not new_keys:
-        return SkipReason("; ".join([f"no new folders in {lakehouse.landing_dir}", *problems]))
+    if legacy:  # folders an old cursor already requested count as requested with what they hold now
+        requested = {name: d for name, d in current.items() if registered.get(name) in legacy}
+    keys, requests, problems = [], [], []
+    for name, digest in settled_batches(current, seen, requested).items():
+        key = registered.get(name, "")
+        if not is_valid_batch_key(key):  # not mapped on an earlier tick (or by `ingest`): map it now
+            try:
+                key = register_landing_folder(lakehouse, name)
+            except Exception as err:  # one unmappable folder must not stop the others; it is reported every tick
+                problems.append(f"landing folder {name!r} skipped: {err}")
+                context.log.warning(problems[-1])
+                continue
+        keys.append(key)
+        requests.append(RunRequest(run_key=f"landing:{key}:{digest}", partition_key=key))
+        requested[name] = digest
+    cursor = json.dumps({"seen": current, "requested": {n: d for n, d in requested.items() if n in current}},
+                        sort_keys=True)
+    if not requests:
+        context.update_cursor(cursor)
+        return SkipReason("; ".join([f"no new or changed settled folders in {lakehouse.storage.url('landing')}",
+                                     *problems]))
     return SensorResult(
-        run_requests=[RunRequest(run_key=f"landing:{key}", partition_key=key) for key in new_keys],
-        dynamic_partitions_requests=[video_batches.build_add_request(new_keys)],
-        cursor=json.dumps(sorted(known | set(new_keys))),
+        run_requests=requests,
+        dynamic_partitions_requests=[video_batches.build_add_request(sorted(set(keys)))],
+        cursor=cursor,
     )
 
 
@@ -63,7 +83,7 @@ def landing_zone_sensor(context: SensorEvaluationContext, lakehouse: Lakehouse):
 RETRAIN_MIN_NEW_CLIPS = int(os.environ.get("OPENSORA_RETRAIN_MIN_NEW_CLIPS", "100"))
 
 
-def _latest_metadata(instance, key: str) -> dict:
+def latest_metadata(instance, key: str) -> dict:
     from dagster import AssetKey
 
     event = instance.get_latest_materialization_event(AssetKey(key))
@@ -87,8 +107,8 @@ def retrain_decision(dataset: dict, model: dict, min_new_clips: int) -> tuple[bo
 
 @sensor(job_name="training_job", minimum_interval_seconds=300, description="Retrains when a dataset version brings enough new clips.")
 def retrain_on_new_data(context: SensorEvaluationContext):
-    dataset = _latest_metadata(context.instance, "curated_dataset")
-    model = _latest_metadata(context.instance, "trained_model")
+    dataset = latest_metadata(context.instance, "curated_dataset")
+    model = latest_metadata(context.instance, "trained_model")
     go, why = retrain_decision(dataset, model, RETRAIN_MIN_NEW_CLIPS)
     if not go:
         return SkipReason(why)
@@ -97,3 +117,30 @@ def retrain_on_new_data(context: SensorEvaluationContext):
         return SkipReason(f"a retrain for {version} was already requested")
     context.update_cursor(version)
     return RunRequest(run_key=f"retrain:{version}", tags={"opensora/dataset_version": version})
+
+
+# Everything curated_dataset reads: a newer materialization of any of them (any batch) means a new dataset version
+# may be due. Listed by name so this module does not import the asset modules.
+DATASET_INPUTS = ("clips", "captions", "aesthetic_scores", "motion_scores", "ocr_scores", "match_scores")
+
+
+@sensor(job_name="dataset_job", minimum_interval_seconds=60,
+        description="Rebuilds the curated dataset when a batch's clips, scores or captions change and no curation run "
+                    "is still going, so landing -> curation -> dataset -> retrain needs no manual step.")
+def dataset_after_curation(context: SensorEvaluationContext):
+    from dagster import AssetKey, DagsterRunStatus, RunsFilter
+
+    latest = 0
+    for key in DATASET_INPUTS:
+        records = context.instance.fetch_materializations(AssetKey(key), limit=1, ascending=False).records
+        latest = max(latest, records[0].storage_id if records else 0)
+    seen = int(context.cursor or 0)
+    if latest <= seen:
+        return SkipReason("no curation output newer than the last dataset build")
+    busy = context.instance.get_runs(RunsFilter(job_name="curation_job", statuses=[
+        DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]),
+        limit=1)
+    if busy:
+        return SkipReason(f"curation run {busy[0].run_id} is still going; the dataset waits for it")
+    context.update_cursor(str(latest))
+    return RunRequest(run_key=f"dataset:{latest}")

@@ -136,7 +136,7 @@ def read_landing_map(lakehouse: Any) -> dict[str, str]:
 
 
 def register_landing_folder(lakehouse: Any, folder_name: str) -> str:
-    """Map a landing folder (a name directly under ``lakehouse.landing_dir``) to its batch key, stored; returns the key.
+    """Map a landing folder (a name directly under ``landing/``, local or on S3) to its batch key, stored; returns the key.
 
     Idempotent: a folder already registered returns its key without writing. Each key is its own partition of
     ``landing_batches``, so registrations of different folders never touch the same file.
@@ -155,15 +155,9 @@ def register_landing_folder(lakehouse: Any, folder_name: str) -> str:
     return key
 
 
-def landing_folder(lakehouse: Any, key: str) -> Path:
-    """The landing folder of batch ``key``: found through the mapping, always a direct child of ``landing_dir``.
-
-    A key with no mapping falls back to ``landing_dir / key`` only when that folder exists and is not registered
-    under another key. Raises :class:`InvalidBatchKey` for a bad key or a mapping that leads outside the landing
-    folder, and :class:`FileNotFoundError` when the batch has no landing folder.
-    """
+def _landing_name(lakehouse: Any, key: str, folder_exists) -> str:
+    """The landing folder name of batch ``key`` (through the mapping; see :func:`landing_folder`)."""
     validate_batch_key(key)
-    landing = Path(lakehouse.landing_dir).resolve()
     mapping = read_landing_map(lakehouse)
     if key in mapping:
         name = mapping[key]
@@ -173,13 +167,46 @@ def landing_folder(lakehouse: Any, key: str) -> Path:
             raise FileNotFoundError(
                 f"batch {key!r} has no landing folder: folder {key!r} is registered as batch {owners[0]!r}"
             )
-        if not (landing / key).is_dir():
-            raise FileNotFoundError(f"batch {key!r} has no landing folder (expected {landing / key})")
+        found, where = folder_exists(key)
+        if not found:
+            raise FileNotFoundError(f"batch {key!r} has no landing folder (expected {where})")
         name = key
     try:
         _check_folder_name(name)
     except InvalidBatchKey as err:
         raise InvalidBatchKey(f"batch {key!r} maps to an unusable landing folder: {err}") from None
+    return name
+
+
+def landing_folder_url(lakehouse: Any, key: str) -> str:
+    """Where batch ``key``'s landing folder lives: the resolved local folder (as :func:`landing_folder`), or its
+    ``s3://`` URL when the data path is on S3. Paths recorded for the batch's videos are under it."""
+    storage = lakehouse.storage
+    if not storage.remote:
+        return str(landing_folder(lakehouse, key))
+
+    def exists(name: str) -> tuple[bool, str]:
+        url = storage.url("landing", name)
+        return bool(storage.files(url)), url
+
+    return storage.url("landing", _landing_name(lakehouse, key, exists))
+
+
+def landing_folder(lakehouse: Any, key: str) -> Path:
+    """The landing folder of batch ``key`` as a local folder: found through the mapping, always a direct child of
+    ``landing/``. With the data path on S3 it is a cached local copy of ``landing/<folder>/`` (see
+    :meth:`resources.storage.Storage.local_copy`); locally it is the folder itself.
+
+    A key with no mapping falls back to ``landing/<key>`` only when that folder exists and is not registered
+    under another key. Raises :class:`InvalidBatchKey` for a bad key or a mapping that leads outside the landing
+    folder, and :class:`FileNotFoundError` when the batch has no landing folder.
+    """
+    storage = lakehouse.storage
+    if storage.remote:
+        return storage.local_copy(landing_folder_url(lakehouse, key))
+    validate_batch_key(key)
+    landing = Path(lakehouse.landing_dir).resolve()
+    name = _landing_name(lakehouse, key, lambda k: ((landing / k).is_dir(), landing / k))
     resolved = (landing / name).resolve()
     if resolved.parent != landing:
         raise InvalidBatchKey(

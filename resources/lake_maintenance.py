@@ -74,20 +74,19 @@ def gc(lake: Lakehouse, older_than: timedelta, dry_run: bool = False) -> GcRepor
             con.execute("CALL ducklake_cleanup_old_files('lake', cleanup_all => true)")
 
     referenced = _referenced_media(lake, [s for s in snapshots["snapshot_id"].to_list() if s not in expire], live)
-    if lake.location.remote:
-        return report  # media on object stores are not collected by this version
-    for folder, is_dir in ((lake.media_dir / "clips", False), (lake.media_dir / "frames", True)):
-        if not folder.is_dir():
-            continue
-        for item in sorted(folder.iterdir()):
-            if item.name.startswith("."):
+    storage = lake.storage  # media/ on local disk or on an object store: the same rules
+    for kind in ("clips", "frames"):
+        for name, _size, _is_dir in storage.list_dir(storage.url("media", kind)):
+            if name.startswith("."):
                 continue
-            if str(item) in referenced or item.stat().st_mtime > cutoff.timestamp():
+            item = storage.url("media", kind, name)
+            modified = storage.modified(item)
+            if item in referenced or modified is None or modified > cutoff.timestamp():
                 report.kept_media += 1
                 continue
-            report.removed_media.append(str(item))
+            report.removed_media.append(item)
             if not dry_run:
-                shutil.rmtree(item) if is_dir else item.unlink()
+                storage.remove(item)
     return report
 
 
@@ -103,8 +102,12 @@ def _referenced_media(lake: Lakehouse, remaining: list[int], live: pl.DataFrame)
         for column in ("path", "frames_dir"):
             if column in clips.columns:
                 paths.update(clips[column].drop_nulls().to_list())
+    storage = lake.storage
     for path in live["path"].to_list() if len(live) else []:
-        data = Path(path) / "data.parquet"
+        try:
+            data = storage.local_copy(f"{str(path).rstrip('/')}/data.parquet")
+        except FileNotFoundError:
+            continue
         if data.is_file():
             paths.update(pl.read_parquet(data, columns=["path"])["path"].drop_nulls().to_list())
     return paths

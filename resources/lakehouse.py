@@ -249,24 +249,40 @@ class Lakehouse(ConfigurableResource):
     def root(self) -> Path:
         return self.location.home
 
-    def _local_data(self) -> Path:
+    @property
+    def storage(self):
+        """The data root's files (``landing/``, ``media/``, ``lake/datasets/``), local or on S3:
+        :class:`resources.storage.Storage`."""
+        from resources.storage import Storage
+
+        return Storage.for_location(self.location)
+
+    def _local_data(self, what: str) -> Path:
         loc = self.location
         if loc.remote:
-            raise LakeError(f"media and landing folders on {loc.data_root} are read through the object store; "
-                            "this code path needs a local OPENSORA_DATA_PATH")
+            raise LakeError(f"{what} on {loc.data_root} is reached through the object store (lakehouse.storage), "
+                            "not as a local folder; this code path needs a local OPENSORA_DATA_PATH")
         return Path(loc.data_root)
 
     @property
     def landing_dir(self) -> Path:
-        return self._local_data() / "landing"
+        """Local data path only; use ``storage.url("landing", ...)`` for code that also runs on S3."""
+        return self._local_data("landing/") / "landing"
 
     @property
     def lake_dir(self) -> Path:
-        return self._local_data() / "lake"
+        """Local data path only; use ``storage`` / ``datasets_root`` for code that also runs on S3."""
+        return self._local_data("lake/") / "lake"
 
     @property
     def media_dir(self) -> Path:
-        return self._local_data() / "media"
+        """Local data path only; use ``storage.url("media", ...)`` for code that also runs on S3."""
+        return self._local_data("media/") / "media"
+
+    @property
+    def datasets_root(self) -> str:
+        """Where dataset versions live (``lake/datasets/``): a folder path, or an ``s3://`` URL."""
+        return self.storage.url("lake", "datasets")
 
     @property
     def mlruns_dir(self) -> Path:

@@ -103,7 +103,9 @@ class VideoTextDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def load_frames(self, row: dict[str, Any], t: int, rng: np.random.Generator) -> tuple[np.ndarray, float]:
-        path = Path(row["path"])
+        from resources.storage import local_media_path
+
+        path = local_media_path(row["path"])  # an s3:// clip: its cached local copy
         if path.suffix.lower() in IMAGE_EXTENSIONS or int(row["num_frames"]) == 1:
             from PIL import Image
 

@@ -194,16 +194,12 @@ class ResolvedCheckpoint:
         return dict((self.state or {}).get("encoders") or {})
 
 
-def _step_number(path: Path) -> int:
-    try:
-        return int(path.name.split("-", 1)[1])
-    except (IndexError, ValueError):
-        return -1
-
-
 def resolve_checkpoint(path: str | Path) -> ResolvedCheckpoint:
-    """Accept a run folder (its newest ``step-*``), a ``step-*`` folder, its ``ema/`` folder, or an official
-    Hugging Face-format STDiT2 folder."""
+    """Accept a training output folder (its newest ``run-NNN`` that has a complete checkpoint), a run folder (its
+    newest complete ``step-*``), a ``step-*`` folder, its ``ema/`` folder, or an official Hugging Face-format STDiT2
+    folder."""
+    from training.checkpoint import latest_checkpoint, list_runs
+
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"checkpoint {p} does not exist")
@@ -216,11 +212,15 @@ def resolve_checkpoint(path: str | Path) -> ResolvedCheckpoint:
             return ResolvedCheckpoint(p, json.loads((p.parent / "state.json").read_text()), p.parent)
         return ResolvedCheckpoint(p)
     if p.is_dir():
-        steps = [d for d in p.iterdir() if d.is_dir() and d.name.startswith("step-") and (d / "state.json").is_file()]
-        if steps:
-            return resolve_checkpoint(max(steps, key=_step_number))
+        newest = latest_checkpoint(p)  # complete checkpoints only: a half-written one is never sampled from
+        if newest is not None:
+            return resolve_checkpoint(newest)
+        for run in reversed(list_runs(p)):
+            if latest_checkpoint(run) is not None:
+                return resolve_checkpoint(latest_checkpoint(run))
     raise FileNotFoundError(
-        f"{p} is not a checkpoint: expected a run folder with step-* checkpoints, a step-* folder (state.json + "
+        f"{p} is not a checkpoint: expected a training output folder (run-NNN/), a run folder with complete step-* "
+        "checkpoints, a step-* folder (state.json + "
         "ema/), or a Hugging Face-format STDiT2 folder (config.json + model.safetensors)"
     )
 

@@ -1,12 +1,16 @@
 """Train STDiT2 on a dataset version: the torchrun entry point and ``opensora-dag train``.
 
-    opensora-dag train PRESET --dataset VERSION|PATH [--nproc N] [--steps N] [--ckpt-every K] [--outdir DIR] [--resume]
+    opensora-dag train PRESET --dataset VERSION|PATH [--nproc N] [--steps N] [--ckpt-every K] [--outdir DIR] [--resume [RUN]]
 
 Run with ``--nproc N`` (or under ``torchrun`` directly) it trains on N processes through a ColossalAI ``Booster``:
 ``LowLevelZeroPlugin(stage=2)`` in bf16 on CUDA, ``TorchDDPPlugin`` over gloo on CPU. Every source of randomness in
 a step (timesteps, noise, frame masks, caption dropout) comes from a generator seeded by (seed, step, rank), and the
 sampler saves its position, so a run killed at any point and resumed from its last checkpoint continues with the
 same losses as one that never stopped (bitwise on CPU).
+
+Every run trains in its own folder ``<outdir>/run-NNN`` and holds its lease while it runs (training/checkpoint.py):
+without ``--resume`` a new run starts; ``--resume`` continues the newest run (``--resume RUN`` a named one) and is
+refused while another live process trains it. A run that cannot start as asked exits with status 2 and says why.
 
 Under Dagster (``DAGSTER_PIPES_CONTEXT`` set by the launcher) rank 0 reports progress and the final
 materialization through dagster-pipes.
@@ -86,8 +90,11 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
 # Building blocks
 # --------------------------------------------------------------------------------------------------------------
 def resolve_dataset(dataset: str, opensora_home: str | None = None) -> tuple[Path, str]:
-    """``--dataset`` as a path, or a version id under ``$OPENSORA_HOME/lake/datasets``; returns (path, version)."""
-    path = Path(dataset)
+    """``--dataset`` as a path (``s3://`` too: a cached local copy), or a version id under
+    ``$OPENSORA_HOME/lake/datasets``; returns (path, version)."""
+    from resources.storage import local_media_path
+
+    path = local_media_path(dataset)  # an s3:// version folder or table: its cached local copy
     if path.exists():
         version = path.name if path.is_dir() else path.stem
         manifest = (path if path.is_dir() else path.parent) / "manifest.json"
@@ -356,37 +363,82 @@ def validation_losses(model, scheduler, objective: str, val: ValidationSet, num_
 @dataclass
 class TrainResult:
     outdir: str
+    """The run folder (``<root>/run-NNN``)."""
     final_checkpoint: str
     steps: int
     mlflow_run_id: str | None
     mlflow_run_url: str | None
     metrics: dict[str, float] = field(default_factory=dict)
     bucket_report: dict[str, Any] = field(default_factory=dict)
+    mlflow_not_logged: str | None = None
+    """What MLflow did not get (it was failing), in words; None when it got everything."""
+
+
+def broadcast_object(obj: Any, dist: Dist) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if dist.world_size > 1:
+        holder = [obj]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        return holder[0]
+    return obj
+
+
+def all_ranks(ok: bool, dist: Dist) -> bool:
+    """True when ``ok`` holds on every rank."""
+    if dist.world_size > 1:
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=dist.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+    return ok
 
 
 def train(
     cfg: TrainConfig,
     dataset: str,
     outdir: str | Path,
-    resume: bool = False,
+    resume: bool | str | None = None,
     tracking_uri: str | None = None,
     log=print,
 ) -> TrainResult:
+    """Train in a run folder under ``outdir``: a new ``run-NNN`` unless ``resume`` says which run to continue
+    (True or "latest": the newest; "auto": the newest if unfinished and not held, else a new one; a name or path).
+
+    Raises :class:`training.checkpoint.ResumeError` (on every rank) when the run cannot be started as asked.
+    """
+    from training import checkpoint as ckpt
+
+    # 1. Processes, seeds, the run folder and its lease (rank 0 decides and holds the lease; every rank follows)
+    dist = setup_distributed()
+    torch.manual_seed(cfg.seed)
+    say = log if dist.is_main else (lambda *_: None)
+    lease, decision = None, {}
+    if dist.is_main:
+        try:
+            run_dir, lease = ckpt.open_run(Path(outdir), resume, log=say)
+            lease.heartbeat()
+            ckpt.clean_stale(run_dir)
+            decision = {"run_dir": str(run_dir)}
+        except ckpt.ResumeError as err:
+            decision = {"error": str(err), "busy": isinstance(err, ckpt.RunBusy)}
+    decision = broadcast_object(decision, dist)
+    if "error" in decision:
+        raise (ckpt.RunBusy if decision["busy"] else ckpt.ResumeError)(decision["error"])
+    run_dir = Path(decision["run_dir"])
+    say(f"run folder {run_dir}")
+    try:
+        return _train_in_run(cfg, dataset, run_dir, tracking_uri, dist, say, lease)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _train_in_run(cfg: TrainConfig, dataset: str, run_dir: Path, tracking_uri: str | None, dist: Dist, say, lease) -> TrainResult:
     from training import checkpoint as ckpt
     from training.buckets import Bucket, VariableVideoBatchSampler, bucket_report, load_bucket_preset
     from training.data import VideoTextDataset, collate, load_rows, split_rows
     from training.masks import MaskGenerator
     from training.throughput import ThroughputWindow, device_peak_tflops
     from training.tracking import RunTracker, default_tracking_uri
-
-    # 1. Processes, seeds, output folder
-    dist = setup_distributed()
-    torch.manual_seed(cfg.seed)
-    outdir = Path(outdir)
-    if dist.is_main:
-        outdir.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    say = log if dist.is_main else (lambda *_: None)
 
     # 2. Data: rows, held-out split, buckets, sampler
     dataset_path, dataset_version = resolve_dataset(dataset)
@@ -427,35 +479,59 @@ def train(
     scheduler = build_scheduler(cfg.objective, cfg.rflow_timestep_shift)
     model.train()
 
-    # 4. Resume
-    step, epoch, epoch_step, mlflow_run_id = 0, 0, 0, None
-    latest = ckpt.latest_checkpoint(outdir) if resume else None
+    # 4. Resume: the newest complete checkpoint that loads on every rank, else the one before it
+    step, epoch, epoch_step, mlflow_run_id, latest = 0, 0, 0, None, None
+    candidates = broadcast_object(ckpt.resume_candidates(run_dir, say) if dist.is_main else None, dist)
+    if candidates:
+        saved = ckpt.read_state(candidates[0])
+        if saved["objective"] != cfg.objective:
+            raise ckpt.ResumeError(f"cannot resume from {candidates[0]}: it was trained with {saved['objective']}, the "
+                                   f"config says {cfg.objective}; resume with --objective {saved['objective']} or start a new run")
+        ckpt.check_model_config(candidates[0], saved.get("model_config"), model_config.to_dict())
+    for candidate in candidates:
+        why = ""
+        try:
+            state = ckpt.load_checkpoint(checkpoint=candidate, booster=booster, model=model, optimizer=optimizer, ema=ema,
+                                         rank=dist.rank, sharded_optimizer=use_zero)
+        except Exception as err:  # noqa: BLE001  (a damaged or refused file: try the previous checkpoint)
+            why = f"{type(err).__name__}: {err}"
+        if all_ranks(not why, dist):
+            latest = candidate
+            break
+        say(f"warning: could not load checkpoint {candidate} ({why or 'failed on another rank'}); trying the previous one")
+    if candidates and latest is None:
+        raise ckpt.ResumeError(f"no checkpoint of {run_dir} can be loaded (tried {', '.join(p.name for p in candidates)}); "
+                               "start a new run without --resume")
+    metrics_path = run_dir / "metrics.jsonl"
     if latest is not None:
-        state = ckpt.load_checkpoint(checkpoint=latest, booster=booster, model=model, optimizer=optimizer, ema=ema, rank=dist.rank, sharded_optimizer=use_zero)
-        if state["objective"] != cfg.objective:
-            raise ValueError(f"checkpoint {latest} was trained with {state['objective']}, config says {cfg.objective}")
         step, epoch, mlflow_run_id = state["step"], state["epoch"], state.get("mlflow_run_id")
+        epoch_step, reshard = ckpt.resume_position(state["sampler"], dist.world_size)
+        if reshard:
+            say(f"warning: {reshard}")
         sampler.load_state_dict(state["sampler"])
-        epoch_step = state["sampler"]["consumed_batches"] // dist.world_size
+        if dist.is_main:
+            ckpt.set_aside([p for p in ckpt.list_checkpoints(run_dir) if ckpt.step_of(p) > step], say)
         say(f"resumed from {latest} at step {step}")
+    if dist.is_main and metrics_path.is_file():  # steps after the checkpoint are trained again: drop their records
+        metrics_path.write_text("".join(f"{line}\n" for line in metrics_path.read_text().splitlines() if _step_of_record(line, step)))
 
-    # 5. Tracking (rank 0 only)
+    # 5. Tracking (rank 0 only; MLflow failures are buffered and retried, never fatal)
     tracking_uri = tracking_uri or default_tracking_uri()
-    tracker = RunTracker(tracking_uri, run_name=cfg.name, enabled=dist.is_main, run_id=mlflow_run_id)
+    tracker = RunTracker(tracking_uri, run_name=cfg.name, enabled=dist.is_main, run_id=mlflow_run_id, log=say,
+                         not_logged_path=run_dir / "mlflow_not_logged.jsonl")
     tracker.start()
     tracker.log_params({"config": cfg.model_dump(mode="json"), "dataset_version": dataset_version, "git_commit": git_commit(), "world_size": dist.world_size, "encoders": encoder_paths})
-    tracker.set_tags({"objective": cfg.objective, "dataset_version": dataset_version})
+    tracker.set_tags({"objective": cfg.objective, "dataset_version": dataset_version, "run_folder": str(run_dir)})
     if dist.is_main and latest is None:
         tracker.log_dataset(rows, "curated_dataset", dataset_version, str(dataset_path))
-        (outdir / "bucket_report.md").write_text(report.to_markdown())
-        (outdir / "bucket_report.json").write_text(json.dumps(report.to_dict(), indent=2))
-        (outdir / "config.yaml").write_text(_yaml(cfg.model_dump(mode="json")))
+        (run_dir / "bucket_report.md").write_text(report.to_markdown())
+        (run_dir / "bucket_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+        (run_dir / "config.yaml").write_text(_yaml(cfg.model_dump(mode="json")))
         for name in ("bucket_report.md", "bucket_report.json", "config.yaml"):
-            tracker.log_artifact(outdir / name)
+            tracker.log_artifact(run_dir / name)
 
     val = build_validation_set(val_rows, bucket, preset.frame_interval, cfg.seed, text_encoder, vae, dist, cfg.val_max_samples,
                                cache_dir=cache_dir / "val" if cache_dir is not None else None)
-    metrics_path = outdir / "metrics.jsonl"
 
     def validate(at_step: int) -> dict[str, float]:
         scores = validation_losses(unwrap(model), scheduler, cfg.objective, val, cfg.val_timesteps, cfg.seed)
@@ -469,18 +545,25 @@ def train(
     first_val = validate(step) if latest is None else {}
 
     def save(at_step: int) -> Path:
+        lost = None
+        if lease is not None:
+            try:
+                lease.check()
+            except ckpt.LeaseLost as err:
+                lost = str(err)
         state = {
             "step": at_step, "epoch": epoch, "sampler": sampler.state_dict(num_steps=epoch_step),
             "objective": cfg.objective, "dataset_version": dataset_version, "dataset_path": str(dataset_path),
             "mlflow_run_id": tracker.run_id, "model_config": model_config.to_dict(), "config": cfg.model_dump(mode="json"),
-            "encoders": encoder_paths, "world_size": dist.world_size,
+            "encoders": encoder_paths, "world_size": dist.world_size, "lease_lost": lost,
         }
-        if dist.world_size > 1:  # every rank needs the same state; rank 0's run id is the one that counts
-            holder = [state]
-            torch.distributed.broadcast_object_list(holder, src=0)
-            state = holder[0]
+        state = broadcast_object(state, dist)  # every rank needs the same state; rank 0's run id is the one that counts
+        lost = state.pop("lease_lost")
+        if lost:
+            raise ckpt.LeaseLost(f"{lost}: stopping before writing step {at_step}, so that two trainings never write "
+                                 "one run folder")
         return ckpt.save_checkpoint(
-            outdir=outdir, step=at_step, booster=booster, model=model, optimizer=optimizer, ema=ema,
+            outdir=run_dir, step=at_step, booster=booster, model=model, optimizer=optimizer, ema=ema,
             ema_config=model_config, state=state, rank=dist.rank, barrier=dist.barrier, keep_last=cfg.keep_last, sharded_optimizer=use_zero,
         )
 
@@ -539,18 +622,26 @@ def train(
     final_metrics.update(last_val)
     if first_val:
         final_metrics["val_loss_start"] = first_val["val_loss"]
-    final = ckpt.latest_checkpoint(outdir)
+    final = ckpt.latest_checkpoint(run_dir)
     if dist.is_main:
-        plot_loss_curve(metrics_path, outdir / "loss_curve.png")
-        tracker.log_artifact(outdir / "loss_curve.png")
-        (outdir / "final_metrics.json").write_text(json.dumps(final_metrics, indent=2))
+        plot_loss_curve(metrics_path, run_dir / "loss_curve.png")
+        tracker.log_artifact(run_dir / "loss_curve.png")
+        (run_dir / "final_metrics.json").write_text(json.dumps(final_metrics, indent=2))
+    not_logged = tracker.end()
     result = TrainResult(
-        outdir=str(outdir), final_checkpoint=str(final), steps=step, mlflow_run_id=tracker.run_id,
-        mlflow_run_url=tracker.run_url, metrics=final_metrics, bucket_report=report.to_dict(),
+        outdir=str(run_dir), final_checkpoint=str(final), steps=step, mlflow_run_id=tracker.run_id,
+        mlflow_run_url=tracker.run_url, metrics=final_metrics, bucket_report=report.to_dict(), mlflow_not_logged=not_logged,
     )
-    tracker.end()
     dist.barrier()
     return result
+
+
+def _step_of_record(line: str, up_to: int) -> bool:
+    """Whether a ``metrics.jsonl`` line is a whole record of a step <= ``up_to`` (a kill can cut the last line)."""
+    try:
+        return int(json.loads(line)["step"]) <= up_to
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def autocast(cfg: TrainConfig, dist: Dist):
@@ -612,8 +703,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--nproc", type=int, help="processes on this machine (runs torchrun for you)")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--ckpt-every", type=int)
-    parser.add_argument("--outdir", help="checkpoint folder (default: $OPENSORA_HOME/checkpoints/<name>)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --outdir")
+    parser.add_argument("--outdir", help="folder of this config's runs; each run gets its own run-NNN inside "
+                        "(default: $OPENSORA_HOME/checkpoints/<name>)")
+    parser.add_argument("--resume", nargs="?", const="latest", metavar="RUN",
+                        help="continue the newest run under --outdir, or RUN (run-003, 3 or a path), from its newest "
+                        "complete checkpoint; 'auto': the newest run if unfinished and idle, else a new run. Without "
+                        "--resume every call starts a new run")
     parser.add_argument("--objective", choices=["iddpm", "rflow"])
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the embedded store)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
@@ -645,26 +740,45 @@ def main(argv: list[str] | None = None) -> int:
         from dagster_pipes import open_dagster_pipes
 
         pipes_cm = open_dagster_pipes()
-    with pipes_cm as pipes:
-        _PIPES = pipes
-        result = train(cfg, args.dataset, outdir, resume=args.resume, tracking_uri=args.tracking_uri)
-        if pipes is not None:
-            pipes.report_asset_materialization(
-                metadata={
-                    "final_checkpoint": {"raw_value": result.final_checkpoint, "type": "path"},
-                    "mlflow_run_id": result.mlflow_run_id or "",
-                    "mlflow_run_url": result.mlflow_run_url or "",
-                    "steps": result.steps,
-                    "objective": cfg.objective,
-                    **{k.replace("/", "."): {"raw_value": v, "type": "float"} for k, v in result.metrics.items()},
-                },
-                data_version=Path(result.final_checkpoint).name,
-            )
+    from training.checkpoint import LeaseLost, ResumeError
+
+    try:
+        with pipes_cm as pipes:  # an error inside reaches Dagster through pipes too
+            _PIPES = pipes
+            result = train(cfg, args.dataset, outdir, resume=args.resume, tracking_uri=args.tracking_uri)
+            if pipes is not None:
+                _report_materialization(pipes, result, cfg.objective)
+    except (ResumeError, LeaseLost) as err:
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        return 2
     if rank == 0:
-        print(json.dumps({"final_checkpoint": result.final_checkpoint, "mlflow_run_id": result.mlflow_run_id, "metrics": result.metrics}))
+        print(json.dumps({"final_checkpoint": result.final_checkpoint, "run_dir": result.outdir,
+                          "mlflow_run_id": result.mlflow_run_id, "mlflow_not_logged": result.mlflow_not_logged,
+                          "metrics": result.metrics}))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
+
+
+def _report_materialization(pipes, result: TrainResult, objective: str) -> None:
+    """Rank 0's materialization of ``trained_model``: the checkpoint, its run folder, MLflow, the metrics."""
+    metadata = {
+        "final_checkpoint": {"raw_value": result.final_checkpoint, "type": "path"},
+        "run_dir": {"raw_value": result.outdir, "type": "path"},
+        "mlflow_run_id": result.mlflow_run_id or "",
+        "mlflow_run_url": result.mlflow_run_url or "",
+        "steps": result.steps,
+        "objective": objective,
+        **{k.replace("/", "."): {"raw_value": v, "type": "float"} for k, v in result.metrics.items()},
+    }
+    if result.mlflow_not_logged:
+        metadata["mlflow_not_logged"] = result.mlflow_not_logged
+    pipes.report_asset_materialization(
+        metadata=metadata, data_version=f"{Path(result.outdir).name}/{Path(result.final_checkpoint).name}",
+    )
 
 
 def _without_option(argv: list[str], name: str) -> list[str]:

@@ -56,7 +56,8 @@ def crafted_tables(*, null_flow: bool = False) -> dict[str, pl.DataFrame]:
     clips = table.select("id", "video_id", "path", "start_frame", "end_frame", "start_s", "end_s", "num_frames",
                          "height", "width", "fps", "batch")  # fmt: skip
     scores = table.unique("id", keep="first", maintain_order=True)
-    flow = scores.select("id", pl.lit(None).alias("flow")) if null_flow else scores.select("id", "flow")
+    flow = (scores.select("id", pl.lit(None).alias("flow"), pl.lit("flow backend not configured").alias("reason"))
+            if null_flow else scores.select("id", "flow"))  # fmt: skip
     return {
         "clips": clips,
         "aesthetic_scores": scores.filter(pl.col("aes").is_not_null()).select("id", "aes", "batch"),
@@ -94,6 +95,13 @@ def test_drop_counts_per_filter_in_fixed_order(tmp_path: Path):
     assert reasons["/media/b2/keep0.mp4"] == "duplicate"
     assert {reasons[f"/media/b1/{cid}.mp4"] for cid in ("ugly", "unscored")} == {"aesmin"}
     assert reasons["/media/b1/nocap.mp4"] == "no caption"
+    details = dict(zip(dropped["path"], dropped["detail"]))  # each drop says why, a missing value included
+    assert details["/media/b1/ugly.mp4"] == "aes 4.0 fails >= 5.0"
+    assert details["/media/b1/unscored.mp4"] == "no aes value: no aesthetic_scores row for the clip"
+    report = {r.criterion: r for r in result.criteria}
+    assert [r.criterion for r in result.criteria] == list(DROP_ORDER[1:-1])
+    assert {r.status for r in result.criteria} == {"applied"}
+    assert (report["aesmin"].dropped, report["aesmin"].dropped_without_value) == (2, 1)
 
 
 def test_csv_has_opensora_columns_and_values(tmp_path: Path):
@@ -113,23 +121,44 @@ def test_csv_has_opensora_columns_and_values(tmp_path: Path):
     assert frame["num_frames"].dtype == pl.Int64 and frame["aes"].dtype == pl.Float64
 
 
-def test_all_null_score_column_skips_its_criteria(tmp_path: Path):
-    result = build_dataset(crafted_tables(null_flow=True), SPEC, INPUTS, tmp_path)
+def test_all_null_score_column_fails_its_criteria_unless_the_spec_skips_them(tmp_path: Path):
+    # An all-null column (a scorer without weights, a broken scorer) is never skipped on the data's say-so:
+    # every clip fails the criterion, with the reason the value is missing.
+    result = build_dataset(crafted_tables(null_flow=True), SPEC, INPUTS, tmp_path / "strict")
+    assert result.skipped == [] and result.num_rows == 0
+    flowmin = {r.criterion: r for r in result.criteria}["flowmin"]
+    assert flowmin.status == "applied" and flowmin.with_value == 0
+    # keep0 (both copies), keep1, still, shaky, texty, offtopic reach flowmin and fail it
+    assert flowmin.dropped == flowmin.dropped_without_value == result.drop_counts["flowmin"] == 7
+    assert "motion_scores.flow is null for all 17 clips: flow backend not configured" in flowmin.reason
+    assert "every clip fails flowmin" in flowmin.reason
+    dropped = pl.read_parquet(result.dropped_path)
+    assert set(dropped.filter(pl.col("reason") == "flowmin")["detail"]) == {"no flow value: flow backend not configured"}
+
+    spec = SPEC.model_copy(update={"skip": ("flowmin", "flowmax")})
+    result = build_dataset(crafted_tables(null_flow=True), FilterSpec(**spec.model_dump()), INPUTS, tmp_path / "skip")
     assert [(s.criterion, s.column) for s in result.skipped] == [("flowmin", "flow"), ("flowmax", "flow")]
-    assert "motion_scores.flow is null for all" in result.skipped[0].reason
+    assert result.skipped[0].reason.startswith("skipped by the spec (skip=['flowmin', 'flowmax'])")
+    assert "motion_scores.flow is null for all 17 clips: flow backend not configured" in result.skipped[0].reason
     assert "flowmin" not in result.drop_counts and "flowmax" not in result.drop_counts
     kept = set(pl.read_parquet(result.data_path)["id"])
     assert kept == {"keep0", "keep1", "still", "shaky"}  # flow no longer decides anything
     manifest = json.loads(result.manifest_path.read_text())
     assert [s["criterion"] for s in manifest["skipped"]] == ["flowmin", "flowmax"]
     assert "flowmin" not in manifest["applied"] and manifest["applied"]["aesmin"] == "aes >= 5.0"
+    assert {c["criterion"]: c["status"] for c in manifest["criteria"]}["flowmax"] == "skipped"
 
 
-def test_missing_score_table_is_skipped_and_reported(tmp_path: Path):
+def test_missing_score_table_fails_its_criteria_unless_skipped(tmp_path: Path):
     tables = crafted_tables()
     del tables["ocr_scores"]
     tables["match_scores"] = pl.DataFrame()  # what the Lakehouse returns for a table with no partitions
-    result = build_dataset(tables, SPEC, INPUTS, tmp_path)
+    strict = build_dataset(tables, SPEC, INPUTS, tmp_path / "strict")
+    assert strict.skipped == [] and strict.num_rows == 0
+    assert "table ocr_scores was not provided" in {r.criterion: r for r in strict.criteria}["ocrmax"].reason
+
+    spec = FilterSpec(**(SPEC.model_dump() | {"skip": ["ocrmax", "matchmin"]}))
+    result = build_dataset(tables, spec, INPUTS, tmp_path / "skip")
     skipped = {s.criterion: s.reason for s in result.skipped}
     assert set(skipped) == {"ocrmax", "matchmin"}
     assert "ocr_scores was not provided" in skipped["ocrmax"]
@@ -238,6 +267,14 @@ def test_filter_spec_validation():
     with pytest.raises(ValidationError):
         FilterSpec(aes_min=5)  # unknown field: a typo must not silently filter nothing
     assert datasets.PRESETS["reference"].aesmin == 5.0
+    # skip: criteria names or CLI flags, canonical order; unknown names and unset bounds are refused.
+    assert FilterSpec(aesmin=5, min_frames=16, skip=["aesmin", "fmin", "aesmin"]).skip == ("min_frames", "aesmin")
+    with pytest.raises(ValidationError, match="unknown filter criterion"):
+        FilterSpec(aesmin=5, skip=["aes"])
+    with pytest.raises(ValidationError, match="does not set"):
+        FilterSpec(aesmin=5, skip=["matchmin"])
+    demo = datasets.PRESETS["demo"]
+    assert demo.skip == ("aesmin", "matchmin") and demo.active() == []  # the demo has no CLIP weights
 
 
 def test_histograms():

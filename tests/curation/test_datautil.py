@@ -272,3 +272,56 @@ def test_filter_takes_output_as_positional_argument(tmp_path):
     assert pl.read_csv(tmp_path / "o2.csv")["path"].to_list() == ["a", "b"]
     assert main(["filter", str(src), str(tmp_path / "x.csv"), "-o", str(tmp_path / "y.csv")]) == 2
     assert main(["dedupe", str(src), str(tmp_path / "d.csv")]) == 0
+
+
+# ---- one filter: the CLI and the curated dataset ---------------------------------------------------------------------
+def _as_lake_tables(frame: pl.DataFrame) -> dict[str, pl.DataFrame]:
+    """The same rows as the curated dataset's input tables (clips + one table per score, keyed by id)."""
+    return {
+        "clips": frame.select("id", "path", "num_frames", "height", "width", "fps"),
+        "aesthetic_scores": frame.select("id", "aes"),
+        "motion_scores": frame.select("id", "flow"),
+        "ocr_scores": frame.select("id", "ocr"),
+        "match_scores": frame.select("id", "match"),
+        "captions": frame.select("id", "text"),
+    }
+
+
+AGREE_CASES = FLAG_CASES + [({"hwmin": 480 * 854, "fpsmax": 30}, [1, 2, 5]), ({"aesmin": 0.0, "_null": "aes"}, [])]
+
+
+@pytest.mark.parametrize("bounds,kept", AGREE_CASES, ids=[str(b) for b, _ in AGREE_CASES])
+def test_cli_filter_and_dataset_filter_are_one_filter(tmp_path: Path, bounds, kept):
+    """Same flags, same rows kept and the same drop counts from `data filter` and from the dataset builder; a
+    column with no value at all (a scorer without weights) fails its criterion in both."""
+    from curation.datasets import build_dataset
+    from curation.filters import CRITERION_BY_FLAG, FilterSpec
+
+    bounds = dict(bounds)
+    frame = sample_table().with_columns(id=pl.Series([f"r{i}" for i in range(6)]))  # one row per id
+    if null_column := bounds.pop("_null", None):
+        frame = frame.with_columns(pl.lit(None, dtype=pl.Float64).alias(null_column))
+    path = write(frame, tmp_path / "in.parquet")
+    cli = datautil.filter(path, tmp_path / "out.parquet", **bounds)
+    assert read(tmp_path / "out.parquet")["id"].to_list() == [f"r{i}" for i in kept]
+
+    spec = FilterSpec.from_flags(**bounds)
+    built = build_dataset(_as_lake_tables(frame), spec, {"clips": "t"}, tmp_path / "datasets")
+    assert sorted(pl.read_parquet(built.data_path)["id"].to_list()) == [f"r{i}" for i in kept]
+    assert {CRITERION_BY_FLAG[flag].name: n for flag, n in cli.drop_counts.items()} == built.drop_counts
+    assert built.skipped == []
+
+
+def test_filter_reports_drops_per_flag_with_missing_values(tmp_path: Path, capsys):
+    src = write(sample_table(), tmp_path / "in.parquet")
+    result = datautil.filter(src, tmp_path / "o.parquet", fmin=20, aesmin=5.0, dropped=tmp_path / "dropped.csv")
+    # a.mp4 fails fmin first; b.mp4 (2nd copy) has no aes; e.mp4 has 4.9.
+    assert result.drop_counts == {"fmin": 1, "aesmin": 2} and result.missing_counts == {"fmin": 0, "aesmin": 1}
+    dropped = pl.read_csv(tmp_path / "dropped.csv", schema_overrides={"id": pl.String})
+    assert dropped.select("path", "drop_reason", "drop_detail").rows() == [
+        ("a.mp4", "fmin", "num_frames 10 fails >= 20.0"),
+        ("b.mp4", "aesmin", "no aes value"),
+        ("e.mp4", "aesmin", "aes 4.9 fails >= 5.0"),
+    ]
+    assert datautil.main(["filter", str(src), str(tmp_path / "o.csv"), "--aesmin", "5"]) == 0
+    assert "6 -> 3 rows (3 dropped: aesmin 3 (1 without a value))" in capsys.readouterr().out

@@ -4,7 +4,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,10 +28,13 @@ REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "opensora_dag.cli"]
 
 
-def _settle(folder: Path) -> None:
-    old = time.time() - 3600
-    for f in folder.rglob("*"):
-        os.utime(f, (old, old))
+def _settled_tick(lake, instance):
+    """Two sensor evaluations from a fresh cursor: a folder is settled when its file list and sizes are what the
+    previous tick saw. Returns the second tick's result."""
+    context = build_sensor_context(instance=instance, resources={"lakehouse": lake})
+    first = landing_zone_sensor(context)
+    assert not getattr(first, "run_requests", None), "nothing is settled on the first look"
+    return landing_zone_sensor(build_sensor_context(instance=instance, cursor=context.cursor, resources={"lakehouse": lake}))
 
 
 def _files(root: Path) -> set[Path]:
@@ -175,9 +177,8 @@ def test_cli_ingest_maps_a_folder_name_like_the_sensor(home, tmp_path, tiny_vide
     assert cli.main(["--home", str(home), "ingest", str(source)]) == 0  # again: same key, nothing new
     assert read_landing_map(lake) == {key: "Été drop"}
     # the sensor sees the same folder under the same key
-    _settle(lake.landing_dir)
     with instance_for_test() as instance:
-        result = landing_zone_sensor(build_sensor_context(instance=instance, resources={"lakehouse": lake}))
+        result = _settled_tick(lake, instance)
         assert [r.partition_key for r in result.run_requests] == [key]
     capsys.readouterr()
 
@@ -215,9 +216,8 @@ def test_sensor_maps_non_ascii_folder_to_a_stable_key(home, tiny_videos):
     fill_batch(lake.landing_dir, "Été 2024 clips", tiny_videos[:1])
     fill_batch(lake.landing_dir, "a b", tiny_videos[1:2])
     fill_batch(lake.landing_dir, "a_b", tiny_videos[2:3])  # sanitises to what "a b" would: must not share its key
-    _settle(lake.landing_dir)
     with instance_for_test() as instance:
-        result = landing_zone_sensor(build_sensor_context(instance=instance, resources={"lakehouse": lake}))
+        result = _settled_tick(lake, instance)
         keys = [r.partition_key for r in result.run_requests]
         ete = key_for_folder("Été 2024 clips", {})
         assert ete.startswith("Ete_2024_clips-")
@@ -227,7 +227,7 @@ def test_sensor_maps_non_ascii_folder_to_a_stable_key(home, tiny_videos):
 
         again = landing_zone_sensor(build_sensor_context(instance=instance, cursor=result.cursor, resources={"lakehouse": lake}))
         assert not getattr(again, "run_requests", None)
-        fresh = landing_zone_sensor(build_sensor_context(instance=instance, resources={"lakehouse": lake}))
+        fresh = _settled_tick(lake, instance)
         assert sorted(r.partition_key for r in fresh.run_requests) == sorted(keys)  # same keys on every evaluation
 
         # the asset finds the folder through the mapping
@@ -247,10 +247,8 @@ def test_sensor_reports_an_unmappable_folder_and_keeps_going(home, tiny_videos):
         pytest.skip("this filesystem refuses non-UTF-8 folder names")
     shutil.copy(tiny_videos[0], bad / tiny_videos[0].name)
     fill_batch(lake.landing_dir, "good", tiny_videos[1:2])
-    _settle(lake.landing_dir)
     with instance_for_test() as instance:
-        context = build_sensor_context(instance=instance, resources={"lakehouse": lake})
-        result = landing_zone_sensor(context)
+        result = _settled_tick(lake, instance)
         assert [r.partition_key for r in result.run_requests] == ["good"]
         assert read_landing_map(lake) == {"good": "good"}
         again = landing_zone_sensor(build_sensor_context(instance=instance, cursor=result.cursor, resources={"lakehouse": lake}))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -44,33 +45,58 @@ def test_sql_is_read_only(home):
     assert out.returncode == 0 and "1" in out.stdout
 
 
+def _tick(lake, instance, cursor=None):
+    """One sensor evaluation; returns (result, the cursor it left)."""
+    context = build_sensor_context(instance=instance, cursor=cursor, resources={"lakehouse": lake})
+    result = landing_zone_sensor(context)
+    return result, getattr(result, "cursor", None) or context.cursor
+
+
 def test_landing_sensor_registers_new_folders_once(home, tiny_videos):
     lake = Lakehouse(home=str(home))
-    folder = fill_batch(lake.landing_dir, "new batch", tiny_videos[:1])
-    old = time.time() - 3600
-    for f in folder.iterdir():
-        os.utime(f, (old, old))
+    fill_batch(lake.landing_dir, "new batch", tiny_videos[:1])
     (lake.landing_dir / "still_empty").mkdir()
 
     with instance_for_test() as instance:
-        context = build_sensor_context(instance=instance, resources={"lakehouse": lake})
-        result = landing_zone_sensor(context)
+        first, cursor = _tick(lake, instance)  # seen once: not settled yet
+        assert not getattr(first, "run_requests", None)
+        result, cursor = _tick(lake, instance, cursor)  # the same files and sizes on the next tick: settled
         key = key_for_folder("new batch", {})  # a name with a space gets a stable slug-and-hash key
         assert key.startswith("new_batch-")
         assert [r.partition_key for r in result.run_requests] == [key]
         assert len(result.dynamic_partitions_requests) == 1
         assert list(result.dynamic_partitions_requests[0].partition_keys) == [key]
 
-        again = landing_zone_sensor(build_sensor_context(instance=instance, cursor=result.cursor, resources={"lakehouse": lake}))
+        again, after = _tick(lake, instance, cursor)
         assert not getattr(again, "run_requests", None)
-        assert json.loads(result.cursor) == [key]
+        state = json.loads(after)
+        assert set(state["requested"]) == set(state["seen"]) == {"new batch"}
 
 
 def test_sensor_waits_for_a_folder_still_being_copied(home, tiny_videos):
+    """Settled means "file list and sizes unchanged between two ticks", not old mtimes (cp -p and rsync -a keep
+    them), and a registered folder that gains or changes files gets a new run for its batch."""
     lake = Lakehouse(home=str(home))
-    fill_batch(lake.landing_dir, "copying", tiny_videos[:1])  # files just written: not settled yet
+    folder = fill_batch(lake.landing_dir, "copying", tiny_videos[:1])
+    old = time.time() - 3600
     with instance_for_test() as instance:
-        result = landing_zone_sensor(build_sensor_context(instance=instance, resources={"lakehouse": lake}))
+        result, cursor = _tick(lake, instance)
+        assert not getattr(result, "run_requests", None)
+        shutil.copy2(tiny_videos[1], folder / tiny_videos[1].name)  # still copying, with preserved (old) mtimes
+        os.utime(folder / tiny_videos[1].name, (old, old))
+        result, cursor = _tick(lake, instance, cursor)
+        assert not getattr(result, "run_requests", None), "the file list changed since the last tick"
+        result, cursor = _tick(lake, instance, cursor)
+        [first] = result.run_requests
+        assert first.partition_key == "copying"
+
+        shutil.copy(tiny_videos[2], folder / tiny_videos[2].name)  # the registered folder gains a file
+        result, cursor = _tick(lake, instance, cursor)
+        assert not getattr(result, "run_requests", None)
+        result, cursor = _tick(lake, instance, cursor)
+        [second] = result.run_requests
+        assert second.partition_key == "copying" and second.run_key != first.run_key
+        result, cursor = _tick(lake, instance, cursor)
         assert not getattr(result, "run_requests", None)
 
 
@@ -136,14 +162,30 @@ def test_named_views_survive_later_refreshes(home):
     assert lake.query("SELECT count(*) AS n FROM two_things")["n"][0] == 2
 
 
-def test_weekly_retrain_schedule_requests_the_training_job():
-    from dagster import build_schedule_context
+def test_weekly_retrain_runs_only_when_there_is_new_data_since_the_last_model():
+    from datetime import datetime, timezone
+
+    from dagster import AssetMaterialization, build_schedule_context, instance_for_test
 
     from opensora_dag.definitions import defs
     from opensora_dag.schedules import weekly_retrain
 
     assert weekly_retrain.cron_schedule == "0 3 * * 1" and weekly_retrain.job_name == "training_job"
-    requests = list(weekly_retrain.evaluate_tick(build_schedule_context()).run_requests)
-    assert len(requests) == 1
     job = defs.resolve_job_def("training_job")
     assert {k.to_user_string() for k in job.asset_layer.selected_asset_keys} == {"trained_model", "model_evaluation"}
+
+    def tick(instance):
+        when = datetime(2026, 12, 7, 3, tzinfo=timezone.utc)
+        return weekly_retrain.evaluate_tick(build_schedule_context(instance=instance, scheduled_execution_time=when))
+
+    with instance_for_test() as instance:
+        assert not list(tick(instance).run_requests)  # no dataset yet
+        instance.report_runless_asset_event(AssetMaterialization("curated_dataset", metadata={"version": "v1", "num_rows": 10}))
+        requests = list(tick(instance).run_requests)
+        assert len(requests) == 1 and requests[0].tags["opensora/dataset_version"] == "v1"
+        instance.report_runless_asset_event(AssetMaterialization("trained_model", metadata={"dataset_version": "v1",
+                                                                                            "dataset_rows": 10}))
+        skipped = tick(instance)
+        assert not list(skipped.run_requests) and "no new data" in skipped.skip_message
+        instance.report_runless_asset_event(AssetMaterialization("curated_dataset", metadata={"version": "v2", "num_rows": 11}))
+        assert len(list(tick(instance).run_requests)) == 1  # one new clip is new data for the weekly run

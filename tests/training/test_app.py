@@ -294,7 +294,8 @@ def served_app(tiny_checkpoint, tmp_path):
         app.close()
 
 
-def _click_choice(cdp: CDP, elem_id: str, label: str) -> None:
+def _click_choice(cdp: CDP, elem_id: str, label: str, value: str | None = None) -> None:
+    """Click the choice showing ``label``; its input's value is ``value`` (default: the label itself)."""
     found = cdp.eval(f"""(() => {{
         const labels = [...document.querySelectorAll('#{elem_id} label')];
         const hit = labels.find(l => l.textContent.trim() === {json.dumps(label)});
@@ -303,7 +304,7 @@ def _click_choice(cdp: CDP, elem_id: str, label: str) -> None:
         return true;
     }})()""")
     assert found, f"no choice {label!r} in #{elem_id}"
-    checked = f"document.querySelector('#{elem_id} input[type=radio]:checked')?.value === {json.dumps(label)}"
+    checked = f"document.querySelector('#{elem_id} input[type=radio]:checked')?.value === {json.dumps(value or label)}"
     cdp.wait_for(checked, 10, f"{label} to be selected in #{elem_id}")
 
 
@@ -335,7 +336,7 @@ def test_browser_generates_video_and_image(browser, served_app):
 
     _type_into(cdp, "#prompt textarea", PROMPT)
     _click_choice(cdp, "resolution", "64px")
-    _click_choice(cdp, "aspect-ratio", "16:9 landscape")
+    _click_choice(cdp, "aspect-ratio", "16:9 landscape", value="9:16")
     _click_choice(cdp, "length", "2s")
     _type_into(cdp, "#sampling-steps input[type=number]", "2")
     assert cdp.eval("document.querySelector('#sampling-steps input[type=range]').value") == "2"

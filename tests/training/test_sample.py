@@ -129,6 +129,24 @@ def test_resolve_checkpoint_layouts(assets) -> None:
         resolve_checkpoint(assets["root"])
 
 
+def test_resolve_checkpoint_finds_the_newest_complete_checkpoint_of_the_newest_run(assets, tmp_path) -> None:
+    """`--ckpt-path ckpt/stage1` names a training output folder of run-NNN folders; a half-written checkpoint
+    (format 2 without its completion marker) is never sampled from."""
+    import json
+    import shutil
+
+    out = tmp_path / "stage1"
+    good = shutil.copytree(assets["step2"], out / "run-001" / "step-00000002")
+    half = out / "run-002" / "step-00000009"
+    shutil.copytree(assets["step2"], half)
+    state = json.loads((half / "state.json").read_text())
+    (half / "state.json").write_text(json.dumps({**state, "format": 2, "step": 9}))  # no COMPLETE.json
+    assert resolve_checkpoint(out).step_dir == good
+    assert resolve_checkpoint(out / "run-001").step_dir == good
+    with pytest.raises(FileNotFoundError, match="not a checkpoint"):
+        resolve_checkpoint(out / "run-002")
+
+
 def test_official_folder_needs_encoder_paths(assets, sampler) -> None:
     with pytest.raises(ValueError, match="--text-encoder"):
         Sampler.from_checkpoint(assets["official"], device="cpu")

@@ -33,26 +33,28 @@ def test_sigkill_and_resume_gives_the_same_losses(tiny_dataset, tmp_path):
     subprocess.run(train_command(tiny_dataset, straight, steps, every), check=True, env=env, cwd=REPO, capture_output=True)
 
     killed = tmp_path / "killed"
+    run = killed / "run-001"  # every run trains in its own folder under --outdir
     proc = subprocess.Popen(train_command(tiny_dataset, killed, steps, every), env=env, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
-    while not (killed / "step-00000003" / "state.json").exists():
+    while not (run / "step-00000003" / "COMPLETE.json").exists():
         assert proc.poll() is None, "training exited before its first checkpoint"
         assert time.monotonic() < deadline, "no checkpoint after 300 s"
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (killed / "final_metrics.json").exists(), "the run finished before it was killed"
+    assert not (run / "final_metrics.json").exists(), "the run finished before it was killed"
 
     resumed = subprocess.run(train_command(tiny_dataset, killed, steps, every) + ["--resume"], env=env, cwd=REPO, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
 
-    want, got = losses(straight), losses(killed)
+    want, got = losses(straight / "run-001"), losses(run)
     assert sorted(got) == list(range(1, steps + 1))
     assert got == want, "a resumed run must reproduce the uninterrupted run's losses bitwise"
-    assert sorted(p.name for p in killed.glob("step-*")) == ["step-00000006", "step-00000008"], "keep_last=2 prunes older checkpoints"
-    state = json.loads((killed / "step-00000008" / "state.json").read_text())
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-00000006", "step-00000008"], "keep_last=2 prunes older checkpoints"
+    assert [p.name for p in killed.iterdir()] == ["run-001"], "--resume continues the run, it starts no other"
+    state = json.loads((run / "step-00000008" / "state.json").read_text())
     assert state["objective"] == "iddpm" and state["step"] == 8
 
 
@@ -96,7 +98,7 @@ def test_two_torchrun_agents_form_one_world(tiny_dataset, tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
-    state = json.loads((outdir / "step-00000002" / "state.json").read_text())
+    state = json.loads((outdir / "run-001" / "step-00000002" / "state.json").read_text())
     assert state["world_size"] == 2
 
 
@@ -113,7 +115,7 @@ def test_cached_encoders_give_the_same_losses(tiny_dataset, tmp_path):
     for outdir, more in ((plain, []), (cached, [f"data.encoder_cache={cache}"])):
         run = subprocess.run(train_command(tiny_dataset, outdir, 3, 3, [*extra, *more]), env=env, cwd=REPO, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr[-3000:]
-    want, got = losses(plain), losses(cached)
+    want, got = losses(plain / "run-001"), losses(cached / "run-001")
     assert sorted(got) == [1, 2, 3]
     assert all(abs(got[k] - want[k]) < 1e-4 * max(1.0, abs(want[k])) for k in want), (want, got)
 
@@ -127,6 +129,6 @@ def test_a_small_run_learns_and_uses_the_text(tiny_dataset, tmp_path):
            "--steps", "200", "--ckpt-every", "200"] + [a for item in extra for a in ("--set", item)]
     out = subprocess.run(cmd, env=run_env(tmp_path / "home"), cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
-    final = json.loads((outdir / "final_metrics.json").read_text())
+    final = json.loads((outdir / "run-001" / "final_metrics.json").read_text())
     assert final["val_loss"] <= 0.8 * final["val_loss_start"]
     assert final["val_loss"] < final["val_loss_null_caption"]
