@@ -42,6 +42,10 @@ def artifact_root(tracking_uri: str) -> str | None:
     return None
 
 
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+"""MLflow 3 opens an experiment without this tag in its GenAI view (traces, tokens, cost); this is model training."""
+
+
 def ensure_experiment(tracking_uri: str, name: str = EXPERIMENT) -> str:
     """The experiment's id, created if missing; safe when several processes start at once (whoever loses the race
     to create it uses the one the winner created)."""
@@ -50,15 +54,17 @@ def ensure_experiment(tracking_uri: str, name: str = EXPERIMENT) -> str:
     mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
     existing = client.get_experiment_by_name(name)
-    if existing is not None:
-        return existing.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_root(tracking_uri))
-    except Exception:
-        existing = client.get_experiment_by_name(name)
-        if existing is not None:
-            return existing.experiment_id
-        raise
+    if existing is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_root(tracking_uri), tags=EXPERIMENT_TAGS)
+        except Exception:
+            existing = client.get_experiment_by_name(name)
+            if existing is None:
+                raise
+    for key, value in EXPERIMENT_TAGS.items():  # experiments made by earlier versions open in the right view too
+        if existing.tags.get(key) != value:
+            client.set_experiment_tag(existing.experiment_id, key, value)
+    return existing.experiment_id
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:

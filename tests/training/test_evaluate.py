@@ -403,3 +403,16 @@ def test_demo_checkpoints_register_under_their_own_model_name():
 def test_evaluation_samples_at_the_trained_presets_resolution():
     assert ev.evaluation_shape({"data": {"bucket_preset": "demo_cpu"}}) == (8, (96, 160))
     assert ev.evaluation_shape({"data": {"bucket_preset": "stage1"}}) == (32, (240, 426))
+
+
+def test_the_experiment_opens_as_model_training_not_genai(tmp_path):
+    import mlflow
+
+    from training.tracking import EXPERIMENT_TAGS, ensure_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    assert client.get_experiment(ensure_experiment(uri, "fresh")).tags["mlflow.experimentKind"] == "custom_model_development"
+    old = client.create_experiment("made-before")  # an experiment created by an earlier version: no kind tag
+    assert ensure_experiment(uri, "made-before") == old
+    assert client.get_experiment(old).tags.get("mlflow.experimentKind") == EXPERIMENT_TAGS["mlflow.experimentKind"]
