@@ -72,12 +72,16 @@ def latest_trained_checkpoint(context: AssetExecutionContext) -> tuple[Path, str
 
 
 def evaluation_dir(lakehouse: Lakehouse, checkpoint: Path, prompt_set_version: str) -> Path:
-    """``media/evaluations/<checkpoint path under checkpoints/>/<prompt set>``; outside checkpoints/ by path hash."""
+    """``media/evaluations/<checkpoint path under checkpoints/>/<prompt set>``; outside checkpoints/ by path hash.
+
+    With the data path on an object store the samples stay under the local ``OPENSORA_HOME/media/`` (like the
+    checkpoints they come from); MLflow keeps them as artifacts of the training run either way."""
     try:
         parts = checkpoint.resolve().relative_to(lakehouse.checkpoints_dir).parts
     except ValueError:
         parts = ("external", hashlib.sha256(str(checkpoint.resolve()).encode()).hexdigest()[:12], checkpoint.name)
-    folder = lakehouse.media_path("evaluations", *parts, prompt_set_version)
+    media = lakehouse.root / "media" if lakehouse.location.remote else lakehouse.media_dir
+    folder = media.joinpath("evaluations", *parts, prompt_set_version)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

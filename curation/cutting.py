@@ -28,7 +28,15 @@ from pathlib import Path
 import numpy as np
 
 from curation.shots import Scene
-from curation.video_io import even_size_for_short_side, iter_av_frames, open_writer, probe_stream, resize_short_side
+from curation.video_io import (
+    even_size_for_short_side,
+    iter_av_frames,
+    open_writer,
+    probe_stream,
+    resize_short_side,
+    stored_size,
+    upright_yuv420p,
+)
 
 PURPOSES = ("aesthetic", "flow", "ocr", "match")
 PURPOSE_ALIASES = {"caption": "match"}  # the caption model looks at the same middle frame as matching
@@ -52,9 +60,11 @@ class CutConfig:
     preset: str = "veryfast"
 
     def encode_key(self) -> str:
-        """Short digest of everything that changes a clip's pixels: part of the clip id."""
+        """Short digest of everything that changes a clip's pixels: part of the clip id. ``upright`` marks clips cut
+        with the display rotation applied, so a sideways clip made by an earlier version is never reused."""
         payload = json.dumps(
-            {"fps": self.target_fps, "short": self.short_side, "crf": self.crf, "preset": self.preset}, sort_keys=True
+            {"fps": self.target_fps, "short": self.short_side, "crf": self.crf, "preset": self.preset, "upright": 1},
+            sort_keys=True,
         )
         return hashlib.blake2b(payload.encode(), digest_size=4).hexdigest()
 
@@ -316,7 +326,9 @@ def cut_clips(
     if not plans:
         return result
 
-    out_w, out_h = even_size_for_short_side(info.width, info.height, cfg.short_side)
+    out_w, out_h = even_size_for_short_side(info.width, info.height, cfg.short_side)  # upright, as the clip plays
+    rotation = info.rotation  # a phone's portrait video: scale the stored frame, then turn the small one upright
+    scale_w, scale_h = stored_size(out_w, out_h, rotation)
     rate = Fraction(cfg.target_fps).limit_denominator(1001) if cfg.target_fps else info.fps.limit_denominator(1001000)
     scaler = VideoReformatter()
     scaler_threads = 1 if out_w * out_h <= 640 * 360 else 0
@@ -367,9 +379,10 @@ def cut_clips(
             if clip is None:
                 kept = _KeptFrameWriter(frames_root / plan.clip_id, keep, plan.num_frames)
                 clip = _OpenClip(plan, out_dir / f"{plan.clip_id}.mp4", (out_w, out_h), rate, cfg, kept, t0=t)
-            # Scale in YUV straight to the clip size (the frame itself when no scaling is needed).
-            clip.push(t, scaler.reformat(frame, width=out_w, height=out_h, format="yuv420p",
-                                         interpolation="BICUBIC", threads=scaler_threads))  # fmt: skip
+            # Scale in YUV straight to the clip size (the frame itself when no scaling is needed), then turn upright.
+            scaled = scaler.reformat(frame, width=scale_w, height=scale_h, format="yuv420p",
+                                     interpolation="BICUBIC", threads=scaler_threads)  # fmt: skip
+            clip.push(t, upright_yuv420p(scaled, rotation) if rotation else scaled)
         if clip is not None and result.frames_decoded >= clip.plan.end_frame:
             finish(clip)  # the stream ended right at the end of the last clip
             clip = None

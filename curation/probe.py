@@ -12,6 +12,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from curation.errors import InputRejected
+from curation.video_io import frame_rotation, stored_size
 
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv"}
 
@@ -34,9 +35,13 @@ class VideoInfo:
     resolution: int  # H * W pixels
     duration: float  # seconds
     bitrate: int  # bits per second over the whole file
+    rotation: int = 0  # counter-clockwise degrees the display matrix turns the stored frames; sizes are upright
 
     def to_row(self) -> dict:
-        return asdict(self)
+        """The ``raw_videos`` row (``rotation`` is not a column: the sizes are already upright)."""
+        row = asdict(self)
+        row.pop("rotation")
+        return row
 
 
 def content_hash(path: Path, chunk_size: int = 1 << 20) -> str:
@@ -113,6 +118,9 @@ def _probe(path: Path) -> VideoInfo:
             raise ProbeError(f"first frame does not decode: {err}") from err
         if first_frame is None:
             raise ProbeError("video stream contains no decodable frame")
+        # Sizes as the video plays: a phone's portrait clip is stored landscape with a quarter turn to apply.
+        rotation = frame_rotation(first_frame)
+        width, height = stored_size(width, height, rotation)
 
         container.seek(0)
         packets = 0
@@ -142,4 +150,5 @@ def _probe(path: Path) -> VideoInfo:
         resolution=height * width,
         duration=duration,
         bitrate=int(size * 8 / duration) if duration > 0 else 0,
+        rotation=rotation,
     )

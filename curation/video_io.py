@@ -5,6 +5,12 @@ that frame numbering is the same everywhere: frame ``i`` is the ``i``-th frame t
 from 0, which is also what ``probe.probe_video`` counts as ``num_frames``. Frames are RGB uint8 ``[H, W, 3]``
 unless a caller asks for another pixel format.
 
+Frames come out upright: phones store portrait video as landscape frames plus a rotation in the stream's display
+matrix (which FFmpeg's CLI applies and PyAV does not). The reader reads it (``StreamInfo.rotation``, from the first
+decoded frame: PyAV 18 exposes the display matrix only on frames), reports sizes upright and turns every frame
+it converts (``iter_frames``, ``read_frames``); ``iter_av_frames`` hands out stored frames with the rotation for
+callers that scale first and turn the small frame (``upright_yuv420p``), as the cutter does.
+
 Decoding uses FFmpeg's frame threads (``thread_type="AUTO"``) and scales inside swscale (``size=``), so a
 detector that needs 256 px wide frames never pays for a full-resolution RGB conversion.
 """
@@ -35,12 +41,69 @@ class UndecodableVideo(InputRejected, ValueError):
 class StreamInfo:
     """What a reader needs to know about the first video stream before decoding it."""
 
-    width: int
+    width: int  # upright (display) size: the stored frame turned by ``rotation``
     height: int
     fps: Fraction  # average frame rate (exact rational)
     time_base: Fraction
     start_pts: int | None  # pts of the stream's first frame as declared by the container
     declared_frames: int  # 0 when the container does not say
+    rotation: int = 0  # counter-clockwise degrees (0, 90, 180, 270) that turn a stored frame upright
+
+    @property
+    def stored_size(self) -> tuple[int, int]:
+        """(width, height) of the frames as the decoder outputs them, before turning them upright."""
+        return stored_size(self.width, self.height, self.rotation)
+
+
+def frame_rotation(frame: av.VideoFrame) -> int:
+    """Counter-clockwise degrees (0, 90, 180 or 270) the frame's display matrix turns it; 0 without one.
+
+    PyAV's ``VideoFrame.rotation`` is FFmpeg's display-matrix angle in [-180, 180], counter-clockwise, the
+    way the ffmpeg CLI's autorotate reads it. Angles that are not a quarter turn are rounded to one; flips in
+    the matrix are not applied.
+    """
+    try:
+        degrees = float(frame.rotation or 0)
+    except (AttributeError, TypeError, ValueError):  # pragma: no cover - older PyAV
+        return 0
+    return int(round(degrees / 90.0)) % 4 * 90
+
+
+def stored_size(width: int, height: int, rotation: int) -> tuple[int, int]:
+    """The stored (width, height) of an upright ``width`` x ``height`` frame turned by ``rotation``."""
+    return (height, width) if rotation in (90, 270) else (width, height)
+
+
+def upright_array(image: np.ndarray, rotation: int) -> np.ndarray:
+    """A stored frame (``[H, W]`` or ``[H, W, C]``) turned upright; the array itself when ``rotation`` is 0."""
+    if not rotation:
+        return image
+    return np.ascontiguousarray(np.rot90(image, rotation // 90))
+
+
+def upright_yuv420p(frame: av.VideoFrame, rotation: int) -> av.VideoFrame:
+    """A yuv420p frame turned upright plane by plane (no RGB round trip); the frame itself at rotation 0.
+
+    Even sizes only (the planes of an odd yuv420p frame do not turn into a yuv420p frame).
+    """
+    if not rotation:
+        return frame
+    import av
+
+    if frame.format.name != "yuv420p" or frame.width % 2 or frame.height % 2:
+        raise ValueError(f"upright_yuv420p needs an even-sized yuv420p frame, got {frame.format.name} "
+                         f"{frame.width}x{frame.height}")  # fmt: skip
+    w, h = frame.width, frame.height
+    packed = frame.to_ndarray()  # [h * 3 / 2, w]: Y, then U and V each h/2 x w/2
+    k = rotation // 90
+    planes = (packed[:h], packed[h : h + h // 4].reshape(h // 2, w // 2), packed[h + h // 4 :].reshape(h // 2, w // 2))
+    out_w, out_h = stored_size(w, h, rotation)
+    turned = np.concatenate([np.rot90(p, k).ravel() for p in planes]).reshape(out_h * 3 // 2, out_w)
+    out = av.VideoFrame.from_ndarray(turned, format="yuv420p")
+    out.pts = frame.pts
+    if frame.time_base is not None:
+        out.time_base = frame.time_base
+    return out
 
 
 def open_video(path: str | Path, *, threads: bool = True) -> tuple[av.container.InputContainer, av.VideoStream]:
@@ -63,25 +126,37 @@ def open_video(path: str | Path, *, threads: bool = True) -> tuple[av.container.
     return container, stream
 
 
-def stream_info(stream: av.VideoStream) -> StreamInfo:
+def stream_info(stream: av.VideoStream, rotation: int = 0) -> StreamInfo:
+    """The stream's StreamInfo with sizes upright for ``rotation`` (read from a decoded frame)."""
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     if not rate:
         raise ValueError("video stream has no frame rate")
+    width, height = stored_size(stream.codec_context.width, stream.codec_context.height, rotation)
     return StreamInfo(
-        width=stream.codec_context.width,
-        height=stream.codec_context.height,
+        width=width,
+        height=height,
         fps=Fraction(rate),
         time_base=Fraction(stream.time_base) if stream.time_base else Fraction(1, 1) / Fraction(rate),
         start_pts=stream.start_time,
         declared_frames=stream.frames or 0,
+        rotation=rotation,
     )
 
 
 def probe_stream(path: str | Path) -> StreamInfo:
-    """Stream size, rate and time base without decoding anything."""
+    """Stream size (upright), rate, time base and rotation; decodes the first frame only (for the rotation)."""
+    import av
+
     container, stream = open_video(path, threads=False)
     with container:
-        return stream_info(stream)
+        rotation = 0
+        try:
+            first = next(container.decode(stream), None)
+        except av.FFmpegError:
+            first = None  # the caller's own decode reports the damage; sizes stay as stored
+        if first is not None:
+            rotation = frame_rotation(first)
+        return stream_info(stream, rotation)
 
 
 def iter_av_frames(
@@ -90,7 +165,9 @@ def iter_av_frames(
     """Decoded ``av.VideoFrame`` objects with their index and exact pts (seconds since the first frame).
 
     The low-level form of ``iter_frames`` for callers that keep frames in YUV (the cutter encodes them
-    without an RGB round trip). ``stop`` (exclusive) ends decoding early.
+    without an RGB round trip). ``stop`` (exclusive) ends decoding early. The frames are as stored: the
+    ``StreamInfo`` (upright sizes, read once the first frame is decoded) carries the ``rotation`` that turns
+    them upright (``upright_yuv420p`` / ``upright_array``), so a caller can scale before it turns.
     """
     container, stream = open_video(path, threads=threads)
     with container:
@@ -100,6 +177,10 @@ def iter_av_frames(
         for frame in container.decode(stream):
             if stop is not None and index >= stop:
                 break
+            if index == 0:
+                rotation = frame_rotation(frame)  # the stream's display matrix, as the decoder attaches it
+                if rotation:
+                    info = stream_info(stream, rotation)
             if frame.pts is not None and first_pts is None:
                 first_pts = frame.pts
             if frame.pts is None or first_pts is None:
@@ -123,25 +204,32 @@ def iter_frames(
 ) -> Iterator[tuple[int, float, np.ndarray]]:
     """Yield ``(index, pts_seconds, frame)`` for every frame of ``path`` in presentation order.
 
-    size: ``(width, height)`` to scale to inside swscale (cheaper than converting at full size and
-    resizing in numpy); None keeps the stored size. format: any FFmpeg pixel format PyAV can turn into
+    size: ``(width, height)`` of the upright frame to scale to inside swscale (cheaper than converting at full
+    size and resizing in numpy); None keeps the source size. Frames are upright (the stream's rotation applied
+    after scaling). format: any FFmpeg pixel format PyAV can turn into
     an array (``rgb24`` default, ``bgr24`` for OpenCV consumers, ``gray``). Frames before ``start`` are
     decoded (H.264 needs them) but not converted. pts_seconds counts from the first frame.
     """
     from av.video.reformatter import VideoReformatter
 
     reformatter = VideoReformatter()  # one swscale context reused for the whole video
-    width, height = size if size is not None else (None, None)
     scaler_threads = None
-    for index, t, frame, _info in iter_av_frames(path, stop=stop, threads=threads):
+    for index, t, frame, info in iter_av_frames(path, stop=stop, threads=threads):
         if index < start:
             continue
         if scaler_threads is None:
+            width, height = stored_size(*size, info.rotation) if size is not None else (None, None)
             scaler_threads = _scaler_threads(width or frame.width, height or frame.height)
         out = reformatter.reformat(
             frame, width=width, height=height, format=format, interpolation=interpolation, threads=scaler_threads
         )
-        yield index, float(t), out.to_ndarray()
+        yield index, float(t), _upright(out.to_ndarray(), info.rotation, format)
+
+
+def _upright(image: np.ndarray, rotation: int, format: str) -> np.ndarray:
+    if rotation and image.ndim == 2 and not format.startswith("gray"):
+        raise ValueError(f"cannot turn a planar {format} frame upright; ask for a packed format (rgb24, bgr24, gray)")
+    return upright_array(image, rotation)
 
 
 def _scaler_threads(width: int, height: int) -> int:
@@ -152,7 +240,9 @@ def _scaler_threads(width: int, height: int) -> int:
 def read_frames(
     path: str | Path, indices: Sequence[int], size: tuple[int, int] | None = None, *, format: str = "rgb24"
 ) -> list[np.ndarray]:
-    """Frames at ``indices`` (any order, repeats allowed), frame-exact by decode count.
+    """Upright frames at ``indices`` (any order, repeats allowed), frame-exact by decode count.
+
+    size: ``(width, height)`` of the upright frame, or None for the source size.
 
     Decodes sequentially from the first frame up to the largest index: seeking lands on keyframes and
     would make the count depend on the container's timestamps, which is exactly what must not happen.
@@ -166,11 +256,12 @@ def read_frames(
     from av.video.reformatter import VideoReformatter
 
     reformatter = VideoReformatter()
-    width, height = size if size is not None else (None, None)
     targets = set(wanted)
-    for index, _t, frame, _info in iter_av_frames(path, stop=wanted[-1] + 1):
+    for index, _t, frame, info in iter_av_frames(path, stop=wanted[-1] + 1):
         if index in targets:
-            got[index] = reformatter.reformat(frame, width=width, height=height, format=format).to_ndarray()
+            width, height = stored_size(*size, info.rotation) if size is not None else (None, None)
+            image = reformatter.reformat(frame, width=width, height=height, format=format).to_ndarray()
+            got[index] = _upright(image, info.rotation, format)
     missing = [i for i in wanted if i not in got]
     if missing:
         raise IndexError(f"{path}: frames {missing} out of range ({len(got)} of the requested frames exist)")

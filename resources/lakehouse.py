@@ -293,12 +293,11 @@ class Lakehouse(ConfigurableResource):
         return self.root / "checkpoints"
 
     def batch_dir(self, batch: str) -> Path:
-        return self.landing_dir / batch
+        """``landing/<batch>/`` for a batch whose folder is named by its key (the demo, tests); a key is checked
+        before it becomes a path. Assets find a batch's folder through ``resources.batch_keys.landing_folder``."""
+        from resources.batch_keys import validate_batch_key
 
-    def media_path(self, *parts: str) -> Path:
-        path = self.media_dir.joinpath(*parts)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
+        return self.landing_dir / validate_batch_key(batch)
 
     def ensure_layout(self) -> None:
         loc = self.location
