@@ -40,6 +40,14 @@ def tiny(tmp_path_factory):
     return {"name": name, "checkpoint": checkpoint, "folder": root, "mlp": mlp_path}
 
 
+def _independent_clip(tiny):
+    """The tiny CLIP built by open_clip directly from its weights file (no project code in between)."""
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms(tiny["name"], pretrained=str(tiny["checkpoint"]))
+    return model.eval(), preprocess
+
+
 @pytest.fixture(scope="module")
 def backbone(tiny):
     return load_clip(tiny["checkpoint"], model_name=tiny["name"], device="cpu")
@@ -146,14 +154,18 @@ def test_aesthetic_scores_are_finite_deterministic_and_batch_invariant(tiny, bac
     )
     np.testing.assert_allclose(small_batches.score_clips(clips), scores, rtol=1e-5, atol=1e-5)
 
-    # By hand: the mean over each clip's frames of MLP(L2-normalised CLIP image features).
-    mlp = load_aesthetic_mlp(tiny["mlp"])
+    # By hand, sharing no code with the scorer: open_clip's own model and preprocessing, and the MLP applied as the
+    # five affine layers of its state dict: the mean over each clip's frames of MLP(L2-normalised image features).
+    model, preprocess = _independent_clip(tiny)
+    weights = torch.load(tiny["mlp"], weights_only=True)
     for clip, score in zip(clips, scores):
-        pixels = torch.stack([backbone.preprocess(Image.fromarray(f)) for f in clip])
+        pixels = torch.stack([preprocess(Image.fromarray(f)) for f in clip])
         with torch.no_grad():
-            feats = backbone.model.encode_image(pixels)
-            expected = mlp(feats / feats.norm(dim=-1, keepdim=True)).mean().item()
-        assert score == pytest.approx(expected, rel=1e-5, abs=1e-5)
+            h = model.encode_image(pixels)
+            h = h / h.norm(dim=-1, keepdim=True)
+            for layer in (0, 2, 4, 6, 7):
+                h = h @ weights[f"layers.{layer}.weight"].T + weights[f"layers.{layer}.bias"]
+        assert score == pytest.approx(h.mean().item(), rel=1e-5, abs=1e-5)
 
     with pytest.raises(ValueError, match="clip 1 has no frames"):
         scorer.score_clips([frames[:1], []])
@@ -188,11 +200,12 @@ def test_match_is_100_times_cosine_by_hand(tiny, backbone, frames):
     scores = scorer.score(frames, captions)
     assert len(scores) == len(frames) and all(math.isfinite(s) for s in scores)
 
+    model, preprocess = _independent_clip(tiny)  # not the backbone under test
     tokenizer = open_clip.get_tokenizer(tiny["name"])
     for frame, caption, score in zip(frames, captions, scores):
         with torch.no_grad():
-            image = backbone.model.encode_image(backbone.preprocess(Image.fromarray(frame))[None])
-            text = backbone.model.encode_text(tokenizer([caption]))
+            image = model.encode_image(preprocess(Image.fromarray(frame))[None])
+            text = model.encode_text(tokenizer([caption]))
         expected = 100 * torch.nn.functional.cosine_similarity(image, text).item()
         assert score == pytest.approx(expected, rel=1e-4, abs=1e-4)
 

@@ -70,7 +70,7 @@ def test_run_is_tracked_in_mlflow(tiny_dataset, tmp_path):
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     client = mlflow.MlflowClient(f"sqlite:///{home / 'mlruns' / 'mlflow.db'}")
     run = client.get_run(summary["mlflow_run_id"])
-    assert run.data.params["dataset_version"] == "data" or run.data.params["dataset_version"]
+    assert run.data.params["dataset_version"] == "data"  # a dataset given by path: named by its file (data.parquet)
     assert run.data.params["config.objective"] == "iddpm"
     assert "git_commit" in run.data.params
     assert {"loss", "lr", "grad_norm", "val_loss", "val_loss_null_caption"} <= set(run.data.metrics)
@@ -131,4 +131,6 @@ def test_a_small_run_learns_and_uses_the_text(tiny_dataset, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     final = json.loads((outdir / "run-001" / "final_metrics.json").read_text())
     assert final["val_loss"] <= 0.8 * final["val_loss_start"]
-    assert final["val_loss"] < final["val_loss_null_caption"]
+    # Validation uses fixed noise and timesteps, so a model that ignores its text scores exactly the same with the
+    # true and the null caption (gap 0). Ask for a margin: measured 1.7 % of val_loss on this run.
+    assert final["val_loss_null_caption"] - final["val_loss"] >= 0.005 * final["val_loss"]
