@@ -132,5 +132,6 @@ def test_a_small_run_learns_and_uses_the_text(tiny_dataset, tmp_path):
     final = json.loads((outdir / "run-001" / "final_metrics.json").read_text())
     assert final["val_loss"] <= 0.8 * final["val_loss_start"]
     # Validation uses fixed noise and timesteps, so a model that ignores its text scores exactly the same with the
-    # true and the null caption (gap 0). Ask for a margin: measured 1.7 % of val_loss on this run.
-    assert final["val_loss_null_caption"] - final["val_loss"] >= 0.005 * final["val_loss"]
+    # true and the null caption (gap 0, which no float noise turns positive). Ask for a margin above that: measured
+    # 0.4 % to 1.7 % of val_loss here (the runs differ with thread counts).
+    assert final["val_loss_null_caption"] - final["val_loss"] >= 0.001 * final["val_loss"]
