@@ -65,7 +65,10 @@ def trained_model(
         raise FileNotFoundError(f"dataset version {version} has no data.parquet under {dataset_dir}")
     num_rows = json.loads((dataset_dir / "manifest.json").read_text())["counts"]["kept"]
     root = runs_root(lakehouse, config.preset, version)
-    argv = [config.preset, "--dataset", str(dataset_dir), "--outdir", str(root), "--resume=auto",
+    # The trainers get the version's own location: an s3:// URL on an object store (each pod, on any node, reads it
+    # through its own cache), the folder itself on local disk.
+    dataset_arg = lakehouse.storage.url("lake", "datasets", version) if lakehouse.location.remote else str(dataset_dir)
+    argv = [config.preset, "--dataset", dataset_arg, "--outdir", str(root), "--resume=auto",
             "--tracking-uri", tracking.uri(lakehouse.root)]
     if config.steps is not None:
         argv += ["--steps", str(config.steps)]
