@@ -22,6 +22,16 @@ def conformance_root() -> Path:
     return Path(os.environ.get("OPENSORA_CONFORMANCE_DIR", REPO_ROOT.parent / "shared" / "conformance"))
 
 
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A fresh OPENSORA_HOME with its own DAGSTER_HOME."""
+    root = tmp_path / "home"
+    monkeypatch.setenv("OPENSORA_HOME", str(root))
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    yield root
+    os.environ.pop("DAGSTER_HOME", None)
+
+
 @pytest.fixture(scope="session")
 def conformance_dir() -> Path:
     root = conformance_root()

@@ -239,15 +239,6 @@ def test_links_made_by_ingest_are_recorded_and_followed(tmp_path, good):
 
 
 # ---- 4. ingest: temporary name + rename; a re-run repairs what differs -----------------------------------------
-@pytest.fixture
-def home(tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "home"
-    monkeypatch.setenv("OPENSORA_HOME", str(root))
-    monkeypatch.delenv("DAGSTER_HOME", raising=False)
-    yield root
-    os.environ.pop("DAGSTER_HOME", None)
-
-
 def _drop(tmp_path: Path, good: Path) -> Path:
     source = tmp_path / "drop"
     source.mkdir()

@@ -1,20 +1,9 @@
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
 from curation.samples import Shot, write_synthetic_video
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch) -> Path:
-    """A fresh OPENSORA_HOME with its own DAGSTER_HOME."""
-    root = tmp_path / "home"
-    monkeypatch.setenv("OPENSORA_HOME", str(root))
-    monkeypatch.delenv("DAGSTER_HOME", raising=False)
-    yield root
-    os.environ.pop("DAGSTER_HOME", None)
 
 
 @pytest.fixture(scope="session")
