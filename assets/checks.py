@@ -74,6 +74,11 @@ def validate_clips(frame: pl.DataFrame, bounds: ClipBounds) -> AssetCheckResult:
         slack = 1 / row["fps"]  # one frame: rounding at the bounds
         if not low - slack <= seconds <= high + slack:
             problems.append(f"{row['id']}: {seconds:.2f} s is outside {low:g}..{high:g} s")
+        if row.get("virtual"):
+            problem = _virtual_clip_problem(row)
+            if problem:
+                problems.append(f"{row['id']}: {problem}")
+            continue
         try:
             info = probe_video(local_media_path(row["path"]))
         except (ProbeError, FileNotFoundError) as err:
@@ -85,6 +90,20 @@ def validate_clips(frame: pl.DataFrame, bounds: ClipBounds) -> AssetCheckResult:
         "num_clips": len(frame), "bounds_s": f"{low:g}..{high:g}", "bounds_from": bounds.source,
         "problems": "\n".join(problems[:50]) or "none",
     })
+
+
+def _virtual_clip_problem(row: dict) -> str | None:
+    """What is wrong with a virtual clip, or None: its source must hold the range, and the range must decode to its
+    frame count (first and last clip frames read frame-exact, at the clip's size)."""
+    from curation.virtual_clips import read_clip_frames
+
+    try:
+        first, last = read_clip_frames(row, [0, row["num_frames"] - 1])
+    except Exception as err:  # any failure to decode the range is this clip's problem, reported with the reason
+        return f"range {row['start_frame']}..{row['end_frame']} of {row['path']} does not decode: {type(err).__name__}: {err}"
+    if first.shape[:2] != (row["height"], row["width"]) or last.shape != first.shape:
+        return f"range decodes to {first.shape[1]}x{first.shape[0]}, table says {row['width']}x{row['height']}"
+    return None
 
 
 def _range_check(context: AssetCheckExecutionContext, lakehouse: Lakehouse, table: str, column: str) -> AssetCheckResult:

@@ -7,6 +7,7 @@ hits more than ``max_component_error_share`` of the items (``curation.errors`` t
 """
 
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any, TypeVar
 
 import polars as pl
@@ -78,38 +79,85 @@ def _summarize(reasons: list[str], limit: int = 8) -> str:
     return text + (f"; ... {len(counts) - limit} more distinct reasons" if len(counts) > limit else "")
 
 
+WORKERS_ENV = "OPENSORA_CURATION_WORKERS"
+
+
+class PoolConfig(IsolationConfig):
+    """Run config of the per-video stages: worker processes and the limits that cost a hostile video only itself."""
+
+    workers: int | None = Field(
+        None, ge=1,
+        description=f"Worker processes for the per-video work. Default: ${WORKERS_ENV}, else one per core. 1 runs "
+        "everything in the run's own process (for debugging: plain tracebacks, no limits enforced).",
+    )
+    video_time_limit_s: float | None = Field(
+        3600.0, gt=0, description="A video whose work runs longer is killed and quarantined (None: no limit).")
+    video_memory_limit_mb: float | None = Field(
+        None, gt=0, description="A worker whose memory (RSS) exceeds this while on one video is killed and the video "
+        "quarantined. Default: the machine's memory divided among the workers.")
+
+    def pool_options(self, num_items: int) -> dict:
+        """``curation.pool.run_pool`` keyword arguments for a stage of ``num_items`` videos."""
+        import os
+
+        workers = self.workers
+        if workers is None and os.environ.get(WORKERS_ENV, "").strip():
+            raw = os.environ[WORKERS_ENV].strip()
+            if not raw.isdigit() or int(raw) < 1:
+                raise ValueError(f"{WORKERS_ENV}={raw!r} is not a whole number of worker processes (1 or more)")
+            workers = int(raw)
+        workers = workers or len(os.sched_getaffinity(0))
+        memory = self.video_memory_limit_mb
+        if memory is None:
+            import psutil
+
+            memory = psutil.virtual_memory().total / 2**20 / max(1, min(workers, num_items))
+        return {"workers": workers, "time_limit_s": self.video_time_limit_s, "memory_limit_mb": memory}
+
+
 def run_isolated(
     context: AssetExecutionContext, stage: str, items: list[T], work: Callable[[T], Any], describe: Callable[[T], str],
-    max_error_share: float | None = None,
+    max_error_share: float | None = None, pool: PoolConfig | None = None,
 ) -> tuple[list[tuple[T, Any]], list[tuple[T, str]]]:
-    """Apply ``work`` to each item with a count/total progress log; returns (item, result) and (item, reason) pairs.
+    """Apply ``work`` to each item with a done/total progress log; returns (item, result) and (item, reason) pairs.
+
+    ``pool``: run the items in ``curation.pool`` worker processes (``work`` must then be picklable: a module-level
+    function or a ``functools.partial`` of one); a worker that crashes, is killed or exceeds a limit costs only its
+    item, quarantined as an input rejection with the signal, exit code or limit. Without it, in this process.
 
     An item whose input is rejected (``curation.errors.is_input_rejection``: ``InputRejected``, a PyAV decode
-    error, an ``OSError`` reading it) is quarantined with the reason; any number of them never fails the stage.
-    Any other exception is a component error: the item is quarantined with ``"component error: ..."`` and logged
-    with its traceback, and when component errors exceed ``max_error_share`` of the items (default
+    error, an ``OSError`` reading it, a lost worker) is quarantined with the reason; any number of them never fails
+    the stage. Any other exception is a component error: the item is quarantined with ``"component error: ..."`` and
+    logged with its traceback, and when component errors exceed ``max_error_share`` of the items (default
     :func:`component_error_share`) the stage fails with a summary of the reasons instead of writing anything.
     Component errors below the limit are reported as asset metadata (``num_component_errors``, ``component_errors``).
     """
     from dagster import Failure
 
+    from curation.batch_tasks import PRELOAD
     from curation.errors import is_input_rejection
+    from curation.pool import run_pool
 
     share = component_error_share(max_error_share)
+    options = pool.pool_options(len(items)) if pool is not None else {"workers": 1}
+    if options["workers"] > 1:
+        context.log.info(f"{stage}: {len(items)} items on up to {options['workers']} worker processes")
+
+    def progress(done: int, total: int, item: T, _outcome) -> None:
+        context.log.info(f"{stage}: {done}/{total} {describe(item)}")
+
     done, failed, component = [], [], []
-    for index, item in enumerate(items, start=1):
-        try:
-            done.append((item, work(item)))
-        except Exception as err:  # sorted below: bad input is quarantined, a broken component counts against the budget
-            detail = f"{type(err).__name__}: {err}"
-            if is_input_rejection(err):
-                context.log.warning(f"{stage}: {describe(item)} quarantined (input rejected): {detail}")
-                failed.append((item, detail))
-            else:
-                context.log.exception(f"{stage}: {describe(item)}: {COMPONENT_ERROR}: {detail}")
-                component.append(detail)
-                failed.append((item, f"{COMPONENT_ERROR}: {detail}"))
-        context.log.info(f"{stage}: {index}/{len(items)} {describe(item)}")
+    for outcome in run_pool(work, items, progress=progress, preload=PRELOAD, **options):
+        item, err = outcome.item, outcome.error
+        if err is None:
+            done.append((item, outcome.result))
+        elif is_input_rejection(err):  # bad input is quarantined; a broken component counts against the budget
+            context.log.warning(f"{stage}: {describe(item)} quarantined (input rejected): {err.detail}")
+            failed.append((item, err.detail))
+        else:
+            context.log.error(f"{stage}: {describe(item)}: {COMPONENT_ERROR}: {err.detail}\n{err.traceback}")
+            component.append(err.detail)
+            failed.append((item, f"{COMPONENT_ERROR}: {err.detail}"))
     if not component:
         return done, failed
     summary = _summarize(component)
@@ -152,16 +200,30 @@ def save_batch(context: AssetExecutionContext, lakehouse: Lakehouse, table: str,
 @asset(
     partitions_def=video_batches,
     group_name="curation",
-    code_version="1",
+    code_version="2",  # 2: rows carry `source` (frozen copy under media/sources/, or a linked file) and `linked`
     kinds={"pyav", "parquet"},
     description="One row per distinct video file of a landing batch (probed with PyAV); bad files go to `quarantine`.",
 )
-def raw_videos(context: AssetExecutionContext, lakehouse: Lakehouse) -> MaterializeResult:
+def raw_videos(context: AssetExecutionContext, config: PoolConfig, lakehouse: Lakehouse) -> MaterializeResult:
+    from curation.batch_tasks import PRELOAD
     from curation.ingest import scan_batch
+    from curation.pool import run_pool
+    from curation.probe import probe_video
+    from curation.sources import SourceStore
+
+    def probe(paths: list) -> list:
+        """Probe in worker processes: a file that crashes the demuxer or hangs costs only itself."""
+        outcomes = run_pool(probe_video, paths, preload=PRELOAD, **config.pool_options(len(paths)),
+                            progress=lambda done, total, path, _o: context.log.info(f"raw_videos: probed {done}/{total} {path}"))
+        return [o.result if o.ok else (o.error.message if o.error.type_name == "ProbeError" else f"probe failed: {o.error.detail}")
+                for o in outcomes]
 
     batch = batch_key(context.partition_key)  # a key, never a path: refused before any I/O
     folder = landing_folder(lakehouse, batch)  # on S3: a cached local copy of landing/<folder>/
-    scan = scan_batch(folder, progress=context.log.info)
+    # The landing folder is an inbox users may edit: each probed video's bytes become immutable media named by
+    # their hash (media/sources/), and the row's `source` names that copy for every decoder downstream.
+    freeze = SourceStore(lakehouse.storage, scratch=lakehouse.root / "scratch")
+    scan = scan_batch(folder, progress=context.log.info, freeze=freeze, probe=probe)
     if lakehouse.storage.remote:  # record where the files live for every machine: their s3:// URLs
         scan = published_scan(scan, folder, landing_folder_url(lakehouse, batch))
     written = save_batch(context, lakehouse, "raw_videos", batch, scan.videos, "raw_videos",
@@ -175,6 +237,7 @@ def raw_videos(context: AssetExecutionContext, lakehouse: Lakehouse) -> Material
             "num_quarantined": len(scan.quarantine),
             "total_duration_s": float(scan.videos["duration"].sum() or 0.0),
             "sidecars": len(scan.sidecars),
+            "num_linked": int(scan.videos["linked"].sum() or 0),
             "preview": markdown_table(scan.videos.select("path", "codec", "fps", "num_frames", "height", "width", "duration")),
             "quarantine": markdown_table(scan.quarantine.select("path", "reason")),
         }
@@ -182,7 +245,7 @@ def raw_videos(context: AssetExecutionContext, lakehouse: Lakehouse) -> Material
 
 
 # ---- scenes --------------------------------------------------------------------------------------------------------
-class ScenesConfig(Config):
+class ScenesConfig(PoolConfig):
     detector: str = Field("adaptive", description="adaptive (reference: AdaptiveDetector(3.0)), content or transnetv2.")
     adaptive_threshold: float = 3.0
     content_threshold: float = Field(27.0, description="ContentDetector threshold (15 finds cuts between similar colours).")
@@ -202,16 +265,15 @@ SCENE_SCHEMA = {"video_id": pl.String, "scene_index": pl.Int64, "start_frame": p
     description="One row per shot of every video (frame-exact, end_frame exclusive).",
 )
 def scenes(context: AssetExecutionContext, config: ScenesConfig, lakehouse: Lakehouse) -> MaterializeResult:
-    from curation.shots import SceneDetectConfig, detect_scenes
+    from curation.batch_tasks import detect_video
+    from curation.shots import SceneDetectConfig
 
     batch = batch_key(context.partition_key)  # a key, never a path: refused before any I/O
     videos = lakehouse.read_partition("raw_videos", batch).to_dicts()
     cfg = SceneDetectConfig(detector=config.detector, adaptive_threshold=config.adaptive_threshold,
                             content_threshold=config.content_threshold, transnet_threshold=config.transnet_threshold)
-    done, failed = run_isolated(
-        context, "scenes", videos, lambda v: detect_scenes(local_media_path(v["path"]), video_id=v["id"], config=cfg),
-        lambda v: v["path"]
-    )
+    done, failed = run_isolated(context, "scenes", videos, partial(detect_video, cfg), lambda v: v["path"],
+                                config.max_component_error_share, pool=config)
     quarantined = quarantine_rows("scenes", failed, lambda v: v["path"])
     rows = [
         {"video_id": v["id"], "scene_index": k, "start_frame": s.start_frame, "end_frame": s.end_frame,
@@ -228,26 +290,30 @@ def scenes(context: AssetExecutionContext, config: ScenesConfig, lakehouse: Lake
 
 
 # ---- clips ---------------------------------------------------------------------------------------------------------
-class ClipsConfig(Config):
+class ClipsConfig(PoolConfig):
     min_seconds: float = Field(2.0, description="Scenes shorter than this are dropped.")
     max_seconds: float = Field(15.0, description="Longer scenes keep their first max_seconds (as the reference).")
     target_fps: float = 30.0
     short_side: int = Field(720, description="Shorter side cap; smaller videos are never upscaled.")
-    crf: int = 18
-    preset: str = "veryfast"
+    encode_files: bool = Field(
+        False, description="Also encode every clip to an H.264 file under media/clips/ now. Off: clips are virtual "
+        "(frame-exact ranges of their frozen source, decoded on demand); `opensora-dag data export` makes files.")
+    crf: int = Field(18, description="libx264 quality of clip files (encode_files, data export).")
+    preset: str = Field("veryfast", description="libx264 preset of clip files (encode_files, data export).")
 
 
 @asset(
     deps=[scenes],
     partitions_def=video_batches,
     group_name="curation",
-    code_version="1",
-    kinds={"ffmpeg", "parquet"},
-    description="Scenes cut to H.264 clips under media/clips/ (immutable, named by content), with the frames each "
-    "scorer needs kept aside.",
+    code_version="2",
+    kinds={"pyav", "parquet"},
+    description="One row per clip: a frame-exact range of its frozen source (virtual, the default) or an H.264 file "
+    "under media/clips/ (`encode_files`), with the frames each scorer needs kept under media/frames/.",
 )
 def clips(context: AssetExecutionContext, config: ClipsConfig, lakehouse: Lakehouse) -> MaterializeResult:
-    from curation.cutting import CutConfig, cut_clips
+    from curation.batch_tasks import ClipJob, clip_video
+    from curation.cutting import CutConfig
     from curation.shots import Scene
 
     batch = batch_key(context.partition_key)  # a key, never a path: refused before any I/O
@@ -255,9 +321,10 @@ def clips(context: AssetExecutionContext, config: ClipsConfig, lakehouse: Lakeho
     scene_rows = lakehouse.read_partition("scenes", batch)
     cfg = CutConfig(min_seconds=config.min_seconds, max_seconds=config.max_seconds, target_fps=config.target_fps,
                     short_side=config.short_side, crf=config.crf, preset=config.preset)
-    # Immutable media named by content (source hash, frame range, encode settings): never overwritten or deleted
-    # by a materialization, so a dataset version built earlier keeps decoding; `opensora-dag lake gc` reclaims.
-    # On S3 the clips are cut into local scratch space and published to media/ (an object already there is kept).
+    # Immutable media named by content (source hash, frame range, rate and size): never overwritten or deleted by
+    # a materialization, so a dataset version built earlier keeps decoding; `opensora-dag lake gc` reclaims.
+    # On S3 the workers write into local scratch space and the results are published to media/ (an object already
+    # there is kept).
     storage = lakehouse.storage
     scratch = None
     if storage.remote:
@@ -269,33 +336,37 @@ def clips(context: AssetExecutionContext, config: ClipsConfig, lakehouse: Lakeho
         clip_dir, frames_dir = scratch / "clips", scratch / "frames"
     else:
         clip_dir, frames_dir = lakehouse.media_dir / "clips", lakehouse.media_dir / "frames"
+    job = ClipJob(frames_dir=str(frames_dir), clip_dir=str(clip_dir) if config.encode_files else None, cut=cfg)
 
-    def cut(video: dict):
+    def scenes_of(video: dict) -> list:
         own = scene_rows.filter(pl.col("video_id") == video["id"]).sort("scene_index")
-        found = [Scene(video_id=video["id"], index=r["scene_index"], start_frame=r["start_frame"], end_frame=r["end_frame"],
-                       start_s=r["start_s"], end_s=r["end_s"], fps=video["fps"]) for r in own.iter_rows(named=True)]
-        result = cut_clips(local_media_path(video["path"]), video["id"], found, clip_dir, cfg, frames_root=frames_dir)
-        return publish_clips(storage, result) if scratch is not None else result
+        return [Scene(video_id=video["id"], index=r["scene_index"], start_frame=r["start_frame"], end_frame=r["end_frame"],
+                      start_s=r["start_s"], end_s=r["end_s"], fps=video["fps"]) for r in own.iter_rows(named=True)]
 
-    with_scenes = [v for v in videos.to_dicts() if v["id"] in set(scene_rows["video_id"].to_list())]
+    detected = set(scene_rows["video_id"].to_list())
+    items = [(v, scenes_of(v)) for v in videos.to_dicts() if v["id"] in detected]
     try:
-        done, failed = run_isolated(context, "clips", with_scenes, cut, lambda v: v["path"])
+        done, failed = run_isolated(context, "clips", items, partial(clip_video, job), lambda item: item[0]["path"],
+                                    config.max_component_error_share, pool=config)
+        if scratch is not None:
+            done = [(item, publish_clips(storage, result)) for item, result in done]
     finally:
         if scratch is not None:
             import shutil
 
             shutil.rmtree(scratch, ignore_errors=True)
-    quarantined = quarantine_rows("clips", failed, lambda v: v["path"])
+    quarantined = quarantine_rows("clips", failed, lambda item: item[0]["path"])
     rows = [c.to_row() for _, result in done for c in result.clips]
     dropped = [{"video_id": v["id"], "start_frame": d.start_frame, "end_frame": d.end_frame, "reason": d.reason}
-               for v, result in done for d in result.dropped]
+               for (v, _), result in done for d in result.dropped]
     frame = pl.DataFrame(rows) if rows else pl.DataFrame(schema={"id": pl.String, "path": pl.String, "num_frames": pl.Int64})
     written = save_batch(context, lakehouse, "clips", batch, frame, "clips", quarantined)
     seconds = float(frame["num_frames"].sum() / config.target_fps) if len(frame) else 0.0
     return MaterializeResult(metadata={
         **written,
         "num_clips": len(frame), "clip_seconds": seconds, "scenes_dropped": len(dropped),
-        "num_quarantined": len(quarantined), "clip_dir": MetadataValue.path(storage.url("media", "clips")),
+        "num_quarantined": len(quarantined), "virtual": not config.encode_files,
+        "clip_dir": MetadataValue.path(storage.url("media", "clips" if config.encode_files else "frames")),
         "dropped_scenes": markdown_table(pl.DataFrame(dropped) if dropped else pl.DataFrame()),
         "preview": markdown_table(frame.select([c for c in ("id", "num_frames", "height", "width", "start_s", "end_s") if c in frame.columns])),
     })
@@ -359,7 +430,8 @@ def published_scan(scan, folder, url: str):
 
 def publish_clips(storage, result):
     """Upload each cut clip and its kept-frames folder to ``media/clips/<id>.mp4`` and ``media/frames/<id>/``
-    (immutable: an object already there is kept, never uploaded over); the result then names their URLs."""
+    (immutable: an object already there is kept, never uploaded over); the result then names their URLs. A virtual
+    clip has no file: its path already names its published source."""
     from dataclasses import replace
     from pathlib import Path
 
@@ -367,8 +439,8 @@ def publish_clips(storage, result):
 
     published = []
     for clip in result.clips:
-        clip_url = storage.url("media", "clips", f"{clip.id}.mp4")
-        if not storage.exists(clip_url):
+        clip_url = clip.path if clip.virtual else storage.url("media", "clips", f"{clip.id}.mp4")
+        if not clip.virtual and not storage.exists(clip_url):
             storage.put_file(clip.path, "media", "clips", f"{clip.id}.mp4")
         frames_url = storage.url("media", "frames", clip.id)
         if Path(clip.frames_dir).is_dir() and not storage.exists(f"{frames_url}/{MANIFEST}"):

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from curation.shots import Scene
+from curation.virtual_clips import clip_source_frames, frame_index, iter_source_frames
 from curation.video_io import (
     even_size_for_short_side,
-    iter_av_frames,
     open_writer,
     probe_stream,
     resize_short_side,
@@ -66,6 +66,11 @@ class CutConfig:
             {"fps": self.target_fps, "short": self.short_side, "crf": self.crf, "preset": self.preset, "upright": 1},
             sort_keys=True,
         )
+        return hashlib.blake2b(payload.encode(), digest_size=4).hexdigest()
+
+    def frames_key(self) -> str:
+        """Short digest of what fixes a virtual clip's frames (rate, size, upright): no encoder settings."""
+        payload = json.dumps({"fps": self.target_fps, "short": self.short_side, "upright": 1}, sort_keys=True)
         return hashlib.blake2b(payload.encode(), digest_size=4).hexdigest()
 
 
@@ -151,6 +156,8 @@ class ClipResult:
     start_s: float
     end_s: float
     frames_dir: str
+    virtual: bool = False  # True: ``path`` is the frozen source and the clip is its frame range (curation.virtual_clips)
+    linked: bool = False  # the source is a file referenced in place (``ingest --link``): its hash is checked on read
 
     def to_row(self) -> dict:
         return asdict(self)
@@ -165,13 +172,15 @@ class CutResult:
     frames_decoded: int = 0
 
 
-def clip_id_for(video_id: str, start_frame: int, end_frame: int, cfg: CutConfig) -> str:
-    """Stable id: same source, same frames, same encode settings -> same id (never random)."""
-    return f"{video_id}_{start_frame:06d}-{end_frame:06d}_{cfg.encode_key()}"
+def clip_id_for(video_id: str, start_frame: int, end_frame: int, cfg: CutConfig, *, virtual: bool = False) -> str:
+    """Stable id: same source, same frames, same encode settings -> same id (never random). A virtual clip's id
+    carries no encoder settings (``v`` + ``frames_key``): it is the frames, not a file."""
+    key = f"v{cfg.frames_key()}" if virtual else cfg.encode_key()
+    return f"{video_id}_{start_frame:06d}-{end_frame:06d}_{key}"
 
 
 def plan_clips(
-    video_id: str, scenes: Sequence[Scene], fps: float | Fraction, cfg: CutConfig
+    video_id: str, scenes: Sequence[Scene], fps: float | Fraction, cfg: CutConfig, *, virtual: bool = False
 ) -> tuple[list[ClipPlan], list[DroppedScene]]:
     """Decide which scenes become clips (and over which frames) without touching the video."""
     fps_q = Fraction(fps).limit_denominator(1001000)
@@ -196,7 +205,7 @@ def plan_clips(
         num_out = max(1, math.floor(duration * target + Fraction(1, 2)))
         plans.append(
             ClipPlan(
-                clip_id=clip_id_for(video_id, scene.start_frame, end, cfg),
+                clip_id=clip_id_for(video_id, scene.start_frame, end, cfg, virtual=virtual),
                 scene_index=scene.index,
                 start_frame=scene.start_frame,
                 end_frame=end,
@@ -357,9 +366,9 @@ def cut_clips(
 
     # Clips are immutable media named by source, frame range and encode settings: one written earlier (by any run)
     # is reused as it is, never re-encoded over.
-    for plan in [p for p in plans if _already_cut(out_dir, frames_root, p)]:
+    for plan in [p for p in plans if _already_cut(out_dir, frames_root, p, keep)]:
         result.clips.append(clip_result(plan, plan.num_frames))
-    plans = [p for p in plans if not _already_cut(out_dir, frames_root, p)]
+    plans = [p for p in plans if not _already_cut(out_dir, frames_root, p, keep)]
     if not plans:
         return result
 
@@ -367,7 +376,10 @@ def cut_clips(
     plan: ClipPlan | None = next(pending)
     clip: _OpenClip | None = None
     try:
-        for index, t, frame, _info in iter_av_frames(video_path, stop=plans[-1].end_frame):
+        # Decoding starts at the keyframe before the first clip (frame-exact: curation.virtual_clips), not at frame 0.
+        source_index = frame_index(video_path)
+        for index, frame in iter_source_frames(video_path, range(plans[0].start_frame, plans[-1].end_frame), strict=False):
+            t = source_index.time(index)
             result.frames_decoded = index + 1
             if clip is not None and index >= clip.plan.end_frame:
                 finish(clip)
@@ -403,8 +415,70 @@ def cut_clips(
     return result
 
 
-def _already_cut(out_dir: Path, frames_root: Path, plan: ClipPlan) -> bool:
-    return (out_dir / f"{plan.clip_id}.mp4").is_file() and (frames_root / plan.clip_id / MANIFEST).is_file()
+def keep_virtual_frames(
+    source: str | Path, video_id: str, scenes: Sequence[Scene], frames_root: str | Path, cfg: CutConfig | None = None,
+    keep: KeepFramesSpec | None = None, *, source_url: str | None = None, linked: bool = False,
+) -> CutResult:
+    """Plan the virtual clips of one source and save the frames its scorers need; nothing is encoded.
+
+    The kept frames are the ones ``curation.cutting.cut_clips`` would save beside a clip file (same clip frame
+    numbers, scaled to the clip size the same way), so every scorer sees the same pixels either way. Only the
+    source frames they show are decoded, seeking past the rest. Returns a ``CutResult`` whose clips are virtual:
+    ``path`` is ``source_url`` (default: ``source``), ``frames_dir`` is ``{frames_root}/{clip_id}``. A clip
+    whose kept frames are already there (immutable media, named by content) is reused.
+    """
+    from av.video.reformatter import VideoReformatter
+
+    cfg, keep = cfg or CutConfig(), keep or KeepFramesSpec()
+    frames_root = Path(frames_root)
+    index = frame_index(source)
+    plans, dropped = plan_clips(video_id, scenes, index.fps, cfg, virtual=True)
+    result = CutResult(dropped=list(dropped))
+    out_w, out_h = even_size_for_short_side(index.width, index.height, cfg.short_side)
+    scale_w, scale_h = stored_size(out_w, out_h, index.rotation)
+    rate = Fraction(cfg.target_fps).limit_denominator(1001) if cfg.target_fps else index.fps.limit_denominator(1001000)
+
+    needs: dict[int, list[tuple[_KeptFrameWriter, int]]] = {}  # source frame -> (clip's writer, clip frame)
+    writers = []
+    for plan in plans:
+        if plan.end_frame > index.num_frames:  # scenes from another decoder or a damaged file: never padded
+            reason = f"source ended at frame {index.num_frames}, inside or before the scene"
+            result.dropped.append(DroppedScene(plan.scene_index, plan.start_frame, plan.end_frame, reason))
+            continue
+        frames_dir = frames_root / plan.clip_id
+        result.clips.append(ClipResult(
+            path=str(source_url or source), id=plan.clip_id, num_frames=plan.num_frames, fps=float(rate),
+            height=out_h, width=out_w, aspect_ratio=out_h / out_w, resolution=out_h * out_w, video_id=video_id,
+            scene_index=plan.scene_index, start_frame=plan.start_frame, end_frame=plan.end_frame,
+            start_s=plan.start_s, end_s=plan.end_s, frames_dir=str(frames_dir), virtual=True, linked=linked,
+        ))
+        if (frames_dir / MANIFEST).is_file():
+            continue  # kept by an earlier run: immutable, reused as it is
+        writer = _KeptFrameWriter(frames_dir, keep, plan.num_frames)
+        writers.append((writer, plan))
+        mapping = clip_source_frames(index, plan.start_frame, plan.end_frame, plan.num_frames, rate)
+        for k in writer.wanted:
+            needs.setdefault(mapping[k], []).append((writer, k))
+
+    scaler = VideoReformatter()
+    threads = 1 if out_w * out_h <= 640 * 360 else 0
+    for j, frame in iter_source_frames(source, sorted(needs)):
+        scaled = scaler.reformat(frame, width=scale_w, height=scale_h, format="yuv420p", interpolation="BICUBIC",
+                                 threads=threads)
+        scaled = upright_yuv420p(scaled, index.rotation) if index.rotation else scaled
+        for writer, k in needs[j]:
+            writer.offer(k, scaled)
+    for writer, plan in writers:
+        writer.finish(plan.clip_id, plan.num_frames)  # the manifest last: a killed run leaves no half-kept clip
+    result.frames_decoded = index.num_frames
+    result.dropped.sort(key=lambda d: d.start_frame)
+    return result
+
+
+def _already_cut(out_dir: Path, frames_root: Path, plan: ClipPlan, keep: KeepFramesSpec) -> bool:
+    """The clip's file is there (and its kept frames, when any are to be kept)."""
+    kept = not keep.indices(plan.num_frames) or (frames_root / plan.clip_id / MANIFEST).is_file()
+    return (out_dir / f"{plan.clip_id}.mp4").is_file() and kept
 
 
 class _SourceEnded(Exception):
@@ -446,6 +520,7 @@ __all__ = [
     "KeepFramesSpec",
     "clip_id_for",
     "cut_clips",
+    "keep_virtual_frames",
     "kept_frame_indices",
     "load_kept_frames",
     "plan_clips",

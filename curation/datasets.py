@@ -50,7 +50,8 @@ if TYPE_CHECKING:
 # Bump when the builder's output changes for the same spec and inputs: it is part of the version hash.
 # 2: an all-null criterion column is no longer skipped on its own (only FilterSpec.skip skips); dropped.parquet
 #    has a detail column; the manifest reports every criterion.
-BUILDER_VERSION = 2
+# 3: virtual and linked columns (virtual clips are frame ranges of their source).
+BUILDER_VERSION = 3
 
 CLIPS_TABLE = "clips"
 # Score / caption table -> the one column the builder takes from it.
@@ -65,7 +66,7 @@ OPENSORA_CSV_COLUMNS = (
     "path", "text", "num_frames", "height", "width", "aspect_ratio", "fps", "resolution",
     "aes", "flow", "ocr", "match",
 )  # fmt: skip
-PROVENANCE_COLUMNS = ("id", "video_id", "start_frame", "end_frame", "start_s", "end_s")
+PROVENANCE_COLUMNS = ("id", "video_id", "start_frame", "end_frame", "start_s", "end_s", "virtual", "linked")
 CSV_COLUMNS = OPENSORA_CSV_COLUMNS + PROVENANCE_COLUMNS
 CLIP_REQUIRED = ("id", "path", "num_frames", "height", "width")
 # Optional clip columns and the SQL type they get (NULL when the clips table lacks them).
@@ -77,6 +78,8 @@ CLIP_OPTIONAL = {
     "end_s": "DOUBLE",
     "fps": "DOUBLE",
     "batch": "VARCHAR",
+    "virtual": "BOOLEAN",  # a frame range of the source at ``path`` (curation.virtual_clips), not a clip file
+    "linked": "BOOLEAN",  # that source is referenced in place: its hash (video_id) is checked on read
 }
 NO_CAPTION = "no caption"
 DUPLICATE = "duplicate"

@@ -20,7 +20,7 @@ from typing import Callable
 
 import polars as pl
 
-from curation.probe import VIDEO_EXTENSIONS, ProbeError, content_hash, landing_path, probe_video
+from curation.probe import VIDEO_EXTENSIONS, ProbeError, VideoInfo, content_hash, landing_path, probe_video
 
 # Written by ``land_files(..., link=True)`` in the landing folder: {"links": {"<relative posix path>": "<target>"}}.
 LINKS_MANIFEST = ".opensora-links.json"
@@ -43,6 +43,11 @@ RAW_VIDEO_SCHEMA = {
     "resolution": pl.Int64,
     "duration": pl.Float64,
     "bitrate": pl.Int64,
+    # Where every decoder reads the video (curation.sources.decodable_source): the frozen copy under
+    # media/sources/ (a path, or an s3:// URL), or for ``ingest --link`` the resolved file referenced in place.
+    # Null when the scan froze nothing (library use without ``freeze``): decoders then read ``path``.
+    "source": pl.String,
+    "linked": pl.Boolean,  # source is referenced in place: its hash (the id) is checked before every decode
 }
 QUARANTINE_SCHEMA = {"path": pl.String, "stage": pl.String, "reason": pl.String}
 
@@ -252,7 +257,39 @@ class BatchScan:
     sidecars: list[Path]
 
 
-def scan_batch(batch_dir: Path, progress: Callable[[str], None] | None = None) -> BatchScan:
+def linked_target(path: Path, batch_dir: Path, manifest: dict[str, str]) -> str | None:
+    """The resolved file a link made by ``ingest --link`` points at (it is used in place), else None."""
+    if not path.is_symlink():
+        return None
+    try:
+        recorded = manifest.get(path.relative_to(batch_dir).as_posix())
+    except ValueError:
+        return None
+    target = os.path.realpath(path)
+    return target if recorded is not None and os.path.realpath(recorded) == target else None
+
+
+def probe_reason(err: BaseException) -> str:
+    """The quarantine reason of a file ``probe_video`` failed on."""
+    return str(err) if isinstance(err, ProbeError) else f"probe failed: {type(err).__name__}: {err}"
+
+
+def probe_each(paths: list[Path], progress: Callable[[str], None] | None = None) -> list[VideoInfo | str]:
+    """``probe_video`` of each path in this process: its ``VideoInfo`` or the quarantine reason."""
+    results: list[VideoInfo | str] = []
+    for done, path in enumerate(paths, start=1):
+        try:
+            results.append(probe_video(path))
+        except Exception as err:  # ProbeError carries its reason; anything else still concerns this file only
+            results.append(probe_reason(err))
+        if progress:
+            progress(f"probed {done}/{len(paths)}: {path.name}")
+    return results
+
+
+def scan_batch(batch_dir: Path, progress: Callable[[str], None] | None = None,
+               freeze: Callable[[Path, str], str] | None = None,
+               probe: Callable[[list[Path]], list[VideoInfo | str]] | None = None) -> BatchScan:
     """Probe the files of one landing folder.
 
     Sidecars (captions, notes) are listed, not probed. Files with a video extension that do not decode (for any
@@ -260,34 +297,48 @@ def scan_batch(batch_dir: Path, progress: Callable[[str], None] | None = None) -
     links that leave the folder (see :func:`walk_batch`) go to quarantine with the reason, recorded where they
     lie in the folder; byte-identical copies keep the first path (in sorted order) and the others are quarantined
     as duplicates, so nothing is lost silently.
+
+    ``freeze(path, video_id) -> source`` (a :class:`curation.sources.SourceStore`) makes each distinct video's bytes
+    immutable media; its result is the row's ``source``. A file that changed between probing and freezing is
+    quarantined (an input rejection); a failure to write the copy (full disk) fails the scan. Files linked by
+    ``ingest --link`` are never copied: their ``source`` is the link's resolved target and ``linked`` is true.
+    Without ``freeze`` other files get no ``source`` (decoders read ``path``).
+
+    ``probe(paths)`` returns each file's ``VideoInfo`` or quarantine reason, in order: the ``raw_videos`` asset
+    probes in worker processes, so a file that crashes the demuxer costs only itself; default :func:`probe_each`.
     """
+    from curation.errors import InputRejected
+
     batch_dir = Path(batch_dir)
     if not batch_dir.is_dir():
         raise FileNotFoundError(f"landing folder {batch_dir} does not exist")
     listing = walk_batch(batch_dir)
+    manifest = read_link_manifest(batch_dir)
     files = listing.files
     sidecars = [p for p in files if p.suffix.lower() in SIDECAR_EXTENSIONS]
     candidates = [p for p in files if p not in sidecars]
 
     rows: dict[str, dict] = {}
     quarantined: list[dict] = [{"path": landing_path(p), "stage": "raw_videos", "reason": reason} for p, reason in listing.rejected]
-    for done, path in enumerate(candidates, start=1):
+    videos_found = [p for p in candidates if p.suffix.lower() in VIDEO_EXTENSIONS]
+    for path in candidates:
         if path.suffix.lower() not in VIDEO_EXTENSIONS:
             quarantined.append({"path": landing_path(path), "stage": "raw_videos", "reason": f"unsupported file type {path.suffix or '(none)'!r}"})
+    probed = probe(videos_found) if probe is not None else probe_each(videos_found, progress)
+    for path, info in zip(videos_found, probed, strict=True):  # sorted order: the first copy of a video wins
+        if isinstance(info, str):
+            quarantined.append({"path": landing_path(path), "stage": "raw_videos", "reason": info})
+        elif info.id in rows:
+            first = rows[info.id]["path"]
+            quarantined.append({"path": info.path, "stage": "raw_videos", "reason": f"byte-identical duplicate of {first}"})
         else:
+            target = linked_target(path, batch_dir, manifest)
             try:
-                info = probe_video(path)
-            except Exception as err:  # ProbeError carries its reason; anything else still concerns this file only
-                reason = str(err) if isinstance(err, ProbeError) else f"probe failed: {type(err).__name__}: {err}"
-                quarantined.append({"path": landing_path(path), "stage": "raw_videos", "reason": reason})
+                source = target if target is not None else (freeze(path, info.id) if freeze else None)
+            except InputRejected as err:  # edited or removed while we were reading it
+                quarantined.append({"path": info.path, "stage": "raw_videos", "reason": str(err)})
             else:
-                if info.id in rows:
-                    first = rows[info.id]["path"]
-                    quarantined.append({"path": info.path, "stage": "raw_videos", "reason": f"byte-identical duplicate of {first}"})
-                else:
-                    rows[info.id] = info.to_row()
-        if progress:
-            progress(f"probed {done}/{len(candidates)}: {path.name}")
+                rows[info.id] = {**info.to_row(), "source": source, "linked": target is not None}
 
     videos = pl.DataFrame(list(rows.values()), schema=RAW_VIDEO_SCHEMA)
     quarantine = pl.DataFrame(quarantined, schema=QUARANTINE_SCHEMA)

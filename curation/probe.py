@@ -44,9 +44,14 @@ class VideoInfo:
         return row
 
 
+def content_hasher():
+    """A fresh hasher of the video id's kind (``curation.sources`` hashes while it copies, so it needs the same one)."""
+    return hashlib.blake2b(digest_size=10)
+
+
 def content_hash(path: Path, chunk_size: int = 1 << 20) -> str:
     """Hex digest of the file's bytes: the video id, identical for byte-identical copies."""
-    digest = hashlib.blake2b(digest_size=10)
+    digest = content_hasher()
     with open(path, "rb") as f:
         while chunk := f.read(chunk_size):
             digest.update(chunk)

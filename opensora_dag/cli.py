@@ -13,7 +13,7 @@ from pathlib import Path
 
 # name -> (module with main(argv), help). Imported only when the subcommand runs.
 DELEGATED = {
-    "data": ("curation.datautil", "datautil on DuckDB/Polars: info, merge, dedupe, stats, filter"),
+    "data": ("curation.datautil", "datautil on DuckDB/Polars: info, merge, dedupe, stats, filter; export VERSION OUT"),
     "conformance": ("models.conformance", "check an STDiT2 port against golden tensors: conformance DIR [--atol X] [--simulate-other-cpu SEED]"),
     "buckets": ("training.buckets", "bucket report of a training table: buckets DATASET [--preset stage1]"),
     "train": ("training.train", "train STDiT2: train PRESET --dataset VERSION|PATH [--nproc N] [--steps N] ..."),
@@ -112,12 +112,16 @@ def cmd_materialize(args) -> int:
             validate_batch_key(args.batch)
         except InvalidBatchKey as err:
             return _refuse(str(err))
+    try:
+        asset_config = parse_settings(args.settings)
+    except ValueError as err:
+        return _refuse(str(err))
     lake = _lakehouse(args)
     lake.ensure_layout()
     instance = get_instance(lake.root)
     batches = [args.batch] if args.batch else None
     try:
-        outcomes = materialize_selection(args.select, batches, instance)
+        outcomes = materialize_selection(args.select, batches, instance, asset_config=asset_config)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -125,6 +129,26 @@ def cmd_materialize(args) -> int:
         where = f"batch {o.partition_key}" if o.partition_key else "unpartitioned"
         print(f"{'ok    ' if o.success else 'FAILED'} {where}: {', '.join(o.asset_keys)} (run {o.run_id})")
     return 0 if all(o.success for o in outcomes) else 1
+
+
+def parse_settings(settings: list[str]) -> dict[str, dict]:
+    """``["clips.encode_files=true", "scenes.workers=2"]`` -> ``{"clips": {"encode_files": True}, "scenes": ...}``.
+    Dagster validates the fields and values against each asset's Config before anything runs."""
+    import json
+    import re
+
+    config: dict[str, dict] = {}
+    for item in settings:
+        match = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)=(.*)", item, flags=re.S)
+        if not match:
+            raise ValueError(f"--set {item!r}: expected ASSET.FIELD=VALUE, e.g. clips.encode_files=true")
+        asset, field, raw = match.groups()
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        config.setdefault(asset, {})[field] = value
+    return config
 
 
 def print_frame(frame, fmt: str, max_rows: int) -> None:
@@ -181,6 +205,63 @@ def cmd_lake(args) -> int:
     return 0
 
 
+def data_export(argv: list[str]) -> int:
+    """``opensora-dag data export VERSION OUT``: a dataset version's clips as H.264 files plus ``OUT/opensora.csv``."""
+    import re
+
+    parser = argparse.ArgumentParser(prog="opensora-dag data export", description=data_export.__doc__)
+    parser.add_argument("version", help="a dataset version name (as `opensora-dag lake snapshots` / the asset show it) or 'latest'")
+    parser.add_argument("out", type=Path, help="folder to write opensora.csv and clips/ into (created)")
+    parser.add_argument("--workers", type=int, default=None, help="encoder processes (default: one per core)")
+    parser.add_argument("--short-side", type=int, default=720, help="shorter side cap, never upscaled (default 720)")
+    parser.add_argument("--crf", type=int, default=18)
+    parser.add_argument("--preset", default="veryfast")
+    args = parser.parse_args(argv)
+    if args.version != "latest" and not re.fullmatch(r"[0-9a-f]{6,64}", args.version):
+        return _refuse(f"{args.version!r} is not a dataset version name (lowercase hex) or 'latest'")
+    if args.workers is not None and args.workers < 1:
+        return _refuse("--workers must be 1 or more")
+
+    import polars as pl
+
+    from curation.export import ExportJob, export_dataset
+    from resources.lakehouse import Lakehouse
+    from resources.storage import latest_dataset_version, local_dataset_version
+
+    lake = Lakehouse()  # $OPENSORA_HOME (set from --home), $OPENSORA_CATALOG, $OPENSORA_DATA_PATH
+    if args.version == "latest":
+        found = latest_dataset_version(lake)
+        if found is None:
+            return _refuse("the lake has no dataset version yet: materialize curated_dataset first")
+        folder = Path(found.path)
+    else:
+        folder = local_dataset_version(lake, args.version)
+    data = folder / "data.parquet"
+    if not data.is_file():
+        return _refuse(f"no dataset version {args.version!r} in the lake ({folder} has no data.parquet)")
+    storage = lake.storage
+    if storage.remote:
+        import tempfile
+
+        (lake.root / "scratch").mkdir(parents=True, exist_ok=True)
+        clip_dir = tempfile.mkdtemp(prefix="export-", dir=lake.root / "scratch")
+    else:
+        clip_dir = str(lake.media_dir / "clips")
+    job = ExportJob(clip_dir=clip_dir, short_side=args.short_side, crf=args.crf, preset=args.preset)
+    try:
+        result = export_dataset(pl.read_parquet(data), args.out, job, storage=storage, workers=args.workers,
+                                progress=lambda done, total, source: print(f"export: {done}/{total} {source}", flush=True))
+    finally:
+        if storage.remote:
+            import shutil
+
+            shutil.rmtree(clip_dir, ignore_errors=True)
+    for clip_id, reason in result.failed:
+        print(f"export: {clip_id} not exported: {reason}", file=sys.stderr)
+    print(f"exported {result.clips} clip(s) ({result.encoded} encoded, {result.clips - result.encoded} reused) -> {result.csv}")
+    return 1 if result.failed else 0
+
+
 def cmd_demo(args) -> int:
     from opensora_dag.demo import run_demo
 
@@ -201,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("materialize", help="run assets in-process against the project's Dagster instance")
     p.add_argument("--select", default="*", help="Dagster selection, e.g. 'group:curation' or 'raw_videos+' (default: all)")
     p.add_argument("--batch", help="video_batches partition key (default: every registered batch)")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="ASSET.FIELD=VALUE",
+                   help="run config of one asset, e.g. clips.encode_files=true or scenes.workers=1 (repeatable; "
+                   "VALUE is read as JSON, else as a string)")
     p.set_defaults(func=cmd_materialize)
 
     formats = argparse.ArgumentParser(add_help=False)
@@ -238,10 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     # Delegated subcommands parse their own flags: find the subcommand after the global options.
     for i, token in enumerate(argv):
         if token in DELEGATED:
-            module = importlib.import_module(DELEGATED[token][0])
             if i:
                 parser.parse_args(argv[:i] + ["sql", "x"])  # validate global options only
                 _apply_home(argv[:i])
+            if token == "data" and argv[i + 1 : i + 2] == ["export"]:  # needs the lake, unlike the table tools
+                return data_export(argv[i + 2 :])
+            module = importlib.import_module(DELEGATED[token][0])
             return int(module.main(argv[i + 1 :]) or 0)
         if not token.startswith("-") and argv[i - 1 : i] != ["--home"]:
             break

@@ -33,6 +33,12 @@ def parse_duration(text: str) -> timedelta:
 
 
 # ---- gc -----------------------------------------------------------------------------------------------------------
+# Folders under media/ that gc sweeps, and the table columns that keep their entries alive. Sources follow the
+# clips' rule: frozen copies (media/sources/<id><ext>) stay while a raw_videos row of any retained or pinned
+# snapshot names them; linked sources lie outside media/ and are never touched.
+MEDIA_KINDS = ("clips", "frames", "sources")
+MEDIA_COLUMNS = {"clips": ("path", "frames_dir"), "raw_videos": ("source",)}
+
 @dataclass
 class GcReport:
     dry_run: bool
@@ -73,9 +79,9 @@ def gc(lake: Lakehouse, older_than: timedelta, dry_run: bool = False) -> GcRepor
             con.execute(f"CALL ducklake_expire_snapshots('lake', versions => [{ids}])")
             con.execute("CALL ducklake_cleanup_old_files('lake', cleanup_all => true)")
 
-    referenced = _referenced_media(lake, [s for s in snapshots["snapshot_id"].to_list() if s not in expire], live)
+    referenced = _referenced_media(lake, snapshots, [s for s in snapshots["snapshot_id"].to_list() if s not in expire], live)
     storage = lake.storage  # media/ on local disk or on an object store: the same rules
-    for kind in ("clips", "frames"):
+    for kind in MEDIA_KINDS:
         for name, _size, _is_dir in storage.list_dir(storage.url("media", kind)):
             if name.startswith("."):
                 continue
@@ -90,18 +96,33 @@ def gc(lake: Lakehouse, older_than: timedelta, dry_run: bool = False) -> GcRepor
     return report
 
 
-def _referenced_media(lake: Lakehouse, remaining: list[int], live: pl.DataFrame) -> set[str]:
-    """Clip files and kept-frame folders named by the clips table at any remaining snapshot or by a live version."""
+def _table_states(table: str, snapshots: pl.DataFrame, remaining: list[int]) -> list[int]:
+    """Remaining snapshots at which to read ``table`` so that every state of it a remaining snapshot sees is read.
+
+    A snapshot sees the table as its last write at or before it left it; that write may itself be expired (its rows
+    live on in the later snapshots). ``snapshots`` is the listing from before any expiry, so those writes are still
+    known. A snapshot that does not say what it wrote counts as a write of every table (read once more, never less).
+    """
+    keep = set(remaining)
+    last_write, first_seen = None, {}
+    for snapshot, tables in sorted(zip(snapshots["snapshot_id"].to_list(), snapshots["table"].to_list())):
+        if not tables or table in tables.split(","):
+            last_write = snapshot
+        if snapshot in keep:
+            first_seen.setdefault(last_write, snapshot)
+    return sorted(first_seen.values())
+
+
+def _referenced_media(lake: Lakehouse, snapshots: pl.DataFrame, remaining: list[int], live: pl.DataFrame) -> set[str]:
+    """Media named at any remaining snapshot (clip files and kept-frame folders by ``clips``, frozen sources by
+    ``raw_videos``) or by a live dataset version's rows."""
     paths: set[str] = set()
-    writes = lake.snapshots()
-    clip_states = [s for s, t in zip(writes["snapshot_id"], writes["table"]) if s in remaining and t and "clips" in t]
-    if remaining:
-        clip_states.append(min(remaining))  # the state every later snapshot inherits until the next clips write
-    for snapshot in sorted(set(clip_states)):
-        clips = lake.read_table("clips", snapshot=snapshot)
-        for column in ("path", "frames_dir"):
-            if column in clips.columns:
-                paths.update(clips[column].drop_nulls().to_list())
+    for table, columns in MEDIA_COLUMNS.items():
+        for snapshot in _table_states(table, snapshots, remaining):
+            frame = lake.read_table(table, snapshot=snapshot)
+            for column in columns:
+                if column in frame.columns:
+                    paths.update(frame[column].drop_nulls().to_list())
     storage = lake.storage
     for path in live["path"].to_list() if len(live) else []:
         try:
@@ -109,7 +130,11 @@ def _referenced_media(lake: Lakehouse, remaining: list[int], live: pl.DataFrame)
         except FileNotFoundError:
             continue
         if data.is_file():
-            paths.update(pl.read_parquet(data, columns=["path"])["path"].drop_nulls().to_list())
+            names = pl.read_parquet_schema(data)
+            columns = [c for c in ("path", "frames_dir", "source") if c in names]  # source: clips read from it
+            frame = pl.read_parquet(data, columns=columns)
+            for column in columns:
+                paths.update(frame[column].drop_nulls().cast(pl.String).to_list())
     return paths
 
 

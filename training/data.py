@@ -105,6 +105,11 @@ class VideoTextDataset(torch.utils.data.Dataset):
     def load_frames(self, row: dict[str, Any], t: int, rng: np.random.Generator) -> tuple[np.ndarray, float]:
         from resources.storage import local_media_path
 
+        indices = frame_indices(int(row["num_frames"]), t, self.frame_interval, rng)
+        if row.get("virtual"):  # a frame range of its frozen source, decoded by seeking (curation.virtual_clips)
+            from curation.virtual_clips import read_clip_frames
+
+            return np.stack(read_clip_frames(row, indices.tolist())), float(row.get("fps") or 30.0)
         path = local_media_path(row["path"])  # an s3:// clip: its cached local copy
         if path.suffix.lower() in IMAGE_EXTENSIONS or int(row["num_frames"]) == 1:
             from PIL import Image
@@ -114,7 +119,6 @@ class VideoTextDataset(torch.utils.data.Dataset):
             return np.repeat(frame[None], t, axis=0), float(IMAGE_FPS)
         from curation.video_io import read_frames
 
-        indices = frame_indices(int(row["num_frames"]), t, self.frame_interval, rng)
         frames = np.stack(read_frames(path, indices.tolist()))
         return frames, float(row.get("fps") or 30.0)
 

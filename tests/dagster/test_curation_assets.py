@@ -75,4 +75,76 @@ def test_curated_dataset_version_and_rematerialize(curated):
     assert all(o.success for o in materialize_selection("group:curation", ["b1"], instance, resources={"lakehouse": lake}))
     n = lake.query("SELECT count(*) AS n, count(DISTINCT id) AS d FROM clips")
     assert n["n"][0] == n["d"][0] == 3
-    assert len(list((lake.media_dir / "clips").glob("*.mp4"))) == 3  # immutable media: reused, not re-cut
+    # Virtual clips by default: nothing encoded, the kept frames are immutable media, reused and not re-kept.
+    assert not (lake.media_dir / "clips").exists() or not list((lake.media_dir / "clips").glob("*.mp4"))
+    assert len(list((lake.media_dir / "frames").glob("*/kept.json"))) == 3
+    rows = lake.query("SELECT virtual, path, video_id FROM clips").to_dicts()
+    assert all(r["virtual"] and f"/media/sources/{r['video_id']}" in r["path"] for r in rows)
+
+
+def _dataset_rows(lake):
+    import polars as pl
+
+    versions = sorted((lake.lake_dir / "datasets").iterdir())
+    return versions[-1].name, pl.read_parquet(versions[-1] / "data.parquet")
+
+
+def test_export_writes_clip_files_that_equal_the_virtual_clips(curated, tmp_path, capsys, monkeypatch):
+    import numpy as np
+    import polars as pl
+
+    from curation.video_io import read_frames
+    from curation.virtual_clips import read_clip_frames
+    from opensora_dag.cli import main
+
+    lake, _, instance = curated
+    monkeypatch.setenv("OPENSORA_HOME", str(lake.home))  # --home sets it for the process: restored after the test
+    assert all(o.success for o in materialize_selection("curated_dataset", None, instance, resources={"lakehouse": lake}))
+    version, rows = _dataset_rows(lake)
+    assert rows["virtual"].all()
+    out = tmp_path / "export"
+    assert main(["--home", str(lake.home), "data", "export", version, str(out), "--workers", "2"]) == 0
+    assert "3 encoded" in capsys.readouterr().out
+    table = pl.read_csv(out / "opensora.csv")
+    assert len(table) == 3 and "virtual" not in table.columns
+    by_id = {r["id"]: r for r in rows.to_dicts()}
+    for line in table.to_dicts():
+        path = out / "clips" / line["path"].rsplit("/", 1)[-1]
+        assert line["path"] == str(path.resolve()) and path.is_file()
+        assert (lake.media_dir / "clips" / path.name).is_file()  # published as immutable media
+        virtual = read_clip_frames(by_id[line["id"]])
+        from_file = read_frames(path, range(line["num_frames"]))
+        assert len(virtual) == len(from_file) == line["num_frames"] == by_id[line["id"]]["num_frames"]
+        assert from_file[0].shape == (line["height"], line["width"], 3)
+        diff = np.abs(np.stack(virtual).astype(np.int16) - np.stack(from_file).astype(np.int16))
+        assert diff.mean() < 2.5
+    # Exporting again reuses the published files: nothing is encoded twice.
+    again = tmp_path / "again"
+    assert main(["--home", str(lake.home), "data", "export", "latest", str(again)]) == 0
+    assert "0 encoded, 3 reused" in capsys.readouterr().out
+    assert main(["--home", str(lake.home), "data", "export", "../x", str(again)]) == 2
+
+
+def test_editing_a_landing_file_does_not_change_a_dataset_versions_frames(curated, tmp_path):
+    import numpy as np
+
+    from curation.samples import Shot, write_synthetic_video
+    from curation.virtual_clips import read_clip_frames
+
+    lake, cuts, instance = curated
+    assert all(o.success for o in materialize_selection("curated_dataset", None, instance, resources={"lakehouse": lake}))
+    _, rows = _dataset_rows(lake)
+    row = rows.to_dicts()[0]
+    before = read_clip_frames(row)
+    landing = lake.batch_dir("b1") / "cuts.mp4"
+    saved = landing.read_bytes()
+    try:  # a user replaces the inbox file with other footage of the same length
+        other = write_synthetic_video(tmp_path / "other.mp4", [Shot("static", 180, (250, 250, 250))], width=192,
+                                      height=112, fps=24)
+        landing.write_bytes(other.path.read_bytes())
+        after = read_clip_frames(row)
+    finally:
+        landing.write_bytes(saved)
+    assert len(after) == len(before)
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)

@@ -207,6 +207,49 @@ def test_gc_keeps_what_a_live_dataset_version_pins_and_retire_releases_it(home):
     assert cli("lake", "gc", "--older-than", "soon").returncode == 2
 
 
+def test_gc_keeps_frozen_sources_every_retained_or_pinned_snapshot_names(home):
+    """media/sources/ follows the clips' rule, including a state written at an expired snapshot that a later pinned
+    snapshot still sees; a linked source outside media/ is never touched."""
+    lake = Lakehouse(home=str(home))
+    sources = lake.media_dir / "sources"
+    sources.mkdir(parents=True)
+    files = {name: sources / f"{name}.mp4" for name in ("first", "middle", "current", "stray")}
+    linked = home / "camera" / "linked.mp4"
+    linked.parent.mkdir()
+    for path in [*files.values(), linked]:
+        path.write_bytes(path.name.encode())
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
+
+    def raw(name: str, source, is_linked: bool = False) -> int:
+        row = {"id": name, "path": f"/landing/b1/{name}.mp4", "source": str(source), "linked": is_linked}
+        return lake.write_partition("raw_videos", "b1", pl.DataFrame([row]))
+
+    def pin(version: str) -> int:
+        snapshot = lake.write_partition("clips", "b1", pl.DataFrame({"id": [version], "path": [str(home / "none.mp4")]}))
+        row = pl.DataFrame([{"version": version, "lake_snapshot": snapshot, "path": str(home / "nowhere"), "num_rows": 1,
+                             "created_at": "now", "retired": False}])
+        lake.write_partition("dataset_versions", None, row, key={"version": version})
+        return snapshot
+
+    raw("first", files["first"])
+    pin("v1")
+    middle_write = raw("middle", files["middle"])  # expired below, but v2's snapshot still sees its rows
+    pin("v2")
+    raw("current", files["current"])
+    lake.write_partition("raw_videos", "b2", pl.DataFrame([{"id": "l", "path": "/landing/b2/l.mp4",
+                                                            "source": str(linked), "linked": True}]))
+
+    report = lake_maintenance.gc(lake, lake_maintenance.parse_duration("0s"))
+    assert middle_write in report.expired_snapshots
+    assert report.removed_media == [str(files["stray"])]
+    assert all(files[n].exists() for n in ("first", "middle", "current")) and linked.exists()
+
+    assert cli("lake", "retire", "v2").returncode == 0
+    report = lake_maintenance.gc(lake, lake_maintenance.parse_duration("0s"))
+    assert report.removed_media == [str(files["middle"])] and files["first"].exists() and files["current"].exists()
+    assert linked.exists()
+
+
 def test_an_old_layout_is_refused_until_imported_and_import_is_idempotent(home):
     """A home written by the previous version (Parquet folders + catalog.duckdb) is copied in, never moved."""
     old_lake = home / "lake"
@@ -292,7 +335,7 @@ def test_a_dataset_version_survives_a_recut_of_its_batch(home):
     from dagster import instance_for_test
 
     from curation.samples import Shot, write_captions_csv, write_synthetic_video
-    from curation.video_io import iter_av_frames
+    from curation.virtual_clips import read_clip_frames
     from opensora_dag.instance import materialize_selection
 
     lake = Lakehouse(home=str(home))
@@ -322,6 +365,6 @@ def test_a_dataset_version_survives_a_recut_of_its_batch(home):
     assert sorted(lake.read_table("clips", snapshot=v1["lake_snapshot"])["id"].to_list()) == v1_rows["id"].to_list()
     again = pl.read_parquet(Path(v1["path"]) / "data.parquet").sort("id")
     assert again.equals(v1_rows)
-    for path, frames in zip(v1_rows["path"], v1_rows["num_frames"]):
-        assert Path(path).is_file(), path
-        assert sum(1 for _ in iter_av_frames(path)) == frames  # every clip of the old version still decodes
+    for row in v1_rows.to_dicts():  # every clip of the old version still decodes (virtual: from its source)
+        assert Path(row["path"]).is_file(), row["path"]
+        assert len(read_clip_frames(row)) == row["num_frames"]

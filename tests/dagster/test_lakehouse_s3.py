@@ -184,17 +184,22 @@ def test_two_machines_curate_on_s3_and_a_third_trains_from_it(tmp_path, postgres
     assert sorted(videos["batch"].to_list()) == sorted(["east"] * 3 + [west_key] * 2)
     assert videos["id"].n_unique() == 5
     assert all(p.startswith(f"s3://{bucket}/p/landing/") for p in videos["path"].to_list())
+    # each video's bytes frozen once as content-named media, which every decoder reads instead of landing/
+    assert all(s == f"s3://{bucket}/p/media/sources/{i}.mp4" for s, i in zip(videos["source"], videos["id"]))
+    assert not any(videos["linked"].to_list())
     clips = lake.read_table("clips")
     assert len(clips) >= 5 and clips["id"].n_unique() == len(clips)
     assert set(clips["batch"].to_list()) == {"east", west_key}
-    assert all(p == f"s3://{bucket}/p/media/clips/{i}.mp4" for p, i in zip(clips["path"], clips["id"]))
+    # virtual clips: frame ranges of the frozen sources, nothing encoded; their kept frames are published media
+    assert clips["virtual"].all()
+    assert all(p == f"s3://{bucket}/p/media/sources/{v}.mp4" for p, v in zip(clips["path"], clips["video_id"]))
     assert all(f == f"s3://{bucket}/p/media/frames/{i}" for f, i in zip(clips["frames_dir"], clips["id"]))
     captions = lake.read_table("captions")
     assert sorted(captions["id"].to_list()) == sorted(clips["id"].to_list())
     assert captions["text"].null_count() == 0, "the sidecar captions were read from the landed copies"
     storage = lake.storage
     stored = {name for name, _size, _d in storage.list_dir(storage.url("media", "clips"))}
-    assert stored == {f"{i}.mp4" for i in clips["id"]}
+    assert stored == set()
 
     # a third machine builds the dataset version and trains on it
     run = subprocess.run([sys.executable, "-c", TRAIN], cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -210,7 +215,7 @@ def test_two_machines_curate_on_s3_and_a_third_trains_from_it(tmp_path, postgres
     assert state["dataset_version"] == version
     # the clips came from S3 through the third machine's object cache; no machine has a media/ or landing/ folder
     cached = {p.name for p in (homes["third"] / "cache" / "objects").rglob("*.mp4")}
-    assert cached and cached <= {f"{i}.mp4" for i in clips["id"]}, cached
+    assert cached and cached <= {f"{v}.mp4" for v in clips["video_id"]}, cached
     for home in homes.values():
         assert not (home / "media").exists() and not (home / "landing").exists() and not (home / "lake" / "datasets").exists()
 
