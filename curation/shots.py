@@ -21,6 +21,7 @@ A video without cuts is one scene (the reference's ``start_in_scene=True``).
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from pathlib import Path
@@ -281,29 +282,44 @@ def load_transnetv2():
     return model.eval()
 
 
-def transnet_predictions(frames: np.ndarray, *, bf16: bool = False) -> np.ndarray:
-    """Per-frame transition probability for uint8 frames [T, 27, 48, 3] (RGB).
+def transnet_predictions(frames: Iterable[np.ndarray], *, bf16: bool = False) -> np.ndarray:
+    """Per-frame transition probability for uint8 frames of shape [27, 48, 3] (RGB), streamed.
 
     Same windowing as the original TransNetV2 inference: windows of 100 frames, stride 50, the first and
     last frame repeated as padding (25 before; after, up to a multiple of 50), and the middle 50
-    predictions of each window kept.
+    predictions of each window kept. A window runs as soon as its frames are in, so at most 100 frames are held
+    whatever the video's length (memory does not grow with it).
     """
     import contextlib
+    from collections import deque
 
     import torch
 
     model = load_transnetv2()
-    n = len(frames)
-    video = torch.from_numpy(np.ascontiguousarray(frames))
-    pad_end = 25 + 50 - (n % 50 if n % 50 else 50)
-    padded = torch.cat([video[:1].expand(25, -1, -1, -1), video, video[-1:].expand(pad_end, -1, -1, -1)], 0)
-    windows = [padded[s : s + 100] for s in range(0, len(padded) - 100 + 1, 50)]
-    out = []
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    with torch.inference_mode(), autocast:
-        for window in windows:
-            logits, _many_hot = model(window[None])  # [1, 100, 1]
+    window: deque[np.ndarray] = deque()
+    out: list[torch.Tensor] = []
+
+    def run_full_windows() -> None:
+        while len(window) >= 100:
+            batch = torch.from_numpy(np.stack(list(window)[:100]))[None]
+            with torch.inference_mode(), autocast:
+                logits, _many_hot = model(batch)  # [1, 100, 1]
             out.append(torch.sigmoid(logits.float())[0, 25:75, 0])
+            for _ in range(50):
+                window.popleft()
+
+    n, last = 0, None
+    for frame in frames:
+        if n == 0:
+            window.extend([frame] * 25)
+        window.append(frame)
+        n, last = n + 1, frame
+        run_full_windows()
+    if n == 0:
+        return np.zeros(0, dtype=np.float32)
+    window.extend([last] * (25 + 50 - (n % 50 if n % 50 else 50)))
+    run_full_windows()
     return torch.cat(out)[:n].numpy()
 
 
@@ -334,11 +350,9 @@ def _transnet_cuts(path: Path, cfg: SceneDetectConfig) -> tuple[list[int], int, 
     info = probe_stream(path)
     # BICUBIC: the scaler ffmpeg's CLI uses by default, which is how TransNetV2's own inference extracts
     # its 48x27 frames.
-    frames = [f for _i, _t, f in iter_frames(path, size=TRANSNET_SIZE, format="rgb24", interpolation="BICUBIC")]
-    if not frames:
-        return [], 0, info.fps
-    probs = transnet_predictions(np.stack(frames), bf16=cfg.transnet_bf16)
-    return transitions_to_cuts(probs, cfg.transnet_threshold), len(frames), info.fps
+    frames = (f for _i, _t, f in iter_frames(path, size=TRANSNET_SIZE, format="rgb24", interpolation="BICUBIC"))
+    probs = transnet_predictions(frames, bf16=cfg.transnet_bf16)
+    return transitions_to_cuts(probs, cfg.transnet_threshold), len(probs), info.fps
 
 
 def scenes_agree(a: list[Scene], b: list[Scene], tolerance: int = 0) -> bool:

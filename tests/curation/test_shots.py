@@ -211,3 +211,25 @@ def test_frame_scores_are_pyscenedetect_scores():
         for i, _t, frame in iter_frames(path, size=size, format="bgr24", interpolation="FAST_BILINEAR", stop=80)
     ]
     assert ours.tolist() == theirs
+
+
+def test_transnet_streams_the_same_windows_as_the_whole_video_at_once():
+    """The streamed windows (at most 100 frames held) give the predictions of padding and windowing the whole
+    frame array, as TransNetV2's own inference does (written out here as the reference)."""
+    import torch
+
+    from curation.shots import load_transnetv2, transnet_predictions
+
+    rng = np.random.default_rng(3)
+    frames = rng.integers(0, 255, size=(137, 27, 48, 3), dtype=np.uint8)
+    video = torch.from_numpy(frames)
+    n = len(frames)
+    pad_end = 25 + 50 - (n % 50 if n % 50 else 50)
+    padded = torch.cat([video[:1].expand(25, -1, -1, -1), video, video[-1:].expand(pad_end, -1, -1, -1)], 0)
+    expected = []
+    with torch.inference_mode():
+        for start in range(0, len(padded) - 100 + 1, 50):
+            logits, _ = load_transnetv2()(padded[start:start + 100][None])
+            expected.append(torch.sigmoid(logits.float())[0, 25:75, 0])
+    streamed = transnet_predictions(iter(frames))
+    np.testing.assert_array_equal(streamed, torch.cat(expected)[:n].numpy())

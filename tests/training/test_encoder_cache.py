@@ -287,3 +287,44 @@ def test_build_training_cache_from_a_run_config(tiny_dataset, tmp_path, monkeypa
     val_sampler = VariableVideoBatchSampler(val_rows, bucket, preset.frame_interval, seed=cfg.seed, shuffle=False)
     for indices in val_sampler:
         assert [val[i]["id"] for i in indices] == [val_rows["id"][i.index] for i in indices]
+
+
+def test_virtual_clips_give_the_samples_and_latents_of_their_files(encoders, bucket, tmp_path):
+    """Training and the encoder cache read a virtual clip (a frame range of its source) as they read its file."""
+    from curation.cutting import CutConfig, cut_clips, keep_virtual_frames
+    from curation.samples import PALETTE, Shot, write_synthetic_video
+    from training.data import VideoTextDataset
+
+    source = write_synthetic_video(tmp_path / "source.mp4", [Shot("moving", 40, PALETTE[0], speed=4.0),
+                                                              Shot("static", 30, PALETTE[2]), Shot("moving", 36, PALETTE[4], speed=6.0)],
+                                   width=128, height=80, fps=24)
+    from curation.shots import Scene
+
+    scenes = [Scene("src", k, a, b, a / 24, b / 24, 24.0) for k, (a, b) in enumerate(source.shot_ranges())]
+    cfg = CutConfig(min_seconds=None, short_side=None)
+    virtual = keep_virtual_frames(source.path, "src", scenes, tmp_path / "frames", cfg).clips
+    files = cut_clips(source.path, "src", scenes, tmp_path / "clips", cfg, frames_root=tmp_path / "cut-frames").clips
+    assert len(virtual) == len(files) == 3 and all(c.virtual for c in virtual)
+
+    def table(clips) -> pl.DataFrame:  # same ids and captions, so both draw the same buckets and windows
+        return pl.DataFrame([{**c.to_row(), "id": f"clip{k}", "text": f"shot {k}"} for k, c in enumerate(clips)])
+
+    rows_v, rows_f = table(virtual), table(files)
+    sampler = VariableVideoBatchSampler(rows_v, bucket, FRAME_INTERVAL, seed=SEED)
+    assert [b for b in sampler] == [b for b in VariableVideoBatchSampler(rows_f, bucket, FRAME_INTERVAL, seed=SEED)]
+    data_v, data_f = VideoTextDataset(rows_v, FRAME_INTERVAL, SEED), VideoTextDataset(rows_f, FRAME_INTERVAL, SEED)
+    for batch in sampler:
+        for index in batch:
+            a, b = data_v[index]["video"], data_f[index]["video"]
+            assert a.shape == b.shape and (a - b).abs().mean() < 0.02  # one crf-18 generation apart, in [-1, 1]
+
+    text_encoder, vae = encoders
+    caches = {}
+    for name, rows in (("virtual", rows_v), ("files", rows_f)):
+        caches[name] = tmp_path / f"cache-{name}"
+        build_encoder_cache(rows, bucket, FRAME_INTERVAL, SEED, text_encoder, vae, caches[name], epochs=1, batch_size=2)
+    latents_v, latents_f = CachedLatentDataset(rows_v, caches["virtual"]), CachedLatentDataset(rows_f, caches["files"])
+    for batch in sampler:
+        for index in batch:
+            a, b = latents_v[index]["x"], latents_f[index]["x"]
+            assert a.shape == b.shape and (a - b).abs().mean() < 0.1 * b.abs().mean() + 1e-3
