@@ -100,13 +100,15 @@ class PoolConfig(IsolationConfig):
         """``curation.pool.run_pool`` keyword arguments for a stage of ``num_items`` videos."""
         import os
 
+        from curation.pool import usable_cpus
+
         workers = self.workers
         if workers is None and os.environ.get(WORKERS_ENV, "").strip():
             raw = os.environ[WORKERS_ENV].strip()
             if not raw.isdigit() or int(raw) < 1:
                 raise ValueError(f"{WORKERS_ENV}={raw!r} is not a whole number of worker processes (1 or more)")
             workers = int(raw)
-        workers = workers or len(os.sched_getaffinity(0))
+        workers = workers or usable_cpus()
         memory = self.video_memory_limit_mb
         if memory is None:
             import psutil

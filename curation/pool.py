@@ -101,6 +101,19 @@ class Outcome:
         return self.result
 
 
+def usable_cpus() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a Kubernetes pod's
+    ``limits.cpu``), which affinity does not show."""
+    count = len(os.sched_getaffinity(0))
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+    except (OSError, ValueError):
+        return count
+    if quota == "max":
+        return count
+    return max(1, min(count, -(-int(quota) // int(period))))
+
+
 def run_pool(task: Callable[[Any], Any], items: Iterable[Any], *, workers: int | None = None,
              time_limit_s: float | None = None, memory_limit_mb: float | None = None,
              progress: Callable[[int, int, Any, Outcome], None] | None = None,
@@ -117,7 +130,7 @@ def run_pool(task: Callable[[Any], Any], items: Iterable[Any], *, workers: int |
         raise ValueError(f"workers must be at least 1, got {workers}")
     if workers == 1:
         return _run_inline(task, items, progress)
-    count = min(workers or len(os.sched_getaffinity(0)), len(items))
+    count = min(workers or usable_cpus(), len(items))
     if count == 0:
         return []
     outcomes: list[Outcome | None] = [None] * len(items)
