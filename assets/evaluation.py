@@ -1,10 +1,12 @@
 """Evaluation assets: score the newest trained checkpoint, log to its MLflow run, keep the best one registered.
 
 ``model_evaluation`` samples the fixed prompt set from the checkpoint the latest ``trained_model`` materialization
-produced, computes the metrics of ``training.evaluate`` (validation loss on the held-out split, flicker, motion, and
-CLIP/aesthetic/VBench where their weights are local), logs them to the training run, registers the checkpoint as a
-new model version when its validation loss beats the registered best, and appends a row to the ``evaluations``
-table. ``not_worse_than_best`` reports the comparison made before registering.
+produced, computes the metrics of ``training.evaluate`` (validation loss on the held-out split, flicker, motion,
+weight-free prompt adherence beside its step-0 and shuffled-prompt controls, and CLIP/aesthetic/VBench where their
+weights are local), logs them to the training run, registers the checkpoint as a new model version when it beats
+the registered best of its cohort (by CLIP score with CLIP weights, else prompt adherence, else validation loss),
+and appends a row to the ``evaluations`` table. ``not_worse_than_best`` reports the comparison made before
+registering.
 """
 
 import base64
@@ -57,6 +59,8 @@ class EvaluationConfig(Config):
     vbench_dir: str | None = Field(None, description="VBench weights folder; unset = $VBENCH_CACHE_DIR or ~/.cache/vbench.")
     val_max_samples: int | None = Field(None, description="Held-out clips scored; None = the training config's val_max_samples.")
     embed_previews: int = Field(4, description="GIF previews inlined into the materialization's markdown.")
+    baseline_step0: bool = Field(True, description="Also sample the untrained (step-0) model and report its prompt "
+                                                   "adherence beside the trained one's (samples the set twice).")
 
 
 def latest_trained_checkpoint(context: AssetExecutionContext) -> tuple[Path, str | None]:
@@ -100,6 +104,24 @@ def previews_markdown(report, limit: int) -> str:
         lines.append(f"| {sample.index} | {sample.prompt.replace('|', '/')} | {cell} | "
                      f"{'' if adherence is None else f'{adherence:.2f}'} {why} | "
                      f"{'' if flicker is None else f'{flicker:.2f}'} | {'' if motion is None else f'{motion:.2f}'} |")
+    return "\n".join(lines)
+
+
+def adherence_markdown(metrics: dict) -> str:
+    """Prompt adherence of the trained checkpoint beside its two controls, overall and per criterion: the margins
+    say how much training taught (vs step 0) and how much of it follows the text (vs shuffled prompts)."""
+    if "prompt_adherence" not in metrics:
+        return "not measured (no prompt of the set names a colour, shape, motion or title)"
+    columns = (("trained", ""), ("step 0 (untrained)", "_step0"), ("shuffled prompts", "_shuffled"))
+    lines = ["| criterion | " + " | ".join(c for c, _ in columns) + " | margin vs step 0 | margin vs shuffled |",
+             "|---|---|---|---|---|---|"]
+    for criterion in ("", *(f"/{c}" for c in ev.ADHERENCE_CRITERIA)):
+        values = [metrics.get(f"prompt_adherence{suffix}{criterion}") for _, suffix in columns]
+        if values[0] is None:
+            continue
+        cells = ["" if v is None else f"{v:.2f}" for v in values]
+        margins = ["" if v is None else f"{values[0] - v:+.2f}" for v in values[1:]]
+        lines.append(f"| {criterion.lstrip('/') or 'mean'} | " + " | ".join(cells + margins) + " |")
     return "\n".join(lines)
 
 
@@ -177,21 +199,22 @@ def model_evaluation(
         aesthetic_mlp=model_store.aesthetic_mlp, num_frames=num_frames, image_size=(height, width),
         steps=config.num_sampling_steps, scheduler=scheduler, cfg_scale=config.cfg_scale, seed=config.seed,
         device=model_store.device, flow_backend=model_store.flow_backend, vbench_dir=config.vbench_dir,
-        val_max_samples=config.val_max_samples, log=context.log.info,
+        val_max_samples=config.val_max_samples, baseline_step0=config.baseline_step0, log=context.log.info,
     )
     report.mlflow_run_id = run_id or report.mlflow_run_id
     for name, reason in report.skipped.items():
         context.log.warning(f"{name}: {reason}")
 
-    # 3. MLflow: compare with the registered best, then register if better, then log to the training run
+    # 3. MLflow: compare with the registered best (by CLIP score with CLIP weights, else prompt adherence, else
+    #    val_loss: report.ranked_by), then register if better, then log to the training run
     uri = tracking.uri(lakehouse.root)
-    passed, best_before = ev.compare_to_best(report.val_loss, uri, model_name, cohort=report.cohort)
+    passed, best_before = ev.compare_to_best(report.ranking_value, uri, model_name, cohort=report.cohort)
     decision = ev.register_if_best(report, uri, model_name, run_id=report.mlflow_run_id)
     context.log.info(f"registry: {decision.reason}" + (f" -> {model_name} v{decision.version}" if decision.version else ""))
     logged_run = ev.log_to_mlflow(report, uri, run_id=report.mlflow_run_id)
 
     # 4. One row per (checkpoint, prompt set) in the evaluations table
-    snapshot, num_evaluations = write_evaluation_row(lakehouse, evaluation_row(report, logged_run, decision, best_before),
+    snapshot, num_evaluations = write_evaluation_row(lakehouse, evaluation_row(report, logged_run, decision, decision.best_val_loss_before),
                                                      run_id=context.run.run_id)
 
     # 5. Metadata: numbers, reasons, previews
@@ -200,7 +223,8 @@ def model_evaluation(
         "scheduler": f"{report.settings['scheduler']} x {report.settings['steps']} steps",
         "mlflow_run_id": logged_run, "registry": decision.reason, "is_best": decision.is_best,
         "registered_model": model_name, **{f"cohort_{k}": v for k, v in report.cohort.items()},
-        "not_worse_than_best": passed, "num_evaluations": num_evaluations, "lake_snapshot": snapshot,
+        "ranked_by": report.ranked_by, "not_worse_than_best": passed, "num_evaluations": num_evaluations,
+        "lake_snapshot": snapshot, "prompt_adherence_vs_controls": MetadataValue.md(adherence_markdown(report.metrics)),
         "report": MetadataValue.path(str(Path(report.out_dir) / "report.json")),
         "metrics": MetadataValue.json(report.metrics),
         "skipped": MetadataValue.md("\n".join(f"- **{k}**: {v}" for k, v in sorted(report.skipped.items())) or "none"),
@@ -208,7 +232,9 @@ def model_evaluation(
     }
     metadata.update({k.replace("/", "."): MetadataValue.float(float(v)) for k, v in report.metrics.items()})
     if best_before is not None:
-        metadata["best_val_loss_before"] = MetadataValue.float(best_before)
+        metadata["best_before"] = MetadataValue.float(best_before)
+        if report.ranked_by == "val_loss":
+            metadata["best_val_loss_before"] = MetadataValue.float(best_before)
     if decision.version:
         metadata["registered_version"] = f"{model_name} v{decision.version}"
     for sample in report.samples:
@@ -221,27 +247,32 @@ def model_evaluation(
 @asset_check(
     asset=model_evaluation,
     blocking=False,
-    description="The new checkpoint's held-out val_loss is no worse than the best registered version's (passes when "
-                "none is registered yet), as compared by model_evaluation before it registered anything.",
+    description="The new checkpoint ranks no worse than the best registered version of its cohort (passes when none "
+                "is registered yet), as compared by model_evaluation before it registered anything. Ranked by CLIP score "
+                "with CLIP weights, else by weight-free prompt adherence, else by held-out val_loss.",
 )
 def not_worse_than_best(context: AssetCheckExecutionContext) -> AssetCheckResult:
     event = context.instance.get_latest_materialization_event(AssetKey("model_evaluation"))
     if event is None or event.asset_materialization is None:
         return AssetCheckResult(passed=False, metadata={"reason": "model_evaluation has not been materialized"})
     meta = event.asset_materialization.metadata
-    val_loss = meta["val_loss"].value if "val_loss" in meta else None
-    best = meta["best_val_loss_before"].value if "best_val_loss_before" in meta else None
+    metric = str(meta["ranked_by"].value) if "ranked_by" in meta else "val_loss"
+    value = meta[metric].value if metric in meta else None
+    best = meta["best_before"].value if "best_before" in meta else (
+        meta["best_val_loss_before"].value if "best_val_loss_before" in meta else None)
     checkpoint = str(meta["checkpoint"].value) if "checkpoint" in meta else "unknown"
-    if val_loss is None:
-        return AssetCheckResult(passed=False, metadata={"checkpoint": checkpoint, "reason": "no val_loss was computed "
-                                "(see the materialization's 'skipped'): the checkpoint is not shown to be no worse"})
-    passed = best is None or val_loss <= best * (1 + ev.VAL_LOSS_REL_TOL)
+    if value is None:
+        return AssetCheckResult(passed=False, metadata={"checkpoint": checkpoint, "ranked_by": metric, "reason": f"no "
+                                f"{metric} was computed (see the materialization's 'skipped'): the checkpoint is not "
+                                "shown to be no worse"})
+    passed = best is None or ev.not_worse(float(value), float(best), metric, ev.VAL_LOSS_REL_TOL)
     return AssetCheckResult(
         passed=passed,
         metadata={
             "checkpoint": checkpoint,
-            "val_loss": MetadataValue.float(float(val_loss)),
-            "best_registered_val_loss": MetadataValue.float(float(best)) if best is not None else "none registered",
+            "ranked_by": metric,
+            metric: MetadataValue.float(float(value)),
+            f"best_registered_{metric}": MetadataValue.float(float(best)) if best is not None else "none registered",
             "registry": str(meta["registry"].value) if "registry" in meta else "",
         },
     )

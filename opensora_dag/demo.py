@@ -7,6 +7,7 @@ import time
 from resources.lakehouse import Lakehouse
 
 DEMO_BATCH = "sample"
+DEMO_PROMPT_SET = "world_v1"
 
 
 def run_demo(lake: Lakehouse) -> int:
@@ -23,7 +24,11 @@ def run_demo(lake: Lakehouse) -> int:
     instance = get_instance(lake.root)
     # No CLIP / aesthetic weights ship with the demo: its dataset spec skips the aes and match criteria on purpose
     # (the `demo` filter preset), which shows as two failed, non-blocking checks on curated_dataset.
-    outcomes = materialize_selection("*", [DEMO_BATCH], instance, asset_config={"curated_dataset": {"preset": "demo"}})
+    # The evaluation asks for the synthetic world the demo model learns (prompt set world_v1), so that its weight-free
+    # prompt adherence, beside the step-0 and shuffled-prompt controls, says what the model learned.
+    asset_config = {"curated_dataset": {"preset": "demo"},
+                    "model_evaluation": {"prompt_set": DEMO_PROMPT_SET, "embed_previews": 10}}
+    outcomes = materialize_selection("*", [DEMO_BATCH], instance, asset_config=asset_config)
     ok = all(o.success for o in outcomes)
     for o in outcomes:
         where = f"batch {o.partition_key}" if o.partition_key else "unpartitioned"

@@ -2,18 +2,23 @@
 
     report = evaluate_checkpoint(checkpoint_dir, load_prompt_set("v1"), out_dir, clip_checkpoint=..., aesthetic_mlp=...)
     run_id = log_to_mlflow(report, tracking_uri)              # eval/<metric>, eval.skipped.<metric>, previews
-    decision = register_if_best(report, tracking_uri)         # a model version + alias "best" when val_loss improves
+    decision = register_if_best(report, tracking_uri)         # a model version + alias "best" when it ranks first
 
 Metrics (Open-Sora 1.1 used human evaluation and VBench; 1.2 added validation loss at fixed timesteps):
 
 - ``val_loss`` and ``val_loss/<T>x<H>x<W>``: the diffusion loss of the checkpoint's EMA weights on the held-out split
   of its own dataset (the hash split of ``training.data.split_rows``), at evenly spaced fixed timesteps with fixed
-  noise (``training.train.validation_losses``). The only metric that compares checkpoints on equal terms, so it is
-  what the registry and the asset check rank by (lower is better).
+  noise (``training.train.validation_losses``). It compares checkpoints of one dataset, preset and objective; the
+  registry and the asset check rank by it (lower is better) when neither of the prompt metrics below exists.
 - ``temporal_flicker``: VBench's temporal-flickering quantity, the mean absolute difference between consecutive
   frames on 0..255 (0 for a still video). VBench reports ``(255 - x) / 255``; that is ``temporal_flicker_score``.
 - ``motion``: mean optical flow (``models.scorers.motion``, OpenCV, no weights) in pixels at 320x576.
-- ``clip_score``: 100 x cosine of CLIP image and prompt features, averaged over frames (CLIPSIM).
+- ``clip_score``: 100 x cosine of CLIP image and prompt features, averaged over frames (CLIPSIM). With CLIP weights
+  local, the registry ranks by it (higher is better).
+- ``prompt_adherence`` (and ``/colour``, ``/shape``, ``/motion``, ``/title``): weight-free adherence to prompts of the
+  synthetic world (``models.scorers.adherence``), beside two controls from the same run: ``prompt_adherence_shuffled``
+  (each sample scored against another prompt) and ``prompt_adherence_step0`` (the untrained model's samples).
+  Without CLIP weights the registry ranks by it (higher is better), within the same prompt set.
 - ``aesthetic``: the LAION aesthetic predictor on frames at 10/50/90 % of the video.
 - ``vbench``: VBench's own suite, only where the package and its weights are on disk.
 
@@ -335,11 +340,41 @@ class SampleRecord:
     adherence: str = ""  # why the sample scored what it did against its prompt ("red: blob in 7/8 frames, ...")
 
 
+ADHERENCE_CRITERIA = ("colour", "shape", "motion", "title")
+
+
+def criterion_means(results: Sequence[Any]) -> dict[str, float]:
+    """Mean score per criterion (colour, shape, motion, title) over the results that measured it.
+
+    The overall mean mixes criteria a model learns at very different speeds (colour long before shape), so the
+    per-criterion means are what say *what* a model follows."""
+    means = {}
+    for name in ADHERENCE_CRITERIA:
+        values = [r.criteria[name].score for r in results if name in getattr(r, "criteria", {})]
+        if values:
+            means[name] = float(np.mean(values))
+    return means
+
+
 @dataclass
 class AdherenceSummary:
     per_prompt: list  # models.scorers.adherence.AdherenceResult, one per video
     mean: float | None
     shuffled_mean: float | None  # each video scored against another prompt: what ignoring the text would give
+    by_criterion: dict[str, float] = field(default_factory=dict)
+    shuffled_by_criterion: dict[str, float] = field(default_factory=dict)
+
+    def metrics(self, suffix: str = "") -> dict[str, float]:
+        """``prompt_adherence{suffix}``, ``prompt_adherence{suffix}/<criterion>`` and, for the trained model, the
+        shuffled control the same way (``prompt_adherence_shuffled``)."""
+        out: dict[str, float] = {}
+        for name, mean, by in (("prompt_adherence", self.mean, self.by_criterion),
+                               ("prompt_adherence_shuffled", self.shuffled_mean, self.shuffled_by_criterion)):
+            if mean is None or (suffix and name.endswith("_shuffled")):
+                continue  # the shuffled control is reported for the trained model only
+            out[f"{name}{suffix}"] = mean
+            out.update({f"{name}{suffix}/{k}": v for k, v in by.items()})
+        return out
 
 
 def prompt_adherence(videos: Sequence[np.ndarray], prompts: Sequence[str], seed: int = 0) -> AdherenceSummary:
@@ -347,8 +382,25 @@ def prompt_adherence(videos: Sequence[np.ndarray], prompts: Sequence[str], seed:
     from models.scorers.adherence import score_prompts, shuffled_control
 
     results, mean = score_prompts(list(videos), list(prompts))
-    shuffled = shuffled_control(list(videos), list(prompts), seed)[1] if len(prompts) > 1 else None
-    return AdherenceSummary(results, mean, shuffled)
+    shuffled, shuffled_mean = shuffled_control(list(videos), list(prompts), seed) if len(prompts) > 1 else ([], None)
+    return AdherenceSummary(results, mean, shuffled_mean, criterion_means(results), criterion_means(shuffled))
+
+
+def untrained_model(checkpoint_dir: str | Path, like):
+    """The checkpoint's architecture with the weights its training run started from: a fresh STDiT2 initialised
+    under the run's seed (``TrainConfig.seed``), in ``like``'s dtype and device. The step-0 baseline: what the
+    evaluation's numbers would be had training taught nothing."""
+    import torch
+
+    from models.stdit2 import STDiT2
+    from training.checkpoint import read_state
+
+    seed = int((read_state(checkpoint_dir).get("config") or {}).get("seed", 0))
+    param = next(like.parameters())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = STDiT2(like.config)
+    return model.to(device=param.device, dtype=param.dtype).eval().requires_grad_(False)
 
 
 @dataclass
@@ -372,9 +424,29 @@ class EvaluationReport:
         return self.metrics.get("val_loss")
 
     @property
+    def ranked_by(self) -> str:
+        """The metric the registry ranks this checkpoint by (:data:`RANKING_METRICS`): the CLIP score when CLIP
+        weights were local, else weight-free prompt adherence when the prompt set names anything it can measure,
+        else the held-out validation loss."""
+        if "clip_score" in self.metrics:
+            return "clip_score"
+        if "prompt_adherence" in self.metrics:
+            return "prompt_adherence"
+        return "val_loss"
+
+    @property
+    def ranking_value(self) -> float | None:
+        return self.metrics.get(self.ranked_by)
+
+    @property
     def cohort(self) -> dict[str, str]:
-        """What makes two checkpoints' validation losses comparable: same dataset version, preset and objective."""
-        return {"dataset_version": str(self.dataset_version), "preset": str(self.preset), "objective": self.objective}
+        """What makes two checkpoints comparable: same dataset version, preset and objective (validation losses of
+        other data or objectives mean other things), ranked by the same metric, and for the prompt metrics the same
+        prompt set (a score on other prompts is another exam)."""
+        cohort = {"dataset_version": str(self.dataset_version), "preset": str(self.preset), "objective": self.objective}
+        if self.ranked_by != "val_loss":
+            cohort.update(ranked_by=self.ranked_by, prompt_set=self.prompt_set)
+        return cohort
 
     @property
     def ema_dir(self) -> Path:
@@ -413,13 +485,16 @@ def evaluate_checkpoint(
     flow_backend: str = "dis",
     vbench_dir: str | Path | None = None,
     val_max_samples: int | None = None,
+    baseline_step0: bool = True,
     log: Callable[[str], None] = print,
 ) -> EvaluationReport:
     """Sample every prompt once from the checkpoint's EMA weights, score the samples, and compute the validation loss.
 
     ``scheduler`` defaults to the checkpoint objective's sampler (:data:`PREVIEW_SCHEDULERS` gives the fast ones),
     ``steps`` to that sampler's default. Prompt ``i`` is sampled with seed ``seed + i``. Previews (mp4 + gif, at
-    ``fps / frame_interval``) and ``report.json`` are written under ``out_dir``.
+    ``fps / frame_interval``) and ``report.json`` are written under ``out_dir``. ``baseline_step0`` also samples
+    the untrained model (:func:`untrained_model`) when the prompt set has measurable prompts, and reports its
+    adherence as ``prompt_adherence_step0`` (the cost: sampling the set twice).
     """
     import torch
 
@@ -471,9 +546,22 @@ def evaluate_checkpoint(
     if adherence.mean is None:
         report.skipped["prompt_adherence"] = "no prompt of the set names a colour, shape, motion or title"
     else:
-        report.metrics["prompt_adherence"] = adherence.mean
-        if adherence.shuffled_mean is not None:
-            report.metrics["prompt_adherence_shuffled"] = adherence.shuffled_mean
+        report.metrics.update(adherence.metrics())
+
+        # 2c. The step-0 baseline: the same prompts, seeds and sampler through the untrained model (the weights the
+        #     run started from). Trained minus step-0 is what training taught; trained minus shuffled is how much
+        #     of it follows the text.
+        if baseline_step0:
+            log("sampling the same prompts from the untrained (step-0) model")
+            trained_model = sampler.model
+            sampler.model = untrained_model(checkpoint_dir, trained_model)
+            try:
+                step0 = prompt_adherence(sampler.generate(request, progress=lambda done, total: None), prompts, seed=seed)
+            finally:
+                sampler.model = trained_model
+            report.metrics.update(step0.metrics(suffix="_step0"))
+            for record, result in zip(report.samples, step0.per_prompt):
+                record.metrics["prompt_adherence_step0"] = result.score
 
     # 3. Metrics that need weights: computed only from local weights, else skipped with the reason
     clip = clip_checkpoint
@@ -571,12 +659,32 @@ def log_to_mlflow(report: EvaluationReport, tracking_uri: str, run_id: str | Non
     return run_id
 
 
+# Metric -> True when higher is better. The registry ranks by the first of these a report has (EvaluationReport.ranked_by).
+RANKING_METRICS = {"clip_score": True, "prompt_adherence": True, "val_loss": False}
+
+
 @dataclass
 class RegistryDecision:
     is_best: bool
-    best_val_loss_before: float | None
+    best_before: float | None  # the best registered value of ``ranked_by`` in the cohort before this decision
     version: str | None  # the model version registered now (None when not the best)
     reason: str = ""
+    ranked_by: str = "val_loss"
+
+    @property
+    def best_val_loss_before(self) -> float | None:
+        return self.best_before if self.ranked_by == "val_loss" else None
+
+
+def is_better(value: float, best: float, metric: str, rel_tol: float) -> bool:
+    """Strictly better than ``best`` by more than ``rel_tol`` (re-evaluating the same weights never is)."""
+    margin = rel_tol * max(abs(best), 1e-12)
+    return value > best + margin if RANKING_METRICS[metric] else value < best - margin
+
+
+def not_worse(value: float, best: float, metric: str, rel_tol: float) -> bool:
+    margin = rel_tol * max(abs(best), 1e-12)
+    return value >= best - margin if RANKING_METRICS[metric] else value <= best + margin
 
 
 def evaluation_shape(train_config: dict[str, Any]) -> tuple[int, tuple[int, int]]:
@@ -617,9 +725,10 @@ def cohort_alias(cohort: dict[str, str]) -> str:
 
 
 def best_version(tracking_uri: str, model_name: str = DEFAULT_MODEL_NAME, cohort: dict[str, str] | None = None):
-    """The registered version with the lowest ``val_loss`` among those comparable with ``cohort`` (same tags for
-    dataset_version, preset and objective), or None. Without a cohort: the one holding the ``best`` alias, else
-    the lowest ``val_loss`` of all."""
+    """The registered version with the best ranking metric among those comparable with ``cohort`` (same tags for
+    dataset_version, preset, objective and, for prompt metrics, ranked_by and prompt_set), or None. The metric is
+    the cohort's ``ranked_by`` (versions registered before there was one were ranked by val_loss). Without a cohort:
+    the one holding the ``best`` alias, else the lowest ``val_loss`` of all."""
     from mlflow.exceptions import MlflowException
 
     _check_model_name(model_name)  # it is pasted into a search filter below
@@ -630,51 +739,63 @@ def best_version(tracking_uri: str, model_name: str = DEFAULT_MODEL_NAME, cohort
         except MlflowException as err:
             if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 raise
-    versions = [v for v in client.search_model_versions(f"name = '{model_name}'") if "val_loss" in v.tags]
+    metric = (cohort or {}).get("ranked_by", "val_loss")
+    versions = [v for v in client.search_model_versions(f"name = '{model_name}'") if metric in v.tags]
     if cohort is not None:
-        versions = [v for v in versions if all(v.tags.get(k) == str(value) for k, value in cohort.items())]
-    return min(versions, key=lambda v: float(v.tags["val_loss"]), default=None)
+        tags = {"ranked_by": "val_loss", **cohort}  # a version without the tag was ranked by val_loss
+        versions = [v for v in versions if all(v.tags.get(k, "val_loss" if k == "ranked_by" else None) == str(value)
+                                               for k, value in tags.items())]
+    sign = -1.0 if RANKING_METRICS[metric] else 1.0
+    return min(versions, key=lambda v: sign * float(v.tags[metric]), default=None)
 
 
-def compare_to_best(val_loss: float | None, tracking_uri: str, model_name: str = DEFAULT_MODEL_NAME,
+def compare_to_best(value: float | None, tracking_uri: str, model_name: str = DEFAULT_MODEL_NAME,
                     rel_tol: float = VAL_LOSS_REL_TOL, cohort: dict[str, str] | None = None) -> tuple[bool, float | None]:
-    """(passed, best comparable val_loss registered): passes when nothing comparable is registered yet or
-    ``val_loss <= best`` (within ``rel_tol``: re-evaluating the same weights is never "worse" because of float noise).
+    """(passed, best comparable value registered) for the cohort's ranking metric (``cohort["ranked_by"]``,
+    default val_loss): passes when nothing comparable is registered yet or ``value`` is no worse than the best
+    (within ``rel_tol``: re-evaluating the same weights is never "worse" because of float noise).
 
-    A missing ``val_loss`` never passes: a checkpoint that could not be validated is not shown to be no worse.
+    A missing value never passes: a checkpoint that could not be scored is not shown to be no worse.
     """
+    metric = (cohort or {}).get("ranked_by", "val_loss")
     best = best_version(tracking_uri, model_name, cohort)
-    best_loss = float(best.tags["val_loss"]) if best is not None and "val_loss" in best.tags else None
-    if val_loss is None:
-        return False, best_loss
-    return (best_loss is None or val_loss <= best_loss * (1 + rel_tol)), best_loss
+    best_value = float(best.tags[metric]) if best is not None and metric in best.tags else None
+    if value is None:
+        return False, best_value
+    return (best_value is None or not_worse(value, best_value, metric, rel_tol)), best_value
 
 
 def register_if_best(report: EvaluationReport, tracking_uri: str, model_name: str = DEFAULT_MODEL_NAME,
                      run_id: str | None = None, rel_tol: float = VAL_LOSS_REL_TOL) -> RegistryDecision:
-    """Register the checkpoint's ``ema/`` folder as a new model version when its val_loss is lower than the best
-    registered version of its cohort (same dataset version, preset and objective) by more than ``rel_tol``, or when
-    nothing comparable is registered yet. Losses of other cohorts are never compared.
+    """Register the checkpoint's ``ema/`` folder as a new model version when its ranking metric
+    (``report.ranked_by``: CLIP score with CLIP weights, else prompt adherence, else val_loss) beats the best
+    registered version of its cohort by more than ``rel_tol``, or when nothing comparable is registered yet. Other
+    cohorts are never compared.
 
     The folder is logged as artifacts of the training run (``checkpoints/step-N/ema``) and the version's source is
-    ``runs:/<run>/checkpoints/step-N/ema``; each version carries tags val_loss, checkpoint, step, dataset_version,
-    preset, prompt_set and objective, and the aliases ``best`` (the newest cohort best) and ``best-<cohort digest>``.
-    The checkpoint that already is its cohort's best is never registered twice.
+    ``runs:/<run>/checkpoints/step-N/ema``; each version carries tags val_loss, the ranking metric, checkpoint,
+    step, dataset_version, preset, prompt_set and objective (and ranked_by), and the aliases ``best`` (the newest
+    cohort best) and ``best-<cohort digest>``. The checkpoint that already is its cohort's best is never
+    registered twice.
     """
     from mlflow.exceptions import MlflowException
 
-    val_loss = report.val_loss
+    metric, value = report.ranked_by, report.ranking_value
     cohort = report.cohort
     where = ", ".join(f"{k} {v}" for k, v in cohort.items())
     current = best_version(tracking_uri, model_name, cohort)
-    best = float(current.tags["val_loss"]) if current is not None and "val_loss" in current.tags else None
-    if val_loss is None:
-        return RegistryDecision(False, best, None, f"no val_loss: {report.skipped.get('val_loss', 'not computed')}")
+    best = float(current.tags[metric]) if current is not None and metric in current.tags else None
+
+    def decision(reason: str, version: str | None = None) -> RegistryDecision:
+        return RegistryDecision(version is not None, best, version, reason, metric)
+
+    if value is None:
+        return decision(f"no {metric}: {report.skipped.get(metric, 'not computed')}")
     if current is not None and current.tags.get("checkpoint") == report.checkpoint:
-        return RegistryDecision(False, best, None, f"{report.checkpoint} is already the best of {where} "
-                                                   f"(version {current.version})")
-    if best is not None and not val_loss < best * (1 - rel_tol):
-        return RegistryDecision(False, best, None, f"val_loss {val_loss:.6g} is not below the best {best:.6g} of {where}")
+        return decision(f"{report.checkpoint} is already the best of {where} (version {current.version})")
+    if best is not None and not is_better(value, best, metric, rel_tol):
+        return decision(f"{metric} {value:.6g} is not {'above' if RANKING_METRICS[metric] else 'below'} the best "
+                        f"{best:.6g} of {where}")
     if not report.ema_dir.is_dir():
         raise FileNotFoundError(f"no EMA weights to register at {report.ema_dir}")
 
@@ -684,15 +805,18 @@ def register_if_best(report: EvaluationReport, tracking_uri: str, model_name: st
     client.log_artifacts(run_id, str(report.ema_dir), artifact_path)
     try:
         client.create_registered_model(model_name, description="Open-Sora 1.1 STDiT2 EMA weights (Hugging Face-format "
-                                                                "folder), best by held-out validation loss.")
+                                                                "folder), best by CLIP score, else weight-free prompt "
+                                                                "adherence, else held-out validation loss.")
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    tags = {"val_loss": repr(float(val_loss)), "checkpoint": report.checkpoint, "step": str(report.step),
-            "prompt_set": report.prompt_set, **cohort}
+    tags = {"checkpoint": report.checkpoint, "step": str(report.step), "prompt_set": report.prompt_set,
+            "ranked_by": metric, **cohort, metric: repr(float(value))}
+    if report.val_loss is not None:
+        tags["val_loss"] = repr(float(report.val_loss))
     version = client.create_model_version(model_name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id, tags=tags,
-                                          description=f"{report.checkpoint} (val_loss {val_loss:.6g}; {where})")
+                                          description=f"{report.checkpoint} ({metric} {value:.6g}; {where})")
     client.set_registered_model_alias(model_name, BEST_ALIAS, version.version)
     client.set_registered_model_alias(model_name, cohort_alias(cohort), version.version)
     before = f"nothing comparable registered ({where})" if best is None else f"previous best {best:.6g} of {where}"
-    return RegistryDecision(True, best, str(version.version), f"val_loss {val_loss:.6g} ({before})")
+    return decision(f"{metric} {value:.6g} ({before})", str(version.version))

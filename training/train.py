@@ -109,10 +109,12 @@ def resolve_dataset(dataset: str, opensora_home: str | None = None) -> tuple[Pat
 
 
 def tiny_encoder_paths(cfg: TrainConfig, build: bool) -> tuple[str | None, str | None]:
-    """Encoder folders; when the config asks for tiny random ones (demo only), ``build`` makes them if missing.
+    """Encoder folders; when the config asks for tiny ones (demo only), ``build`` makes them if missing: a random
+    T5 (``models.tiny``) and the demo VAE (``models.demo_vae``: an autoencoder that reconstructs the synthetic world,
+    so that a diffusion model trained on its latents can decode to a picture).
 
     Building writes into a temporary folder renamed into place, under a file lock, so concurrent runs sharing
-    ``OPENSORA_HOME`` never see half a folder.
+    ``OPENSORA_HOME`` never see half a folder; later runs reuse it (built once per home).
     """
     t5_path, vae_path = cfg.encoders.text_encoder, cfg.encoders.vae
     if not cfg.encoders.build_tiny_if_missing:
@@ -122,12 +124,13 @@ def tiny_encoder_paths(cfg: TrainConfig, build: bool) -> tuple[str | None, str |
         import fcntl
         import shutil
 
-        from models.tiny import build_tiny_t5, build_tiny_vae
+        from models.demo_vae import build_demo_vae
+        from models.tiny import build_tiny_t5
 
         tiny_root.mkdir(parents=True, exist_ok=True)
         with open(tiny_root / ".build.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            for name, builder, wanted in (("tiny-t5", build_tiny_t5, not t5_path), ("tiny-vae", build_tiny_vae, not vae_path)):
+            for name, builder, wanted in (("tiny-t5", build_tiny_t5, not t5_path), ("demo-vae", build_demo_vae, not vae_path)):
                 target = tiny_root / name
                 if wanted and not (target / "config.json").is_file():
                     tmp = tiny_root / f".{name}.{os.getpid()}.tmp"
@@ -135,7 +138,7 @@ def tiny_encoder_paths(cfg: TrainConfig, build: bool) -> tuple[str | None, str |
                     builder(tmp)
                     shutil.rmtree(target, ignore_errors=True)
                     tmp.rename(target)
-    return t5_path or str(tiny_root / "tiny-t5"), vae_path or str(tiny_root / "tiny-vae")
+    return t5_path or str(tiny_root / "tiny-t5"), vae_path or str(tiny_root / "demo-vae")
 
 
 def load_encoders(cfg: TrainConfig, device: torch.device, dist: "Dist | None" = None):

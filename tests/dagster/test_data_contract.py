@@ -302,7 +302,7 @@ def test_demo_passes_the_demo_spec(monkeypatch, tmp_path):
     monkeypatch.setattr("curation.samples.seed_sample_batch", lambda folder: [])
     lake = Lakehouse(home=str(tmp_path / "home"))
     demo.run_demo(lake)
-    assert seen["asset_config"] == {"curated_dataset": {"preset": "demo"}}
+    assert seen["asset_config"]["curated_dataset"] == {"preset": "demo"}
 
 
 # ---- item 14: clips_are_valid checks the configured bounds --------------------------------------------------------

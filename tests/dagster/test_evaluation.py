@@ -67,19 +67,25 @@ def test_evaluate_register_and_check_two_checkpoints(setup):
     assert result.success
     meta = result.asset_materializations_for_node("model_evaluation")[0].metadata
     val1 = meta["val_loss"].value
+    # No CLIP weights, and the prompts name colours and shapes: the registry ranks by weight-free prompt adherence.
+    assert meta["ranked_by"].value == "prompt_adherence"
+    adh1 = meta["prompt_adherence"].value
     # tiny random encoders: a demo checkpoint, registered beside (never among) real ones
     assert meta["is_best"].value is True and meta["registered_version"].value == "opensora-stdit2-demo v1"
     assert meta["registered_model"].value == "opensora-stdit2-demo" and meta["cohort_objective"].value == "iddpm"
-    # prompt adherence (weight-free) with its shuffled-prompt control, per sample beside the previews
-    assert 0.0 <= meta["prompt_adherence"].value <= 1.0 and "prompt_adherence_shuffled" in meta
+    # prompt adherence (weight-free) with its shuffled-prompt and step-0 controls, per sample beside the previews
+    assert 0.0 <= adh1 <= 1.0 and "prompt_adherence_shuffled" in meta and "prompt_adherence_step0" in meta
     assert "| adherence |" in meta["previews"].value
-    assert "best_val_loss_before" not in meta
+    controls = meta["prompt_adherence_vs_controls"].value
+    assert "step 0 (untrained)" in controls and "shuffled prompts" in controls and "| mean |" in controls
+    assert "best_before" not in meta and "best_val_loss_before" not in meta
     assert "data:image/gif;base64," in meta["previews"].value  # the UI shows the sample inline
     assert Path(meta["sample_00"].value).suffix == ".mp4" and Path(meta["sample_00"].value).is_file()
     assert "CLIP checkpoint path is not set" in meta["skipped"].value
     assert "weights not found at /nonexistent/vbench" in meta["skipped"].value
     first_check = check_result(result)
-    assert first_check.passed and first_check.metadata["best_registered_val_loss"].value == "none registered"
+    assert first_check.passed and first_check.metadata["best_registered_prompt_adherence"].value == "none registered"
+    assert first_check.metadata["ranked_by"].value == "prompt_adherence"
 
     # 2. The second checkpoint (other weights): registered only if better; the check fails exactly when worse.
     report_trained_model(instance, second, setup["run_id"])
@@ -87,27 +93,30 @@ def test_evaluate_register_and_check_two_checkpoints(setup):
                          run_config=RUN_CONFIG)
     assert result.success  # a failed non-blocking check does not fail the run
     meta = result.asset_materializations_for_node("model_evaluation")[0].metadata
-    val2 = meta["val_loss"].value
-    assert val2 != val1 and meta["best_val_loss_before"].value == pytest.approx(val1)
+    val2, adh2 = meta["val_loss"].value, meta["prompt_adherence"].value
+    assert val2 != val1 and meta["best_before"].value == pytest.approx(adh1)
+    assert meta["is_best"].value is (adh2 > adh1)  # higher adherence is better; a tie is no improvement
     second_check = check_result(result)
-    assert second_check.passed == (val2 <= val1)
-    assert second_check.metadata["val_loss"].value == pytest.approx(val2)
-    assert second_check.metadata["best_registered_val_loss"].value == pytest.approx(val1)
+    assert second_check.passed == (adh2 >= adh1)
+    assert second_check.metadata["prompt_adherence"].value == pytest.approx(adh2)
+    assert second_check.metadata["best_registered_prompt_adherence"].value == pytest.approx(adh1)
 
     client = mlflow.MlflowClient(setup["uri"])
     best = client.get_model_version_by_alias("opensora-stdit2-demo", "best")
-    assert float(best.tags["val_loss"]) == pytest.approx(min(val1, val2))
-    assert best.tags["checkpoint"] == str((second if val2 < val1 else first).resolve())
+    assert best.tags["ranked_by"] == "prompt_adherence"
+    assert float(best.tags["prompt_adherence"]) == pytest.approx(max(adh1, adh2))
+    assert best.tags["checkpoint"] == str((second if adh2 > adh1 else first).resolve())
 
     # 3. Both evaluations are logged to the training run and kept in the evaluations table.
     run = client.get_run(setup["run_id"])
     assert [m.step for m in client.get_metric_history(setup["run_id"], "eval/val_loss")] == [1, 2]
     assert run.data.tags["eval.skipped.clip_score"].startswith("CLIP score skipped")
+    assert {"eval/prompt_adherence", "eval/prompt_adherence_shuffled", "eval/prompt_adherence_step0"} <= set(run.data.metrics)
     lake = setup["lake"]
     table = lake.query("SELECT step, val_loss, is_best, skipped FROM evaluations ORDER BY step")
     assert table["step"].to_list() == [1, 2]
     assert table["val_loss"].to_list() == pytest.approx([val1, val2])
-    assert table["is_best"].to_list() == [True, val2 < val1]
+    assert table["is_best"].to_list() == [True, adh2 > adh1]
     assert "clip_score" in json.loads(table["skipped"][0])
 
 
@@ -117,5 +126,6 @@ def test_evaluate_register_and_check_two_checkpoints(setup):
                          run_config=RUN_CONFIG)
     meta = result.asset_materializations_for_node("model_evaluation")[0].metadata
     assert meta["val_loss"].value == pytest.approx(val1) and meta["is_best"].value is False  # deterministic
-    assert check_result(result).passed == (val1 <= val2)
+    assert meta["prompt_adherence"].value == pytest.approx(adh1)
+    assert check_result(result).passed == (adh1 >= adh2)
     assert sorted(lake.query("SELECT step FROM evaluations")["step"].to_list()) == [1, 2]

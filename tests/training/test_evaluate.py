@@ -18,6 +18,7 @@ TINY_OVERRIDES = {
     "data.val_fraction": 0.5,
     "val_max_samples": 4,
     "val_timesteps": 2,
+    "objective": "iddpm",  # the tests sample with DPM-Solver (the demo preset itself trains rectified flow)
 }
 
 
@@ -356,6 +357,13 @@ def test_evaluate_checkpoint_end_to_end(tiny_checkpoint, tmp_path):
     assert report.metrics["val_loss"] == ev.validation_loss(tiny_checkpoint)["val_loss"]  # the EMA, in fp32
     assert set(report.skipped) == {"clip_score", "aesthetic", "vbench"}
     assert "CLIP checkpoint path is not set" in report.skipped["clip_score"]
+    # Prompt adherence with both controls: the shuffled prompts and the untrained (step-0) model, per criterion too;
+    # the second prompt names nothing measurable and has no score.
+    assert {"prompt_adherence", "prompt_adherence_shuffled", "prompt_adherence_step0",
+            "prompt_adherence/colour", "prompt_adherence_step0/colour"} <= set(report.metrics)
+    assert report.samples[0].metrics["prompt_adherence_step0"] is not None
+    assert report.samples[1].metrics["prompt_adherence_step0"] is None
+    assert report.ranked_by == "prompt_adherence"  # no CLIP weights: the registry ranks by adherence
     assert report.settings["scheduler"] == "dpm-solver" and report.settings["steps"] == 3
     saved = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert saved["metrics"] == report.metrics and saved["samples"][0]["prompt"] == prompts.prompts[0]
@@ -416,3 +424,72 @@ def test_the_experiment_opens_as_model_training_not_genai(tmp_path):
     old = client.create_experiment("made-before")  # an experiment created by an earlier version: no kind tag
     assert ensure_experiment(uri, "made-before") == old
     assert client.get_experiment(old).tags.get("mlflow.experimentKind") == EXPERIMENT_TAGS["mlflow.experimentKind"]
+
+
+def test_untrained_model_is_the_runs_starting_point_not_the_checkpoint(tiny_checkpoint):
+    import torch
+
+    from models.stdit2 import STDiT2
+
+    trained = ev.load_ema_model(tiny_checkpoint)
+    step0 = ev.untrained_model(tiny_checkpoint, trained)
+    seed = json.loads((tiny_checkpoint / "state.json").read_text())["config"]["seed"]
+    torch.manual_seed(seed)
+    fresh = STDiT2(trained.config).state_dict()
+    weights, trained_weights = step0.state_dict(), trained.state_dict()
+    assert weights.keys() == trained_weights.keys() == fresh.keys()
+    assert all(torch.equal(weights[k], fresh[k]) for k in weights)  # the seed's initialisation, exactly
+    assert any(not torch.equal(weights[k], trained_weights[k]) for k in weights)  # not the trained weights
+    assert not step0.training and not any(p.requires_grad for p in step0.parameters())
+
+
+def adherence_report(tmp_path, name: str, adherence: float, val_loss: float = 1.0, prompt_set: str = "world-abc",
+                     clip: float | None = None) -> ev.EvaluationReport:
+    report = fake_report(tmp_path / prompt_set / str(clip), name, val_loss)
+    report.prompt_set = prompt_set
+    report.metrics.update(prompt_adherence=adherence, prompt_adherence_shuffled=0.1, prompt_adherence_step0=0.05)
+    if clip is not None:
+        report.metrics["clip_score"] = clip
+        report.skipped.pop("clip_score")
+    return report
+
+
+def test_without_clip_weights_the_registry_ranks_by_prompt_adherence(tmp_path, tracking_uri):
+    name = "adherence"
+    first = adherence_report(tmp_path, "step-00000001", 0.5, val_loss=1.0)
+    assert first.ranked_by == "prompt_adherence" and first.cohort["prompt_set"] == "world-abc"
+    decision = ev.register_if_best(first, tracking_uri, name)
+    assert decision.is_best and decision.ranked_by == "prompt_adherence" and decision.best_before is None
+    # A lower val_loss does not make a checkpoint better when it follows its prompts less (and vice versa).
+    worse = ev.register_if_best(adherence_report(tmp_path, "step-00000002", 0.4, val_loss=0.5), tracking_uri, name)
+    assert not worse.is_best and worse.best_before == 0.5 and "not above" in worse.reason
+    better = ev.register_if_best(adherence_report(tmp_path, "step-00000003", 0.7, val_loss=2.0), tracking_uri, name)
+    assert better.is_best and better.best_before == 0.5 and better.best_val_loss_before is None
+    cohort = adherence_report(tmp_path / "c", "step-00000009", 0.0).cohort
+    assert ev.compare_to_best(0.7, tracking_uri, name, cohort=cohort) == (True, 0.7)  # equal is not worse
+    assert ev.compare_to_best(0.69, tracking_uri, name, cohort=cohort) == (False, 0.7)
+    assert ev.compare_to_best(None, tracking_uri, name, cohort=cohort) == (False, 0.7)
+    # Another prompt set is another exam: nothing comparable registered yet.
+    other = ev.register_if_best(adherence_report(tmp_path, "step-00000004", 0.1, prompt_set="v1-abc"), tracking_uri, name)
+    assert other.is_best and other.best_before is None
+    # Versions ranked by val_loss are never compared with adherence-ranked ones (and the reverse).
+    by_loss = ev.register_if_best(fake_report(tmp_path / "loss", "step-00000005", 9.0), tracking_uri, name)
+    assert by_loss.is_best and by_loss.best_val_loss_before is None
+
+    import mlflow
+
+    best = mlflow.MlflowClient(tracking_uri).get_model_version_by_alias(name, ev.cohort_alias(cohort))
+    assert best.tags["ranked_by"] == "prompt_adherence" and float(best.tags["prompt_adherence"]) == 0.7
+    assert float(best.tags["val_loss"]) == 2.0 and best.tags["checkpoint"].endswith("step-00000003")
+
+
+def test_with_clip_weights_the_clip_score_decides(tmp_path, tracking_uri):
+    name = "clip-decides"
+    first = adherence_report(tmp_path, "step-00000001", 0.9, clip=20.0)
+    assert first.ranked_by == "clip_score"
+    assert ev.register_if_best(first, tracking_uri, name).is_best
+    # Better adherence, lower CLIP score: not registered.
+    lower = ev.register_if_best(adherence_report(tmp_path, "step-00000002", 1.0, clip=19.0), tracking_uri, name)
+    assert not lower.is_best and lower.best_before == 20.0
+    higher = ev.register_if_best(adherence_report(tmp_path, "step-00000003", 0.2, clip=21.0), tracking_uri, name)
+    assert higher.is_best and higher.ranked_by == "clip_score"
