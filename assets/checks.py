@@ -9,7 +9,7 @@ from assets.curation import ClipsConfig, clips
 from assets.scoring import aesthetic_scores, match_scores, motion_scores, ocr_scores
 from resources.batch_keys import batch_key
 from resources.lakehouse import Lakehouse
-from resources.storage import local_media_path
+from common.storage import local_media_path
 
 # Clip durations are checked against the bounds the clips materialization was configured with (ClipsConfig,
 # 2..15 s by default), with one frame of slack at the clip's frame rate for rounding at the bounds.
@@ -64,20 +64,22 @@ def clips_are_valid(context: AssetCheckExecutionContext, lakehouse: Lakehouse) -
 def validate_clips(frame: pl.DataFrame, bounds: ClipBounds) -> AssetCheckResult:
     """The clips_are_valid result for a clips partition cut with ``bounds``."""
     from curation.probe import ProbeError, probe_video
+    from curation.virtual_clips import range_problems
 
     low, high = bounds.min_seconds, bounds.max_seconds
     problems: list[str] = []
     if len(frame) and frame["path"].null_count():
         problems.append(f"{frame['path'].null_count()} clips have no path")
-    for row in frame.drop_nulls("path").iter_rows(named=True):
+    rows = frame.drop_nulls("path").to_dicts()
+    virtual = range_problems([r for r in rows if r.get("virtual")])  # one pass per source, not one per clip
+    for row in rows:
         seconds = row["num_frames"] / row["fps"]
         slack = 1 / row["fps"]  # one frame: rounding at the bounds
         if not low - slack <= seconds <= high + slack:
             problems.append(f"{row['id']}: {seconds:.2f} s is outside {low:g}..{high:g} s")
         if row.get("virtual"):
-            problem = _virtual_clip_problem(row)
-            if problem:
-                problems.append(f"{row['id']}: {problem}")
+            if row["id"] in virtual:
+                problems.append(f"{row['id']}: {virtual[row['id']]}")
             continue
         try:
             info = probe_video(local_media_path(row["path"]))
@@ -90,20 +92,6 @@ def validate_clips(frame: pl.DataFrame, bounds: ClipBounds) -> AssetCheckResult:
         "num_clips": len(frame), "bounds_s": f"{low:g}..{high:g}", "bounds_from": bounds.source,
         "problems": "\n".join(problems[:50]) or "none",
     })
-
-
-def _virtual_clip_problem(row: dict) -> str | None:
-    """What is wrong with a virtual clip, or None: its source must hold the range, and the range must decode to its
-    frame count (first and last clip frames read frame-exact, at the clip's size)."""
-    from curation.virtual_clips import read_clip_frames
-
-    try:
-        first, last = read_clip_frames(row, [0, row["num_frames"] - 1])
-    except Exception as err:  # any failure to decode the range is this clip's problem, reported with the reason
-        return f"range {row['start_frame']}..{row['end_frame']} of {row['path']} does not decode: {type(err).__name__}: {err}"
-    if first.shape[:2] != (row["height"], row["width"]) or last.shape != first.shape:
-        return f"range decodes to {first.shape[1]}x{first.shape[0]}, table says {row['width']}x{row['height']}"
-    return None
 
 
 def _range_check(context: AssetCheckExecutionContext, lakehouse: Lakehouse, table: str, column: str) -> AssetCheckResult:

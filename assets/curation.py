@@ -14,11 +14,13 @@ import polars as pl
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
-from opensora_dag.partitions import video_batches
+from assets.partitions import video_batches
+from curation.shots import DetectorName  # numpy only: the code location still loads without PyAV or torch
+from curation.video_io import X264Preset
 from resources.batch_keys import batch_key, landing_folder, landing_folder_url
 from resources.lakehouse import Lakehouse
 from resources.model_store import ModelStore
-from resources.storage import local_media_path, rebase
+from common.storage import local_media_path, rebase
 
 T = TypeVar("T")
 
@@ -225,7 +227,7 @@ def raw_videos(context: AssetExecutionContext, config: PoolConfig, lakehouse: La
     # The landing folder is an inbox users may edit: each probed video's bytes become immutable media named by
     # their hash (media/sources/), and the row's `source` names that copy for every decoder downstream.
     freeze = SourceStore(lakehouse.storage, scratch=lakehouse.root / "scratch")
-    scan = scan_batch(folder, progress=context.log.info, freeze=freeze, probe=probe)
+    scan = scan_batch(folder, freeze=freeze, probe=probe)  # the pool logs probing progress as done/total
     if lakehouse.storage.remote:  # record where the files live for every machine: their s3:// URLs
         scan = published_scan(scan, folder, landing_folder_url(lakehouse, batch))
     written = save_batch(context, lakehouse, "raw_videos", batch, scan.videos, "raw_videos",
@@ -248,7 +250,7 @@ def raw_videos(context: AssetExecutionContext, config: PoolConfig, lakehouse: La
 
 # ---- scenes --------------------------------------------------------------------------------------------------------
 class ScenesConfig(PoolConfig):
-    detector: str = Field("adaptive", description="adaptive (reference: AdaptiveDetector(3.0)), content or transnetv2.")
+    detector: DetectorName = Field("adaptive", description="adaptive (reference: AdaptiveDetector(3.0)), content or transnetv2.")
     adaptive_threshold: float = 3.0
     content_threshold: float = Field(27.0, description="ContentDetector threshold (15 finds cuts between similar colours).")
     transnet_threshold: float = 0.5
@@ -301,7 +303,7 @@ class ClipsConfig(PoolConfig):
         False, description="Also encode every clip to an H.264 file under media/clips/ now. Off: clips are virtual "
         "(frame-exact ranges of their frozen source, decoded on demand); `opensora-dag data export` makes files.")
     crf: int = Field(18, description="libx264 quality of clip files (encode_files, data export).")
-    preset: str = Field("veryfast", description="libx264 preset of clip files (encode_files, data export).")
+    preset: X264Preset = Field("veryfast", description="libx264 preset of clip files (encode_files, data export).")
 
 
 @asset(

@@ -105,6 +105,7 @@ def criterion_check_results(built) -> list[AssetCheckResult]:
 )
 def curated_dataset(context: AssetExecutionContext, config: CuratedDatasetConfig, lakehouse: Lakehouse) -> MaterializeResult:
     from curation.datasets import build_dataset, histograms
+    from training.buckets import bucket_coverage
 
     spec = config.spec()
     read = lakehouse.read_at_one_snapshot(list(INPUT_TABLES))  # what was read and what names it: one snapshot
@@ -153,12 +154,12 @@ def build_and_publish(lakehouse: Lakehouse, read, spec):
     import shutil
     import tempfile
 
+    from common.storage import DATASETS, local_dataset_version
     from curation.datasets import build_dataset, dataset_version, load_version
-    from resources.storage import local_dataset_version
 
     storage = lakehouse.storage
     version = dataset_version(spec, read.versions)
-    url = storage.url("lake", "datasets", version)
+    url = storage.url(*DATASETS, version)
     if storage.exists(f"{url}/manifest.json"):
         folder = local_dataset_version(lakehouse, version)
         return load_version(folder.parent, version).model_copy(update={"reused": True}), url
@@ -167,7 +168,7 @@ def build_and_publish(lakehouse: Lakehouse, read, spec):
     try:
         built = build_dataset(read.frames, spec, read.versions, staging, lake_snapshot=read.snapshot)
         if not storage.exists(f"{url}/manifest.json"):  # another machine may have published it meanwhile
-            storage.put_dir(built.path, "lake", "datasets", version, last="manifest.json")
+            storage.put_dir(built.path, *DATASETS, version, last="manifest.json")
         folder = local_dataset_version(lakehouse, version)
         return load_version(folder.parent, version).model_copy(update={"reused": built.reused}), url
     finally:
@@ -204,19 +205,4 @@ def histogram_markdown(hist: dict) -> str:
             lo = edges[k] if k < len(edges) else float("nan")
             lines.append(f"{lo:>9.3g} | {'#' * int(round(30 * count / peak)) if peak else ''} {count}")
         lines.append("```")
-    return "\n".join(lines)
-
-
-def bucket_coverage(data) -> str:
-    """How the dataset's clips fall into the stage-1 training buckets (so "0 samples" is never a surprise)."""
-    if not len(data):
-        return "_(empty dataset)_"
-    from training.buckets import Bucket, bucket_report, load_bucket_preset
-
-    lines = []
-    for name in ("demo_cpu", "stage1"):
-        preset = load_bucket_preset(name)
-        report = bucket_report(data, Bucket(preset.bucket_config), preset.frame_interval, preset.seed)
-        lines.append(f"### buckets `{name}`: {report.num_kept} kept, {report.num_dropped} dropped\n")
-        lines.append(report.to_markdown())
     return "\n".join(lines)

@@ -14,11 +14,11 @@ import polars as pl
 from dagster import AssetExecutionContext, MaterializeResult, asset
 
 from assets.curation import IsolationConfig, captions, clips, markdown_table, quarantine_rows, run_isolated, save_batch
-from opensora_dag.partitions import video_batches
+from assets.partitions import video_batches
 from resources.batch_keys import batch_key
 from resources.lakehouse import Lakehouse
 from resources.model_store import ModelStore
-from resources.storage import local_media_path
+from common.storage import local_media_path
 
 
 def score_table(ids: list[str], column: str, values: dict[str, object], reasons: dict[str, str], dtype) -> pl.DataFrame:
@@ -42,6 +42,17 @@ def summary(frame: pl.DataFrame, column: str) -> dict:
 def finish(context, lakehouse: Lakehouse, table: str, frame: pl.DataFrame, column: str, quarantined: list[dict]) -> MaterializeResult:
     written = save_batch(context, lakehouse, table, batch_key(context.partition_key), frame, table, quarantined)
     return MaterializeResult(metadata={**written, **summary(frame, column), "preview": markdown_table(frame)})
+
+
+def without_weights(context, lakehouse: Lakehouse, table: str, column: str, ids: list[str], err: Exception, dtype,
+                    extra: dict[str, pl.DataType] | None = None) -> MaterializeResult:
+    """The table of a scorer whose weights are not on local disk: every value null, the error as every reason.
+
+    ``extra``: further columns of the scorer's table (name: dtype), all null."""
+    context.log.warning(f"{table} skipped: {err}")
+    frame = score_table(ids, column, {}, {i: str(err) for i in ids}, dtype)
+    frame = frame.with_columns(pl.lit(None, dtype=dtype_).alias(name) for name, dtype_ in (extra or {}).items())
+    return finish(context, lakehouse, table, frame, column, [])
 
 
 class ScoringConfig(IsolationConfig):
@@ -85,10 +96,7 @@ def ocr_scores(context: AssetExecutionContext, config: ScoringConfig, lakehouse:
     try:
         scorer = OcrScorer(backend=model_store.ocr_backend, paddle_det_dir=model_store.paddle_det_dir, paddle_rec_dir=model_store.paddle_rec_dir)
     except WeightsUnavailable as err:
-        context.log.warning(f"ocr_scores: {err}")
-        frame = score_table(ids, "ocr", {}, {i: str(err) for i in ids}, pl.Int64).with_columns(
-            pl.lit(None, dtype=pl.Float64).alias("ocr_area"), pl.lit(None, dtype=pl.String).alias("ocr_text"))
-        return finish(context, lakehouse, "ocr_scores", frame, "ocr", [])
+        return without_weights(context, lakehouse, "ocr_scores", "ocr", ids, err, pl.Int64, {"ocr_area": pl.Float64, "ocr_text": pl.String})
     values, quarantined, reasons = scored(context, "ocr_scores", rows, lambda r: scorer.score(load_kept_frames(local_media_path(r["frames_dir"]), "ocr")[0]),
                                           config)
     frame = score_table(ids, "ocr", {i: v.num_boxes for i, v in values.items()}, reasons, pl.Int64).with_columns(
@@ -111,8 +119,7 @@ def aesthetic_scores(context: AssetExecutionContext, config: ScoringConfig, lake
         scorer = AestheticScorer(model_store.clip_checkpoint, model_store.aesthetic_mlp, device=model_store.device,
                                  clip_model_name=model_store.clip_model_name)
     except WeightsUnavailable as err:
-        context.log.warning(f"aesthetic_scores skipped: {err}")
-        return finish(context, lakehouse, "aesthetic_scores", score_table(ids, "aes", {}, {i: str(err) for i in ids}, pl.Float64), "aes", [])
+        return without_weights(context, lakehouse, "aesthetic_scores", "aes", ids, err, pl.Float64)
     values, quarantined, reasons = scored(context, "aesthetic_scores", rows,
                                           lambda r: scorer.score_clips([load_kept_frames(local_media_path(r["frames_dir"]), "aesthetic")])[0], config)
     return finish(context, lakehouse, "aesthetic_scores", score_table(ids, "aes", values, reasons, pl.Float64), "aes", quarantined)
@@ -132,8 +139,7 @@ def match_scores(context: AssetExecutionContext, config: ScoringConfig, lakehous
     try:
         scorer = ClipMatchScorer(model_store.clip_checkpoint, model_name=model_store.clip_model_name, device=model_store.device)
     except WeightsUnavailable as err:
-        context.log.warning(f"match_scores skipped: {err}")
-        return finish(context, lakehouse, "match_scores", score_table(ids, "match", {}, {i: str(err) for i in ids}, pl.Float64), "match", [])
+        return without_weights(context, lakehouse, "match_scores", "match", ids, err, pl.Float64)
     with_text = [r for r in rows if r.get("text")]
     values, quarantined, reasons = scored(context, "match_scores", with_text,
                                           lambda r: scorer.score(load_kept_frames(local_media_path(r["frames_dir"]), "match"), [r["text"]])[0], config)

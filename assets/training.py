@@ -6,9 +6,9 @@ from pathlib import Path
 from dagster import AssetExecutionContext, AssetKey, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
+from common.storage import DATASETS, local_dataset_version
 from resources.lakehouse import Lakehouse
 from resources.launcher import TrainingLauncher
-from resources.storage import local_dataset_version
 from resources.tracking import Tracking
 
 
@@ -19,16 +19,31 @@ class TrainingRunConfig(Config):
     dataset_version: str | None = Field(None, description="Train on this version instead of the newest curated one.")
 
 
+def validated_train_config(config: TrainingRunConfig):
+    """The run's ``training.config.TrainConfig``: the preset with the overrides applied, validated; a bad preset,
+    field or value raises ``dagster.Failure`` naming it."""
+    from dagster import Failure
+    from pydantic import ValidationError
+
+    from training.config import load_train_config
+
+    overrides = [*config.overrides, *([f"steps={config.steps}"] if config.steps is not None else [])]
+    try:
+        return load_train_config(config.preset, overrides)
+    except (ValueError, ValidationError, FileNotFoundError) as err:
+        raise Failure(description=f"training config {config.preset!r} with overrides {overrides}: {err}") from err
+
+
 def current_dataset_version(context: AssetExecutionContext, lakehouse: Lakehouse) -> str:
     """The version the latest ``curated_dataset`` materialization produced (else the newest on disk)."""
-    from resources.storage import latest_dataset_version
+    from curation.datasets import latest_published_version
 
     event = context.instance.get_latest_materialization_event(AssetKey("curated_dataset"))
     if event is not None and event.asset_materialization is not None:
         version = event.asset_materialization.metadata.get("version")
         if version is not None:
             return str(version.value)
-    latest = latest_dataset_version(lakehouse)  # local folder, or the newest published on the object store
+    latest = latest_published_version(lakehouse.storage)  # local folder, or the newest published on the object store
     if latest is None:
         raise ValueError("no curated dataset version exists yet: materialize curated_dataset first")
     return latest.version
@@ -67,13 +82,12 @@ def trained_model(
     root = runs_root(lakehouse, config.preset, version)
     # The trainers get the version's own location: an s3:// URL on an object store (each pod, on any node, reads it
     # through its own cache), the folder itself on local disk.
-    dataset_arg = lakehouse.storage.url("lake", "datasets", version) if lakehouse.location.remote else str(dataset_dir)
+    dataset_arg = lakehouse.storage.url(*DATASETS, version) if lakehouse.location.remote else str(dataset_dir)
+    # The whole config is validated here, so a typo in an override fails this asset before any process starts; the
+    # trainers get it serialised, exactly as validated.
+    train_config = validated_train_config(config)
     argv = [config.preset, "--dataset", dataset_arg, "--outdir", str(root), "--resume=auto",
-            "--tracking-uri", tracking.uri(lakehouse.root)]
-    if config.steps is not None:
-        argv += ["--steps", str(config.steps)]
-    for override in config.overrides:
-        argv += ["--set", override]
+            "--tracking-uri", tracking.uri(lakehouse.root), "--config-json", train_config.model_dump_json()]
     context.log.info(f"training {config.preset} on dataset {version} ({num_rows} clips) in a run folder under {root}")
     result = launcher.launch(context, argv, env={"OPENSORA_HOME": str(lakehouse.root)})
 

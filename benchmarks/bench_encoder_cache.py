@@ -147,7 +147,7 @@ class Trainer:
 
     def __init__(self, model, device: torch.device):
         from training.masks import MaskGenerator
-        from training.train import build_scheduler
+        from training.build import build_scheduler
 
         self.model = model.to(device).train()
         self.device = device
@@ -158,12 +158,12 @@ class Trainer:
 
     def generator(self) -> torch.Generator:
         """This step's generator: it draws the VAE posterior sample (both paths), then masks, dropout, t, noise."""
-        from training.train import step_generator
+        from training.steps import step_generator
 
         return step_generator(SEED, self.step_index, 0, self.device)
 
     def step(self, enc, gen: torch.Generator) -> float:
-        from training.train import diffusion_loss
+        from training.steps import diffusion_loss
 
         x_mask = self.masks.get_masks(enc["x"], generator=gen)
         drop = (torch.rand(enc["x"].shape[0], generator=gen, device=self.device) < 0.1).long()

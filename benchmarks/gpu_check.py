@@ -315,7 +315,7 @@ def environment(device) -> dict[str, Any]:
     from models.attention import available_backends
 
     env["attention_backends"] = available_backends()
-    from training.train import git_commit
+    from training.tracking import git_commit
 
     env["git_commit"] = git_commit()
     return env
@@ -583,10 +583,10 @@ def _config_for(ctx: Context, item: Item, grad_ckpt: bool | None = None):
 
 
 def _build(ctx: Context, cfg):
-    """A fresh STDiT2 on the device through ``training.train.build_model``, loaded with the shared start weights."""
+    """A fresh STDiT2 on the device through ``training.build.build_model``, loaded with the shared start weights."""
     import torch
 
-    from training.train import build_model
+    from training.build import build_model
 
     if ctx.ref_state is None:
         torch.manual_seed(SEED)  # the start weights do not depend on what ran before
@@ -649,7 +649,7 @@ def _boost(ctx: Context, item: Item, cfg, model):
     import torch
 
     if item.plugin in ("zero2", "colossal-ddp"):
-        from training.train import build_booster
+        from training.build import build_booster
 
         booster, model, optimizer, use_zero = build_booster(cfg, ctx.dist, model)
         return model, optimizer, booster, use_zero
@@ -701,7 +701,8 @@ def run_train(ctx: Context, item: Item) -> dict[str, Any]:
 
     from training.masks import MaskGenerator
     from training.throughput import device_peak_tflops, mfu, stdit2_train_flops, video_tokens
-    from training.train import build_scheduler, step_generator, train_step, unwrap
+    from training.build import build_scheduler, unwrap
+    from training.steps import step_generator, train_step
 
     row = _base_row(item)
     cfg = _config_for(ctx, item, item.grad_ckpt)
@@ -856,7 +857,7 @@ def init_world(cuda: bool, colossalai_ok: bool):
     """A world of one process: the project's ``setup_distributed`` (ColossalAI) or plain torch.distributed."""
     import torch
 
-    from training.train import Dist, free_port, setup_distributed
+    from training.distributed import Dist, free_port, setup_distributed
 
     if colossalai_ok:
         return setup_distributed()

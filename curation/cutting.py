@@ -19,13 +19,14 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+
+from common.files import write_text_atomic
 
 from curation.shots import Scene
 from curation.virtual_clips import clip_source_frames, frame_index, iter_source_frames
@@ -265,9 +266,7 @@ class _KeptFrameWriter:
             for purpose, indices in self.by_purpose.items()
         }
         manifest = {"clip_id": clip_id, "num_frames": num_frames, "frames": frames}
-        tmp = self.dir / f".{MANIFEST}.{os.getpid()}.part"
-        tmp.write_text(json.dumps(manifest, indent=1))
-        tmp.replace(self.dir / MANIFEST)
+        write_text_atomic(self.dir / MANIFEST, json.dumps(manifest, indent=1), suffix=".part")
 
 
 class _OpenClip:

@@ -24,13 +24,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from pydantic import BaseModel
+
+from common.files import publish, scratch_sibling
+from common.storage import DATASETS
 
 # FilterSpec, PRESETS, Criterion and CRITERIA lived here before the filter became one module; still importable.
 from curation.filters import (  # noqa: F401
@@ -189,6 +190,28 @@ def latest_version(out_root: str | os.PathLike) -> DatasetVersion | None:
     if not versions:
         return None
     return max(versions, key=lambda v: (v.created_at, v.version))
+
+
+def latest_published_version(storage: Any) -> DatasetVersion | None:
+    """The newest complete version under ``lake/datasets/`` of a data root (a ``common.storage.Storage``), read from
+    the local folder, or from cached copies when the root is on an object store; None when there is none."""
+    root = storage.url(*DATASETS)
+    if not storage.remote:
+        return latest_version(root)
+    best = None
+    for name, _size, is_dir in storage.list_dir(root):
+        if not is_dir or name.startswith("."):
+            continue
+        try:
+            manifest = json.loads(storage.local_copy(storage.url(*DATASETS, name, "manifest.json")).read_text())
+        except FileNotFoundError:
+            continue  # still being published
+        if best is None or (manifest.get("created_at"), name) > best:
+            best = (manifest.get("created_at"), name)
+    if best is None:
+        return None
+    folder = storage.local_copy(storage.url(*DATASETS, best[1]))
+    return load_version(folder.parent, folder.name)
 
 
 # ---- building ----------------------------------------------------------------------------------------------------
@@ -418,9 +441,8 @@ def build_dataset(
 
         # 5. Write the version under a temporary name, then rename it into place.
         root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f".tmp-{version}-{uuid.uuid4().hex}"
-        tmp.mkdir()
-        try:
+        with scratch_sibling(final) as tmp:
+            tmp.mkdir()
             order = "ORDER BY video_id NULLS LAST, start_frame NULLS LAST, path, id"
             csv_cols = ", ".join(_ident(c) for c in CSV_COLUMNS)
             kept_rows = f"SELECT {csv_cols}, batch FROM __ds_checked WHERE drop_reason IS NULL {order}"
@@ -450,16 +472,11 @@ def build_dataset(
                 "lake_snapshot": lake_snapshot,
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            try:
-                os.rename(tmp, final)
-            except OSError:
+            if not publish(tmp, final, exists="keep"):
                 # Another build of the same version won the race; its content is the same by construction.
                 if not (final / "manifest.json").is_file():
-                    raise
+                    raise FileExistsError(f"{final} exists but holds no manifest.json (not a dataset version)")
                 return load_version(root, version).model_copy(update={"reused": True})
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
     finally:
         for name in ("__ds_checked", "__ds_joined"):
             con.execute(f"DROP TABLE IF EXISTS {name}")

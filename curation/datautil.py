@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from common.files import atomic_file
 from curation.filters import CRITERIA, FilterSpec, failure_detail_sql, first_failure_sql, keep_sql, value_sql
 
 if TYPE_CHECKING:
@@ -170,13 +170,9 @@ def _copy(con: "duckdb.DuckDBPyConnection", select: str, output: str | os.PathLi
     fmt = table_format(output)
     target = Path(output)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     options = "FORMAT PARQUET" if fmt == "parquet" else "FORMAT CSV, HEADER"
-    try:
+    with atomic_file(target) as tmp:
         (rows,) = con.execute(f"COPY ({select}) TO {_sql_str(tmp)} ({options})").fetchone()
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     return int(rows)
 
 
@@ -272,15 +268,11 @@ def _write_frame(frame: "pl.DataFrame", output: str | os.PathLike) -> None:
     fmt = table_format(output)
     target = Path(output)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_file(target) as tmp:
         if fmt == "parquet":
             frame.write_parquet(tmp)
         else:
             frame.write_csv(tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def stats(input: str | os.PathLike) -> "pl.DataFrame":
@@ -394,9 +386,19 @@ def filter(  # noqa: A001 - the reference's operation name; called as datautil.f
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------------------
+DESCRIPTION = "Inspect and edit Open-Sora data tables (CSV or Parquet)."
+
+
 def build_parser(prog: str = "opensora-dag data") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Inspect and edit Open-Sora data tables (CSV or Parquet).")
-    sub = parser.add_subparsers(dest="op", required=True, metavar="{info,merge,dedupe,stats,filter}")
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    """The ops of ``opensora-dag data`` as sub-commands of ``parser``; returns their subparsers action (``args.op``),
+    to which a caller may add more (``export``, which needs the lake)."""
+    sub = parser.add_subparsers(dest="op", required=True)
 
     p = sub.add_parser("info", help="rows, columns and per-column stats of a table")
     p.add_argument("input")
@@ -422,7 +424,7 @@ def build_parser(prog: str = "opensora-dag data") -> argparse.ArgumentParser:
     for criterion in FILTER_FLAGS:
         p.add_argument(f"--{criterion.flag}", type=float, default=None, help=criterion.help)
     p.add_argument("--dropped", metavar="FILE", help="also write the dropped rows here, with drop_reason and drop_detail")
-    return parser
+    return sub
 
 
 def _print_info(console, result: TableInfo) -> None:
@@ -467,25 +469,30 @@ def _print_stats(console, frame: "pl.DataFrame", title: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``opensora-dag data ...``; a leading ``"data"`` in ``argv`` is accepted and ignored.
+    """``python -m curation.datautil``, as ``opensora-dag data ...``; a leading ``"data"`` in ``argv`` is accepted and ignored.
 
     Exit codes: 0 done, 2 bad input (usage, unknown extension, missing file or column, unreadable table).
     """
-    import duckdb
-    from rich.console import Console
-
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] == "data":
         args_list = args_list[1:]
-    parser = build_parser()
     try:
-        args = parser.parse_args(args_list)
-        if args.op in ("dedupe", "filter"):  # OUTPUT as the reference's positional argument, or -o OUTPUT
-            if bool(args.output) == bool(args.output_path):
-                parser.error(f"{args.op} needs exactly one output: {args.op} INPUT OUTPUT (or -o OUTPUT)")
-            args.output = args.output or args.output_path
+        args = build_parser().parse_args(args_list)
     except SystemExit as exit_:  # argparse exits 2 on usage errors and 0 on --help; return it instead
         return int(exit_.code or 0)
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``opensora-dag data OP ...``: 0 done, 2 bad input (see :func:`main`)."""
+    import duckdb
+    from rich.console import Console
+
+    if args.op in ("dedupe", "filter"):  # OUTPUT as the reference's positional argument, or -o OUTPUT
+        if bool(args.output) == bool(args.output_path):
+            print(f"error: {args.op} needs exactly one output: {args.op} INPUT OUTPUT (or -o OUTPUT)", file=sys.stderr)
+            return 2
+        args.output = args.output or args.output_path
 
     # Tables fit a terminal; piped into a file or a log they are printed whole. Messages never wrap (grep-able).
     console = Console(soft_wrap=True)

@@ -11,14 +11,14 @@ file system allows (copies otherwise), and ``OUT/opensora.csv`` lists them with 
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+
+from common.files import atomic_file, copy_atomic
 
 from curation.cutting import CutConfig, KeepFramesSpec, clip_id_for, cut_clips
 from curation.datasets import CSV_COLUMNS
@@ -84,15 +84,7 @@ def link_or_copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.exists() and dst.stat().st_size == src.stat().st_size:
         return  # content-named: a file already exported under this name holds these frames
-    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.part")
-    try:
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    copy_atomic(src, dst, suffix=".part", hardlink=True)
 
 
 @dataclass
@@ -108,7 +100,7 @@ def export_dataset(
     progress: Callable[[int, int, str], None] | None = None,
 ) -> ExportResult:
     """Export the dataset ``rows`` to ``out`` (see the module doc). ``storage`` is the lake's
-    ``resources.storage.Storage``: clip files are published to and reused from its ``media/clips/``.
+    ``common.storage.Storage``: clip files are published to and reused from its ``media/clips/``.
 
     A clip that cannot be encoded (its source changed or is damaged) is reported in ``failed`` with the reason and
     left out of the CSV; every other clip is exported."""
@@ -123,7 +115,7 @@ def export_dataset(
     todo: dict[str, list[dict]] = {}  # source -> rows whose file is not in media yet
     for row in records:
         if not row.get("virtual"):
-            from resources.storage import local_media_path
+            from common.storage import local_media_path
 
             target[row["id"]] = local_media_path(row["path"])  # already a clip file
             continue
@@ -168,9 +160,8 @@ def export_dataset(
         link_or_copy(source_file, dst)
         lines.append({**{c: row.get(c) for c in EXPORT_COLUMNS}, "path": str(dst.resolve())})
     csv = out / "opensora.csv"
-    tmp = out / f".opensora.csv.{uuid.uuid4().hex}.part"
-    pl.DataFrame(lines, schema={c: _dtype(rows, c) for c in EXPORT_COLUMNS}).write_csv(tmp)
-    os.replace(tmp, csv)
+    with atomic_file(csv, suffix=".part") as tmp:
+        pl.DataFrame(lines, schema={c: _dtype(rows, c) for c in EXPORT_COLUMNS}).write_csv(tmp)
     return ExportResult(csv=csv, clips=len(lines), encoded=encoded, failed=failed)
 
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import polars as pl
+
+import common.files as atomic
 
 from curation.probe import VIDEO_EXTENSIONS, ProbeError, VideoInfo, content_hash, landing_path, probe_video
 
@@ -148,44 +148,17 @@ def same_content(a: Path, b: Path) -> bool:
     return os.path.getsize(a) == os.path.getsize(b) and content_hash(a) == content_hash(b)
 
 
-def _temporary_name(dest: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name[:100]}.", suffix=TMP_SUFFIX)  # within NAME_MAX
-    os.close(fd)
-    return Path(tmp)
-
-
-def _replace_with(dest: Path, write: Callable[[Path], None]) -> None:
-    """Write ``dest`` under a hidden temporary name with ``write(tmp)``, then rename it into place (atomic)."""
-    tmp = _temporary_name(dest)
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    except BaseException:  # a full disk, Ctrl-C: the real name keeps what it had, the temporary goes
-        tmp.unlink(missing_ok=True)
-        raise
-
-
+# Landing writes go through common.files under hidden *.ingest-tmp names, which _sweep_stale_temporaries recognises;
+# a full disk or Ctrl-C leaves the real name with what it had.
 def copy_atomic(source: Path, dest: Path) -> None:
-    """``shutil.copy2`` through a temporary name: ``dest`` is either absent, its old content, or a complete copy."""
-
-    def write(tmp: Path) -> None:
-        shutil.copyfile(source, tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the bytes are on disk before the name points at them
-        finally:
-            os.close(fd)
-        shutil.copystat(source, tmp)
-
-    _replace_with(dest, write)
+    """``shutil.copy2`` through a temporary name: ``dest`` is either absent, its old content, or a complete copy
+    (its bytes on disk before the name points at them)."""
+    atomic.copy_atomic(source, dest, suffix=TMP_SUFFIX, fsync=True, copy_stat=True)
 
 
 def link_atomic(source: Path, dest: Path) -> None:
-    def write(tmp: Path) -> None:
-        tmp.unlink()
+    with atomic.atomic_file(dest, suffix=TMP_SUFFIX) as tmp:
         tmp.symlink_to(source)
-
-    _replace_with(dest, write)
 
 
 def _write_link_manifest(target: Path, links: dict[str, str]) -> None:
@@ -193,7 +166,7 @@ def _write_link_manifest(target: Path, links: dict[str, str]) -> None:
     if not links and not path.exists():
         return
     text = json.dumps({"links": dict(sorted(links.items()))}, indent=1, ensure_ascii=False) + "\n"
-    _replace_with(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic.write_text_atomic(path, text, suffix=TMP_SUFFIX)
 
 
 def _sweep_stale_temporaries(target: Path) -> None:
@@ -274,16 +247,14 @@ def probe_reason(err: BaseException) -> str:
     return str(err) if isinstance(err, ProbeError) else f"probe failed: {type(err).__name__}: {err}"
 
 
-def probe_each(paths: list[Path], progress: Callable[[str], None] | None = None) -> list[VideoInfo | str]:
+def probe_each(paths: list[Path]) -> list[VideoInfo | str]:
     """``probe_video`` of each path in this process: its ``VideoInfo`` or the quarantine reason."""
     results: list[VideoInfo | str] = []
-    for done, path in enumerate(paths, start=1):
+    for path in paths:
         try:
             results.append(probe_video(path))
         except Exception as err:  # ProbeError carries its reason; anything else still concerns this file only
             results.append(probe_reason(err))
-        if progress:
-            progress(f"probed {done}/{len(paths)}: {path.name}")
     return results
 
 
@@ -321,11 +292,11 @@ def scan_batch(batch_dir: Path, progress: Callable[[str], None] | None = None,
     rows: dict[str, dict] = {}
     quarantined: list[dict] = [{"path": landing_path(p), "stage": "raw_videos", "reason": reason} for p, reason in listing.rejected]
     videos_found = [p for p in candidates if p.suffix.lower() in VIDEO_EXTENSIONS]
-    for path in candidates:
-        if path.suffix.lower() not in VIDEO_EXTENSIONS:
-            quarantined.append({"path": landing_path(path), "stage": "raw_videos", "reason": f"unsupported file type {path.suffix or '(none)'!r}"})
-    probed = probe(videos_found) if probe is not None else probe_each(videos_found, progress)
-    for path, info in zip(videos_found, probed, strict=True):  # sorted order: the first copy of a video wins
+    probed = dict(zip(videos_found, probe(videos_found) if probe is not None else probe_each(videos_found), strict=True))
+    for done, path in enumerate(candidates, start=1):  # sorted order: the first copy of a video wins
+        info = probed.get(path, f"unsupported file type {path.suffix or '(none)'!r}")
+        if progress:
+            progress(f"probed {done}/{len(candidates)}: {path.name}")
         if isinstance(info, str):
             quarantined.append({"path": landing_path(path), "stage": "raw_videos", "reason": info})
         elif info.id in rows:

@@ -1,18 +1,18 @@
-"""Probe video files with PyAV: the metadata row of ``raw_videos`` or a reason to quarantine the file.
+"""Probe video files: the metadata row of ``raw_videos`` or a reason to quarantine the file.
 
 A probe demuxes every packet of the video stream (cheap: no decoding) to count frames and catch truncated
-files, and decodes the first frame to prove the stream is decodable at all.
+files, and decodes the first frame to prove the stream is decodable at all; ``video_io.scan_video`` reads the
+file (the one place that opens PyAV), this module turns what it found into a row or a quarantine reason.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass
-from fractions import Fraction
 from pathlib import Path
 
 from curation.errors import InputRejected
-from curation.video_io import frame_rotation, stored_size
+from curation.video_io import UndecodableVideo, scan_video
 
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv"}
 
@@ -89,53 +89,15 @@ def probe_video(path: Path) -> VideoInfo:
 
 
 def _probe(path: Path) -> VideoInfo:
-    import av
-
     size = path.stat().st_size
     if size == 0:
         raise ProbeError("empty file (0 bytes)")
     try:
-        # Container and stream metadata (title, comment, ...) is not always UTF-8: a Latin-1 title must not make a
-        # decodable video unreadable, so undecodable metadata bytes become U+FFFD.
-        container = av.open(str(path), mode="r", metadata_errors="replace")
-    except av.FFmpegError as err:
-        raise ProbeError(f"cannot open as a video container: {err}") from err
-    with container:
-        if not container.streams.video:
-            kinds = sorted({s.type for s in container.streams}) or ["none"]
-            raise ProbeError(f"no video stream (streams: {', '.join(kinds)})")
-        stream = container.streams.video[0]
-        if stream.codec_context is None:
-            raise ProbeError("no decoder for the video stream's codec (FFmpeg does not know it)")
-        codec = stream.codec_context.name
-        rate = stream.average_rate or stream.guessed_rate
-        if not rate:
-            raise ProbeError("video stream has no frame rate")
-        fps = float(Fraction(rate))
-        width, height = stream.codec_context.width, stream.codec_context.height
-        if not width or not height:
-            raise ProbeError("video stream has no frame size")
-        declared = stream.frames
-
-        try:
-            first_frame = next(container.decode(stream), None)
-        except av.FFmpegError as err:
-            raise ProbeError(f"first frame does not decode: {err}") from err
-        if first_frame is None:
-            raise ProbeError("video stream contains no decodable frame")
-        # Sizes as the video plays: a phone's portrait clip is stored landscape with a quarter turn to apply.
-        rotation = frame_rotation(first_frame)
-        width, height = stored_size(width, height, rotation)
-
-        container.seek(0)
-        packets = 0
-        try:
-            for packet in container.demux(stream):
-                if packet.size:
-                    packets += 1
-        except av.FFmpegError as err:
-            raise ProbeError(f"truncated or corrupt stream after {packets} packets: {err}") from err
-
+        scan = scan_video(path)
+    except UndecodableVideo as err:
+        raise ProbeError(str(err)) from err
+    fps = float(scan.fps)
+    declared, packets = scan.declared_frames, scan.packets
     if declared and packets < declared:
         raise ProbeError(f"truncated: header declares {declared} frames but only {packets} are present")
     num_frames = packets
@@ -146,14 +108,14 @@ def _probe(path: Path) -> VideoInfo:
         id=content_hash(path),
         path=landing_path(path),
         size=size,
-        codec=codec,
+        codec=scan.codec,
         fps=round(fps, 6),
         num_frames=num_frames,
-        height=height,
-        width=width,
-        aspect_ratio=height / width,
-        resolution=height * width,
+        height=scan.height,
+        width=scan.width,
+        aspect_ratio=scan.height / scan.width,
+        resolution=scan.height * scan.width,
         duration=duration,
         bitrate=int(size * 8 / duration) if duration > 0 else 0,
-        rotation=rotation,
+        rotation=scan.rotation,
     )

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from curation.video_io import open_writer
+
 # Distinct backgrounds (RGB) so that consecutive shots differ strongly: a hard cut, never a fade.
 PALETTE = [
     (22, 60, 140),
@@ -139,22 +141,13 @@ def render_frame(shot: Shot, index: int, width: int, height: int) -> np.ndarray:
 def write_synthetic_video(
     path: Path, shots: list[Shot], *, width: int = 320, height: int = 192, fps: int = 24, crf: int = 18
 ) -> SyntheticVideo:
-    """Encode ``shots`` back to back as one H.264 mp4 with PyAV."""
-    import av
-
+    """Encode ``shots`` back to back as one H.264 mp4 (``video_io``'s writer, PyAV's slice threads)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    with av.open(str(tmp), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "veryfast"}
+    # Slice threads and bilinear RGB->YUV: the encoder settings these files have always been written with.
+    with open_writer(path, fps, width, height, crf, "veryfast", thread_type="SLICE", interpolation=None) as writer:
         for shot in shots:
             for i in range(shot.num_frames):
-                frame = av.VideoFrame.from_ndarray(render_frame(shot, i, width, height), format="rgb24")
-                container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-    tmp.replace(path)
+                writer.write(render_frame(shot, i, width, height))
     return SyntheticVideo(path=path, fps=fps, width=width, height=height, shots=list(shots))
 
 

@@ -17,7 +17,6 @@ object already there is kept, never overwritten (same name, same bytes). Plain l
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import tempfile
@@ -26,6 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from common.files import publish, scratch_sibling
 from curation.errors import InputRejected
 
 SOURCES = ("media", "sources")  # under the data root, beside media/clips and media/frames
@@ -89,22 +89,6 @@ def copy_hashing(src: str | os.PathLike, dst: str | os.PathLike) -> tuple[str, i
     return digest.hexdigest(), size
 
 
-def _publish(tmp: Path, dest: Path) -> None:
-    """Give the complete temporary ``tmp`` the name ``dest`` unless ``dest`` already exists (kept, never replaced).
-
-    A hard link is atomic and refuses an existing name, which is exactly "create if absent"; file systems without
-    hard links get a rename after an existence check (two writers racing there write the same bytes anyway)."""
-    try:
-        os.link(tmp, dest)
-    except FileExistsError:
-        return
-    except OSError as err:
-        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
-            raise
-        if not os.path.lexists(dest):
-            os.replace(tmp, dest)
-
-
 def freeze_file(path: str | os.PathLike, folder: str | os.PathLike, video_id: str | None = None) -> Path:
     """Freeze ``path`` into the local ``folder`` as ``<id><ext>``; returns the frozen file.
 
@@ -118,23 +102,18 @@ def freeze_file(path: str | os.PathLike, folder: str | os.PathLike, video_id: st
         if existing.is_file():
             return existing  # immutable: same name, same bytes; never rewritten (its mtime stays)
     folder.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=folder, prefix=".source.", suffix=PART_SUFFIX)
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    with scratch_sibling(folder / "source", PART_SUFFIX) as tmp:  # the final name is known once the copy is hashed
         digest, _size = copy_hashing(path, tmp)
         if video_id is not None and digest != video_id:
             raise SourceChanged(path, video_id, digest)
         os.chmod(tmp, 0o444)  # a frozen source is not edited in place by accident either
         dest = folder / source_name(digest, path.suffix)
-        _publish(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+        publish(tmp, dest, exists="keep")  # an existing name is kept, never replaced (content-named: same bytes)
     return dest
 
 
 class SourceStore:
-    """Freezes probed videos into ``media/sources/`` of one data root (a :class:`resources.storage.Storage`).
+    """Freezes probed videos into ``media/sources/`` of one data root (a :class:`common.storage.Storage`).
 
     Call it as ``store(path, video_id) -> source`` (the ``freeze`` callable of :func:`curation.ingest.scan_batch`):
     on a local data root the source is the frozen file's path; on S3 the file is frozen into local ``scratch`` space
@@ -214,12 +193,12 @@ def decodable_source(row: Mapping[str, Any]) -> Path:
     """A local path to decode the video of a ``raw_videos`` row (any mapping with its fields).
 
     - ``source`` names the frozen copy (a path, or an ``s3://`` URL fetched once into the object cache through
-      :func:`resources.storage.local_media_path`);
+      :func:`common.storage.local_media_path`);
     - a ``linked`` source (``ingest --link``) is re-hashed (cached while the file is unchanged) and must still match
       the row's ``id`` (or ``video_id``), else :class:`SourceChanged` names the file and both hashes;
     - rows written before sources were frozen have no ``source``: their landing ``path`` is used, as it was then.
     """
-    from resources.storage import local_media_path
+    from common.storage import local_media_path
 
     source = row.get("source") or row.get("path")
     if not source:

@@ -1,8 +1,9 @@
 """The one video reader and writer of the curation pipeline, on PyAV.
 
-Everything that touches pixels (scene detection, cutting, scorers' fallbacks, tests) goes through here, so
-that frame numbering is the same everywhere: frame ``i`` is the ``i``-th frame the decoder outputs, counted
-from 0, which is also what ``probe.probe_video`` counts as ``num_frames``. Frames are RGB uint8 ``[H, W, 3]``
+Everything that opens a video (probing, scene detection, cutting, virtual clips, scorers' fallbacks, the sample
+generator, tests) goes through here, so that frame numbering is the same everywhere: frame ``i`` is the ``i``-th
+frame the decoder outputs, counted from 0, which is also what ``probe.probe_video`` counts as ``num_frames``
+(``scan_video`` counts the packets). Frames are RGB uint8 ``[H, W, 3]``
 unless a caller asks for another pixel format.
 
 Frames come out upright: phones store portrait video as landscape frames plus a rotation in the stream's display
@@ -18,12 +19,11 @@ detector that needs 256 px wide frames never pays for a full-resolution RGB conv
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -34,7 +34,10 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 
 class UndecodableVideo(InputRejected, ValueError):
-    """The file has no video stream this FFmpeg can decode: a fact about the input, not a broken component."""
+    """The file has no video stream this FFmpeg can decode: a fact about the input, not a broken component.
+
+    ``str(err)`` says what is wrong with the file (``scan_video``'s messages are the probe's quarantine reasons).
+    """
 
 
 @dataclass(frozen=True)
@@ -106,12 +109,21 @@ def upright_yuv420p(frame: av.VideoFrame, rotation: int) -> av.VideoFrame:
     return out
 
 
-def open_video(path: str | Path, *, threads: bool = True) -> tuple[av.container.InputContainer, av.VideoStream]:
-    """Open ``path`` and return (container, first video stream) with frame threading enabled."""
+def open_container(path: str | Path) -> av.container.InputContainer:
+    """Open ``path`` for reading; the one ``av.open`` of a video the pipeline reads.
+
+    Container and stream metadata (title, comment, ...) is not always UTF-8: a Latin-1 title must not make a
+    decodable video unreadable, so undecodable metadata bytes become U+FFFD. Raises ``av.FFmpegError`` when
+    FFmpeg cannot open the file as a container.
+    """
     import av
 
-    # Metadata that is not UTF-8 (a Latin-1 title) is read with U+FFFD instead of failing: the frames still decode.
-    container = av.open(str(path), mode="r", metadata_errors="replace")
+    return av.open(str(path), mode="r", metadata_errors="replace")
+
+
+def open_video(path: str | Path, *, threads: bool = True) -> tuple[av.container.InputContainer, av.VideoStream]:
+    """Open ``path`` and return (container, first video stream) with frame threading enabled."""
+    container = open_container(path)
     if not container.streams.video:
         container.close()
         raise UndecodableVideo(f"{path}: no video stream")
@@ -157,6 +169,75 @@ def probe_stream(path: str | Path) -> StreamInfo:
         if first is not None:
             rotation = frame_rotation(first)
         return stream_info(stream, rotation)
+
+
+@dataclass(frozen=True)
+class VideoScan:
+    """What one pass over a file's first video stream found (``scan_video``): the facts a probe records."""
+
+    codec: str  # FFmpeg's decoder name
+    fps: Fraction  # average (else guessed) frame rate
+    width: int  # upright (display) size, as ``StreamInfo``
+    height: int
+    rotation: int  # counter-clockwise degrees that turn a stored frame upright
+    declared_frames: int  # what the container header says; 0 when it does not say
+    packets: int  # non-empty packets of the stream: one per frame
+
+
+def scan_video(path: str | Path) -> VideoScan:
+    """Open ``path``, decode its first frame and demux (not decode) every packet of its first video stream.
+
+    Cheap enough to run on every file that lands: the first frame proves the stream decodes at all (and carries
+    the rotation), the packet count is the frame count and catches a truncated file. Raises ``UndecodableVideo``
+    whose message is the reason (not a container, no video stream, no decoder, no rate or size, first frame
+    broken, corrupt packets); judging the counts (a header that declares more frames) is the caller's.
+    """
+    import av
+
+    try:
+        container = open_container(path)
+    except av.FFmpegError as err:
+        raise UndecodableVideo(f"cannot open as a video container: {err}") from err
+    with container:
+        if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            raise UndecodableVideo(f"no video stream (streams: {', '.join(kinds)})")
+        stream = container.streams.video[0]
+        if stream.codec_context is None:
+            raise UndecodableVideo("no decoder for the video stream's codec (FFmpeg does not know it)")
+        rate = stream.average_rate or stream.guessed_rate
+        if not rate:
+            raise UndecodableVideo("video stream has no frame rate")
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if not width or not height:
+            raise UndecodableVideo("video stream has no frame size")
+        try:
+            first_frame = next(container.decode(stream), None)
+        except av.FFmpegError as err:
+            raise UndecodableVideo(f"first frame does not decode: {err}") from err
+        if first_frame is None:
+            raise UndecodableVideo("video stream contains no decodable frame")
+        # Sizes as the video plays: a phone's portrait clip is stored landscape with a quarter turn to apply.
+        rotation = frame_rotation(first_frame)
+
+        container.seek(0)
+        packets = 0
+        try:
+            for packet in container.demux(stream):
+                if packet.size:
+                    packets += 1
+        except av.FFmpegError as err:
+            raise UndecodableVideo(f"truncated or corrupt stream after {packets} packets: {err}") from err
+        width, height = stored_size(width, height, rotation)
+        return VideoScan(
+            codec=stream.codec_context.name,
+            fps=Fraction(rate),
+            width=width,
+            height=height,
+            rotation=rotation,
+            declared_frames=stream.frames or 0,
+            packets=packets,
+        )
 
 
 def iter_av_frames(
@@ -301,16 +382,28 @@ def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
+X264Preset = Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow"]
+"""libx264's speed presets: anything else would fail inside the encoder, long after the run was configured."""
+
+
 class VideoWriter:
     """H.264 (libx264, yuv420p) writer for RGB arrays or ``av.VideoFrame`` objects at a constant rate."""
 
-    def __init__(self, container: av.container.OutputContainer, stream: av.VideoStream, fps: Fraction):
+    def __init__(
+        self,
+        container: av.container.OutputContainer,
+        stream: av.VideoStream,
+        fps: Fraction,
+        *,
+        interpolation: str | None = "BICUBIC",
+    ):
         from av.video.reformatter import VideoReformatter
 
         self._container = container
         self._stream = stream
         self._time_base = 1 / fps
         self._reformatter = VideoReformatter()
+        self._interpolation = interpolation
         self.width = stream.width
         self.height = stream.height
         self.frames_written = 0
@@ -325,7 +418,7 @@ class VideoWriter:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
         if frame.width != self.width or frame.height != self.height or frame.format.name != "yuv420p":
             frame = self._reformatter.reformat(
-                frame, width=self.width, height=self.height, format="yuv420p", interpolation="BICUBIC"
+                frame, width=self.width, height=self.height, format="yuv420p", interpolation=self._interpolation
             )
         # The encoder copies the frame (pts included) on send, so re-stamping a frame that is written
         # twice (frame-rate up-conversion) is safe.
@@ -350,37 +443,37 @@ def open_writer(
     preset: str = "veryfast",
     *,
     threads: int = 0,
+    thread_type: str = "AUTO",
+    interpolation: str | None = "BICUBIC",
 ) -> Iterator[VideoWriter]:
     """Write an H.264 mp4 to ``path`` atomically.
 
-    Frames go to ``{path}.part`` and the file is renamed into place only when the block exits cleanly, so a
+    Frames go to a hidden ``.part`` file beside ``path``, renamed into place only when the block exits cleanly, so a
     crash never leaves a half-written clip that a re-run would mistake for a finished one. On an exception
     the partial file is removed and the exception propagates.
+
+    thread_type: the encoder's FFmpeg threading, ``"AUTO"`` (frame threads, as the ffmpeg CLI) or ``"SLICE"``
+    (PyAV's default; the synthetic sample videos are encoded that way). x264's output depends on it.
+    interpolation: the swscale filter that turns RGB (or other sizes) into the writer's yuv420p frames; None is
+    swscale's BILINEAR, which is what PyAV's encoder applies to frames it converts itself.
     """
     import av
+
+    from common.files import atomic_file
 
     if width % 2 or height % 2:
         raise ValueError(f"H.264 yuv420p needs even dimensions, got {width}x{height}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     rate = Fraction(fps).limit_denominator(1001000)
-    container = av.open(str(tmp), mode="w", format="mp4")
-    ok = False
-    try:
-        stream = container.add_stream("libx264", rate=rate)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        # Frame threads, as the ffmpeg CLI uses (PyAV defaults to slice threads, which scale worse).
-        stream.codec_context.thread_type = "AUTO"
-        stream.codec_context.thread_count = threads
-        stream.options = {"crf": str(crf), "preset": preset}
-        writer = VideoWriter(container, stream, rate)
-        yield writer
-        writer._flush()
-        ok = True
-    finally:
-        container.close()
-        if ok:
-            tmp.replace(path)
-        else:
-            tmp.unlink(missing_ok=True)
+    with atomic_file(path, suffix=".part") as tmp:  # renamed into place only when the block exits cleanly
+        with av.open(str(tmp), mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=rate)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            # Frame threads by default, as the ffmpeg CLI uses (PyAV defaults to slice threads, which scale worse).
+            stream.codec_context.thread_type = thread_type
+            stream.codec_context.thread_count = threads
+            stream.options = {"crf": str(crf), "preset": preset}
+            writer = VideoWriter(container, stream, rate, interpolation=interpolation)
+            yield writer
+            writer._flush()

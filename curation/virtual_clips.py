@@ -210,7 +210,7 @@ def read_clip_frames(row: Mapping, indices: Sequence[int] | None = None, size: t
         raise IndexError(f"clip {row.get('id')}: frames {bad[:5]} outside its {num_frames} frames")
     if not row.get("virtual"):
         from curation.video_io import read_frames
-        from resources.storage import local_media_path
+        from common.storage import local_media_path
 
         return read_frames(local_media_path(row["path"]), indices, size)
     # The clip's own ``id`` is not its source's: hand over only the source's fields (``video_id`` is its hash).
@@ -220,3 +220,41 @@ def read_clip_frames(row: Mapping, indices: Sequence[int] | None = None, size: t
     size = size or (int(row["width"]), int(row["height"]))
     return read_source_frames(source, [mapping[i] for i in indices], size)
 
+
+
+def range_problems(rows: Sequence[Mapping]) -> dict[str, str]:
+    """Virtual clips whose source does not hold their range or does not decode there: ``{clip id: reason}``.
+
+    Per source, one frame index says whether every range lies within the source's frames, and one seeking pass
+    decodes each clip's first frame: a check that costs a keyframe's worth of decoding per clip, not the clip."""
+    from curation.sources import decodable_source
+
+    by_source: dict[tuple, list[Mapping]] = {}
+    for row in rows:
+        by_source.setdefault((row["path"], row.get("video_id"), bool(row.get("linked"))), []).append(row)
+    problems: dict[str, str] = {}
+    for (path, video_id, linked), group in by_source.items():
+        try:
+            source = decodable_source({"source": path, "video_id": video_id, "linked": linked})
+            index = frame_index(source)
+        except Exception as err:  # the source is gone, changed or unreadable: every clip of it is a problem
+            problems.update({r["id"]: f"source {path}: {type(err).__name__}: {err}" for r in group})
+            continue
+        first_frames: dict[int, list[str]] = {}
+        for row in group:
+            start, end = int(row["start_frame"]), int(row["end_frame"])
+            if not 0 <= start < end <= index.num_frames:
+                problems[row["id"]] = f"range {start}..{end} is outside the {index.num_frames} frames of {path}"
+            else:
+                first_frames.setdefault(start, []).append(row["id"])
+        try:
+            decoded = {i for i, _frame in iter_source_frames(source, sorted(first_frames))}
+        except Exception as err:  # a decode failure inside the source: its clips are the problem
+            decoded = set()
+            reason = f"{path} does not decode: {type(err).__name__}: {err}"
+        else:
+            reason = f"first frame does not decode from {path}"
+        for start, ids in first_frames.items():
+            if start not in decoded:
+                problems.update({clip_id: reason for clip_id in ids})
+    return problems

@@ -19,12 +19,12 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from common.files import atomic_dir
 
 if TYPE_CHECKING:
     import torch
@@ -238,21 +238,9 @@ def save_stdit2_hf_dir(model: "STDiT2", config: "STDiT2Config", path: str | os.P
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(path, exists="replace") as tmp:
         cfg = {"architectures": ["STDiT2"], "model_type": "STDiT2", **config.to_dict()}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            path.rename(old)
-        tmp.rename(path)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path

@@ -208,18 +208,27 @@ def run_conformance(
     return report
 
 
+DESCRIPTION = "Compare our STDiT2 with golden reference tensors (a fixture directory such as stdit2_small_a)."
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="opensora-dag conformance",
-        description="Compare our STDiT2 with golden reference tensors (a fixture directory such as stdit2_small_a).",
-    )
+    """``python -m models.conformance``: the arguments of ``opensora-dag conformance``."""
+    parser = argparse.ArgumentParser(prog="opensora-dag conformance", description=DESCRIPTION)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", metavar="DIR", type=Path, help="fixture directory (meta.json, state_dict.safetensors, "
                                                               "io.safetensors)")
     parser.add_argument("--atol", type=float, default=None,
                         help="one bound for every float64 tensor instead of the per-tensor bounds (a diagnostic)")
     parser.add_argument("--simulate-other-cpu", type=int, default=None, metavar="SEED",
                         help="compute our side with every float32 island rounded one ulp differently (random signs)")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``opensora-dag conformance DIR``: 0 when every tensor is within its bound, 1 when one is not, 2 on a bad DIR."""
     missing = [n for n in ("meta.json", "state_dict.safetensors", "io.safetensors") if not (args.dir / n).is_file()]
     if missing:
         print(f"error: {args.dir} is not a fixture directory (missing {', '.join(missing)})", file=sys.stderr)

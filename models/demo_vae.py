@@ -114,21 +114,9 @@ def make_demo_autoencoder(
     block_out_channels: Sequence[int] = (16, 32, 32, 32), latent_channels: int = 4, norm_num_groups: int = 8
 ):
     """An untrained diffusers ``AutoencoderKL`` with the demo's geometry (8x with 4 blocks)."""
-    from diffusers import AutoencoderKL
+    from models.tiny import small_autoencoder_kl
 
-    n_blocks = len(block_out_channels)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n_blocks,
-        up_block_types=("UpDecoderBlock2D",) * n_blocks,
-        block_out_channels=tuple(block_out_channels),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=norm_num_groups,
-        sample_size=64,
-        scaling_factor=1.0,
-    )
+    return small_autoencoder_kl(block_out_channels, latent_channels, norm_num_groups, sample_size=64, scaling_factor=1.0)
 
 
 def box_filter_init_(model, bias: float = 10.0, shift: float = 12.0) -> None:
@@ -305,7 +293,7 @@ def train_demo_autoencoder(
 def build_demo_vae(dest_dir: str | Path, seed: int = 0, **train_kwargs) -> Path:
     """Train the demo VAE (see :func:`train_demo_autoencoder`) and save it as a diffusers folder at ``dest_dir``.
 
-    Writes into ``dest_dir`` directly; callers that share a cache (``training.train.tiny_encoder_paths``) build into a
+    Writes into ``dest_dir`` directly; callers that share a cache (``training.build.tiny_encoder_paths``) build into a
     temporary folder and rename it into place.
     """
     model = train_demo_autoencoder(seed=seed, **train_kwargs)

@@ -164,6 +164,27 @@ def build_tiny_t5(
     return dest
 
 
+def small_autoencoder_kl(block_out_channels: Sequence[int], latent_channels: int, norm_num_groups: int,
+                         sample_size: int, scaling_factor: float):
+    """A diffusers ``AutoencoderKL`` with the SD-VAE layout at small widths: one resnet per block, 2x per block
+    after the first (8x with 4 blocks). Its weights are whatever the caller's RNG state gives them."""
+    from diffusers import AutoencoderKL
+
+    n_blocks = len(block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n_blocks,
+        up_block_types=("UpDecoderBlock2D",) * n_blocks,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=norm_num_groups,
+        sample_size=sample_size,
+        scaling_factor=scaling_factor,
+    )
+
+
 def build_tiny_vae(
     dest_dir: str | Path,
     block_out_channels: Sequence[int] = (16, 16, 32, 32),
@@ -173,23 +194,11 @@ def build_tiny_vae(
 ) -> Path:
     """Write a random diffusers ``AutoencoderKL`` (8x spatial with the default 4 blocks) to ``dest_dir``."""
     import torch
-    from diffusers import AutoencoderKL
 
-    n_blocks = len(block_out_channels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * n_blocks,
-            up_block_types=("UpDecoderBlock2D",) * n_blocks,
-            block_out_channels=tuple(block_out_channels),
-            layers_per_block=1,
-            latent_channels=latent_channels,
-            norm_num_groups=norm_num_groups,
-            sample_size=32,
-            scaling_factor=0.18215,
-        ).eval()
+        model = small_autoencoder_kl(block_out_channels, latent_channels, norm_num_groups, sample_size=32,
+                                     scaling_factor=0.18215).eval()
         # A trained VAE's posterior is nearly deterministic (tiny variance); a random one's log-variance is ~0, which
         # would bury every latent under sampling noise. Pin the log-variance half of quant_conv to a tiny variance.
         with torch.no_grad():

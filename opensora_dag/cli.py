@@ -1,25 +1,45 @@
-"""The ``opensora-dag`` command line: ingest videos, materialize assets, query the catalog, run the demo.
+"""The ``opensora-dag`` command line: one command tree for ingesting, the assets, the lake, data, training and sampling.
 
-Subcommands that belong to a library (``data``, ``conformance``, ``train``, ``sample``, ``app``) hand their remaining
-arguments to that library's own ``main(argv)``, so each keeps its flags next to its code.
+Its own subcommands ingest videos, materialize assets, query the catalog and run the demo; the others (data,
+conformance, buckets, train, encoder-cache, sample, app) belong to a library: their arguments come from its module
+(``add_arguments(parser)``, next to their code) and they run as its ``run(args)``; ``python -m training.train`` and
+the like parse the same arguments. ``--home`` is set as ``$OPENSORA_HOME`` before any subcommand runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
 from pathlib import Path
 
-# name -> (module with main(argv), help). Imported only when the subcommand runs.
-DELEGATED = {
-    "data": ("curation.datautil", "datautil on DuckDB/Polars: info, merge, dedupe, stats, filter; export VERSION OUT"),
-    "conformance": ("models.conformance", "check an STDiT2 port against golden tensors: conformance DIR [--atol X] [--simulate-other-cpu SEED]"),
-    "buckets": ("training.buckets", "bucket report of a training table: buckets DATASET [--preset stage1]"),
-    "train": ("training.train", "train STDiT2: train PRESET --dataset VERSION|PATH [--nproc N] [--steps N] ..."),
-    "sample": ("training.sample", "sample videos or images from a checkpoint"),
-    "app": ("training.app", "Gradio app over a checkpoint (127.0.0.1 by default)"),
+# name -> (what adds its arguments, what runs it, help); both "module:function". The arguments are added when the tree
+# is built (those modules import no torch); the module that runs a command is imported only when it runs.
+LIBRARY_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "data": ("curation.datautil:add_arguments", "curation.datautil:run",
+             "datautil on DuckDB/Polars: info, merge, dedupe, stats, filter; export VERSION OUT"),
+    "conformance": ("models.conformance:add_arguments", "models.conformance:run",
+                    "check an STDiT2 port against golden tensors: conformance DIR [--atol X] [--simulate-other-cpu SEED]"),
+    "buckets": ("training.buckets:add_arguments", "training.buckets:run",
+                "bucket report of a training table: buckets DATASET [--preset stage1]"),
+    "train": ("training.arguments:add_train_arguments", "training.train:run",
+              "train STDiT2: train PRESET --dataset VERSION|PATH [--nproc N] [--steps N] ..."),
+    "encoder-cache": ("training.arguments:add_encoder_cache_arguments", "training.encoder_cache:run",
+                      "precompute T5 embeddings and VAE latents of a run: encoder-cache PRESET --dataset D --out DIR"),
+    "sample": ("training.sample:add_arguments", "training.sample:run", "sample videos or images from a checkpoint"),
+    "app": ("training.app:add_arguments", "training.app:run", "Gradio app over a checkpoint (127.0.0.1 by default)"),
 }
+
+
+def _function(spec: str):
+    """``"module:function"`` -> the function (importing the module)."""
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _run_library_command(spec: str, args) -> int:
+    return _function(spec)(args)
 
 
 def _lakehouse(args):
@@ -89,8 +109,8 @@ def cmd_ingest(args) -> int:
 def _register_ingested(lake, folder: str, batch: str, target) -> int:
     from resources.batch_keys import register_landing_folder
 
+    from assets.partitions import video_batches
     from opensora_dag.instance import get_instance
-    from opensora_dag.partitions import video_batches
 
     registered = register_landing_folder(lake, folder)
     if registered != batch:  # another registration won the race for this folder
@@ -205,18 +225,23 @@ def cmd_lake(args) -> int:
     return 0
 
 
-def data_export(argv: list[str]) -> int:
+def add_data_export(data_ops) -> None:
+    """``data export``: added to the ops of ``data`` (the table tools in ``curation.datautil``); it needs the lake."""
+    p = data_ops.add_parser("export", help="a dataset version's clips as H.264 files plus OUT/opensora.csv",
+                            description=cmd_data_export.__doc__)
+    p.add_argument("version", help="a dataset version name (as `opensora-dag lake snapshots` / the asset show it) or 'latest'")
+    p.add_argument("out", type=Path, help="folder to write opensora.csv and clips/ into (created)")
+    p.add_argument("--workers", type=int, default=None, help="encoder processes (default: one per core)")
+    p.add_argument("--short-side", type=int, default=720, help="shorter side cap, never upscaled (default 720)")
+    p.add_argument("--crf", type=int, default=18)
+    p.add_argument("--preset", default="veryfast")
+    p.set_defaults(func=cmd_data_export)
+
+
+def cmd_data_export(args) -> int:
     """``opensora-dag data export VERSION OUT``: a dataset version's clips as H.264 files plus ``OUT/opensora.csv``."""
     import re
 
-    parser = argparse.ArgumentParser(prog="opensora-dag data export", description=data_export.__doc__)
-    parser.add_argument("version", help="a dataset version name (as `opensora-dag lake snapshots` / the asset show it) or 'latest'")
-    parser.add_argument("out", type=Path, help="folder to write opensora.csv and clips/ into (created)")
-    parser.add_argument("--workers", type=int, default=None, help="encoder processes (default: one per core)")
-    parser.add_argument("--short-side", type=int, default=720, help="shorter side cap, never upscaled (default 720)")
-    parser.add_argument("--crf", type=int, default=18)
-    parser.add_argument("--preset", default="veryfast")
-    args = parser.parse_args(argv)
     if args.version != "latest" and not re.fullmatch(r"[0-9a-f]{6,64}", args.version):
         return _refuse(f"{args.version!r} is not a dataset version name (lowercase hex) or 'latest'")
     if args.workers is not None and args.workers < 1:
@@ -224,13 +249,14 @@ def data_export(argv: list[str]) -> int:
 
     import polars as pl
 
+    from common.storage import local_dataset_version
+    from curation.datasets import latest_published_version
     from curation.export import ExportJob, export_dataset
     from resources.lakehouse import Lakehouse
-    from resources.storage import latest_dataset_version, local_dataset_version
 
     lake = Lakehouse()  # $OPENSORA_HOME (set from --home), $OPENSORA_CATALOG, $OPENSORA_DATA_PATH
     if args.version == "latest":
-        found = latest_dataset_version(lake)
+        found = latest_published_version(lake.storage)
         if found is None:
             return _refuse("the lake has no dataset version yet: materialize curated_dataset first")
         folder = Path(found.path)
@@ -311,35 +337,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="seed landing/sample and run the whole graph on the embedded default")
     p.set_defaults(func=cmd_demo)
 
-    for name, (_, help_text) in DELEGATED.items():
-        sub.add_parser(name, help=help_text, add_help=False)
+    for name, (add_arguments, run, help_text) in LIBRARY_COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        added = _function(add_arguments)(p)
+        p.set_defaults(func=functools.partial(_run_library_command, run))
+        if name == "data":  # the table tools' ops, plus export (its own func, which needs the lake)
+            add_data_export(added)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    # Delegated subcommands parse their own flags: find the subcommand after the global options.
-    for i, token in enumerate(argv):
-        if token in DELEGATED:
-            if i:
-                parser.parse_args(argv[:i] + ["sql", "x"])  # validate global options only
-                _apply_home(argv[:i])
-            if token == "data" and argv[i + 1 : i + 2] == ["export"]:  # needs the lake, unlike the table tools
-                return data_export(argv[i + 2 :])
-            module = importlib.import_module(DELEGATED[token][0])
-            return int(module.main(argv[i + 1 :]) or 0)
-        if not token.startswith("-") and argv[i - 1 : i] != ["--home"]:
-            break
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.home:  # one home for everything this process opens: the lake, the Dagster instance, MLflow, scratch
+        import os
+
+        os.environ["OPENSORA_HOME"] = args.home
     return int(args.func(args) or 0)
-
-
-def _apply_home(global_args: list[str]) -> None:
-    import os
-
-    if "--home" in global_args:
-        os.environ["OPENSORA_HOME"] = global_args[global_args.index("--home") + 1]
 
 
 if __name__ == "__main__":

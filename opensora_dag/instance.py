@@ -56,7 +56,7 @@ def materialize_selection(
 
     if defs is None:
         from opensora_dag.definitions import defs
-    from opensora_dag.partitions import video_batches
+    from assets.partitions import video_batches
 
     graph = defs.resolve_asset_graph()
     with warnings.catch_warnings():

@@ -7,8 +7,8 @@ import os
 
 from dagster import RunRequest, SensorEvaluationContext, SensorResult, SkipReason, sensor
 
+from assets.partitions import video_batches
 from opensora_dag.jobs import curation_job
-from opensora_dag.partitions import video_batches
 from resources.batch_keys import is_valid_batch_key, read_landing_map, register_landing_folder
 from resources.lakehouse import Lakehouse
 

@@ -195,7 +195,7 @@ def landing_folder_url(lakehouse: Any, key: str) -> str:
 def landing_folder(lakehouse: Any, key: str) -> Path:
     """The landing folder of batch ``key`` as a local folder: found through the mapping, always a direct child of
     ``landing/``. With the data path on S3 it is a cached local copy of ``landing/<folder>/`` (see
-    :meth:`resources.storage.Storage.local_copy`); locally it is the folder itself.
+    :meth:`common.storage.Storage.local_copy`); locally it is the folder itself.
 
     A key with no mapping falls back to ``landing/<key>`` only when that folder exists and is not registered
     under another key. Raises :class:`InvalidBatchKey` for a bad key or a mapping that leads outside the landing

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import polars as pl
 
+from common.files import atomic_dir, copy_atomic
 from resources.lakehouse import IMPORT_MARKER, PARTITIONS_TABLE, UNPARTITIONED, Lakehouse, shared_connection
 
 DATASET_VERSIONS = "dataset_versions"
@@ -210,17 +211,17 @@ def _copy_clip_media(lake: Lakehouse, clips: pl.DataFrame, moved: dict[str, str]
         clip_id = row["id"]
         new_clip = lake.media_dir / "clips" / f"{clip_id}.mp4"
         if row.get("path") and Path(row["path"]).is_file() and not new_clip.exists():
-            _copy_atomic(Path(row["path"]), new_clip)
+            new_clip.parent.mkdir(parents=True, exist_ok=True)
+            copy_atomic(Path(row["path"]), new_clip)
             copied += 1
         moved[str(row.get("path"))] = str(new_clip)
         paths.append(str(new_clip))
         new_frames = lake.media_dir / "frames" / clip_id
         old_frames = row.get("frames_dir")
         if old_frames and Path(old_frames).is_dir() and not new_frames.exists():
-            tmp = new_frames.with_name(f".{clip_id}.import")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(old_frames, tmp)
-            tmp.rename(new_frames)
+            new_frames.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_dir(new_frames, exists="keep") as tmp:
+                shutil.copytree(old_frames, tmp, dirs_exist_ok=True)
             copied += 1
         frames.append(str(new_frames) if old_frames else None)
     out = clips.with_columns(pl.Series("path", paths, dtype=pl.String))
@@ -233,31 +234,23 @@ def _import_version(lake: Lakehouse, folder: Path, moved: dict[str, str]) -> boo
     target = lake.lake_dir / "datasets" / folder.name
     if target.exists():
         return False
-    tmp = target.with_name(f".{folder.name}.import")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(folder, tmp)
-    for name in ("data.parquet",):
-        data = pl.read_parquet(tmp / name)
-        if "path" in data.columns:
-            data = data.with_columns(pl.col("path").replace(moved))
-            data.write_parquet(tmp / name)
-    csv = tmp / "opensora.csv"
-    if csv.is_file():
-        table = pl.read_csv(csv)
-        if "path" in table.columns:
-            table.with_columns(pl.col("path").replace(moved)).write_csv(csv)
-    tmp.rename(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(target, exists="keep") as tmp:
+        shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        for name in ("data.parquet",):
+            data = pl.read_parquet(tmp / name)
+            if "path" in data.columns:
+                data = data.with_columns(pl.col("path").replace(moved))
+                data.write_parquet(tmp / name)
+        csv = tmp / "opensora.csv"
+        if csv.is_file():
+            table = pl.read_csv(csv)
+            if "path" in table.columns:
+                table.with_columns(pl.col("path").replace(moved)).write_csv(csv)
     manifest = json.loads((target / "manifest.json").read_text())
     row = pl.DataFrame([{"version": folder.name, "lake_snapshot": lake.current_snapshot(), "path": str(target),
                          "num_rows": manifest["counts"]["kept"], "created_at": manifest["created_at"],
                          "retired": False}], schema_overrides={"lake_snapshot": pl.Int64})
     lake.write_partition(DATASET_VERSIONS, None, row, key={"version": folder.name}, run_id="import")
     return True
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.import")
-    shutil.copyfile(src, tmp)
-    tmp.rename(dst)
 

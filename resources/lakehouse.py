@@ -38,6 +38,8 @@ import polars as pl
 from dagster import ConfigurableResource
 from pydantic import Field
 
+from common.storage import DATASETS, Storage, data_root, opensora_home, s3_filesystem
+
 UNPARTITIONED = "__all__"
 PARTITIONS_TABLE = "lake_partitions"
 """Bookkeeping: which (table, batch, part) were written, by which run, with how many rows (zero-row partitions too)."""
@@ -45,10 +47,6 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _CONFLICT_RETRIES = 8
 IMPORT_MARKER = ".imported"
 """Written into an old home's ``lake/`` by ``opensora-dag lake import``; without it an old home is refused."""
-
-
-def default_home() -> str:
-    return os.environ.get("OPENSORA_HOME", ".opensora")
 
 
 def sql_string(value: str | os.PathLike) -> str:
@@ -92,12 +90,11 @@ class LakeLocation:
 
 
 def resolve_location(home: str | None = None, catalog: str | None = None, data_path: str | None = None) -> LakeLocation:
-    root = Path(home or default_home()).expanduser().resolve()
-    data = data_path or os.environ.get("OPENSORA_DATA_PATH") or str(root)
-    if not data.startswith("s3://"):
-        if "://" in data:
-            raise LakeError(f"OPENSORA_DATA_PATH must be a local folder or s3://bucket/prefix, got {data!r}")
-        data = str(Path(data).expanduser().resolve())
+    root = opensora_home(home)
+    try:
+        data = data_root(data_path, root)
+    except ValueError as err:  # a bad OPENSORA_DATA_PATH is one more way the lake cannot be opened as configured
+        raise LakeError(str(err)) from None
     cat = catalog or os.environ.get("OPENSORA_CATALOG") or f"sqlite:{root / 'lake' / 'catalog.sqlite'}"
     if cat.startswith("sqlite:"):
         cat = f"sqlite:{Path(cat[len('sqlite:'):]).expanduser().resolve()}"
@@ -131,19 +128,6 @@ def _s3_secret_sql() -> str:
     if os.environ.get("AWS_SESSION_TOKEN"):
         body.append(f"SESSION_TOKEN {sql_string(os.environ['AWS_SESSION_TOKEN'])}")
     return f"CREATE OR REPLACE SECRET opensora_s3 ({', '.join(body)})"
-
-
-def s3_filesystem():
-    """An s3fs filesystem from the standard AWS variables (path-style for S3-compatible endpoints)."""
-    import s3fs
-
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
-    return s3fs.S3FileSystem(
-        key=os.environ.get("AWS_ACCESS_KEY_ID"), secret=os.environ.get("AWS_SECRET_ACCESS_KEY"),
-        token=os.environ.get("AWS_SESSION_TOKEN"), endpoint_url=endpoint,
-        client_kwargs={"region_name": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")},
-        config_kwargs={"s3": {"addressing_style": "path"}} if endpoint else None,
-    )
 
 
 def _check_bucket(location: LakeLocation) -> None:
@@ -250,11 +234,8 @@ class Lakehouse(ConfigurableResource):
         return self.location.home
 
     @property
-    def storage(self):
-        """The data root's files (``landing/``, ``media/``, ``lake/datasets/``), local or on S3:
-        :class:`resources.storage.Storage`."""
-        from resources.storage import Storage
-
+    def storage(self) -> Storage:
+        """The data root's files (``landing/``, ``media/``, ``lake/datasets/``), local or on S3."""
         return Storage.for_location(self.location)
 
     def _local_data(self, what: str) -> Path:
@@ -282,7 +263,7 @@ class Lakehouse(ConfigurableResource):
     @property
     def datasets_root(self) -> str:
         """Where dataset versions live (``lake/datasets/``): a folder path, or an ``s3://`` URL."""
-        return self.storage.url("lake", "datasets")
+        return self.storage.url(*DATASETS)
 
     @property
     def mlruns_dir(self) -> Path:

@@ -49,12 +49,14 @@ __all__ = [
     "TINY_RESOLUTIONS",
     "AppDefaults",
     "LazySampler",
+    "add_arguments",
     "build_app",
     "build_parser",
     "build_request",
     "image_size_for",
     "main",
     "num_frames_for",
+    "run",
 ]
 
 RESOLUTIONS: tuple[str, ...] = ("144p", "240p", "360p", "480p", "720p")
@@ -339,22 +341,24 @@ def build_app(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+DESCRIPTION = ("Gradio app (text/image to image/video) over one STDiT2 checkpoint. Binds 127.0.0.1 by default; the app "
+               "has no authentication, so expose it only behind something that has.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="opensora-dag app",
-        description="Gradio app (text/image to image/video) over one STDiT2 checkpoint. Binds 127.0.0.1 by default; "
-        "the app has no authentication, so expose it only behind something that has.",
-    )
-    p.add_argument("--ckpt-path", required=True, help="run folder (newest step-*), step-* folder, ema/ or HF folder")
+    p = argparse.ArgumentParser(prog="opensora-dag app", description=DESCRIPTION)
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from training.sample import add_checkpoint_arguments
+
+    add_checkpoint_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--text-encoder", default=None, help="T5 folder (default: the one recorded by training)")
-    p.add_argument("--vae", default=None, help="VAE folder (default: the one recorded by training)")
     p.add_argument("--output-dir", default=None, help="where samples are written (default: a temp folder)")
     p.add_argument("--tiny-sizes", action="store_true", help="also offer the 64px/128px demo sizes (tiny CPU models)")
-    return p
 
 
 def _is_loopback(host: str) -> bool:
@@ -367,8 +371,12 @@ def _is_loopback(host: str) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m training.app``: the arguments of ``opensora-dag app``."""
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     """``opensora-dag app``: serve until interrupted (Ctrl-C); returns 0, or 2 on a bad checkpoint path."""
-    args = build_parser().parse_args(argv)
     try:
         app = build_app(
             args.ckpt_path, device=args.device, dtype=args.dtype, text_encoder=args.text_encoder, vae=args.vae,

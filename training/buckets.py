@@ -575,6 +575,33 @@ def bucket_report(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def training_bucket_presets() -> list[str]:
+    """The bucket presets the training presets train with (``data.bucket_preset`` of each), in preset order."""
+    from training.config import TRAIN_PRESETS, load_train_config
+
+    names: list[str] = []
+    for preset in TRAIN_PRESETS:
+        name = load_train_config(preset).data.bucket_preset
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def bucket_coverage(rows, presets: Sequence[str] | None = None) -> str:
+    """Markdown: how a dataset's clips fall into each training preset's buckets (so "0 samples" is never a surprise).
+
+    ``presets``: bucket preset names; default those the training presets use (:func:`training_bucket_presets`)."""
+    if not len(rows):
+        return "_(empty dataset)_"
+    lines = []
+    for name in presets if presets is not None else training_bucket_presets():
+        preset = load_bucket_preset(name)
+        report = bucket_report(rows, Bucket(preset.bucket_config), preset.frame_interval, preset.seed)
+        lines.append(f"### buckets `{name}`: {report.num_kept} kept, {report.num_dropped} dropped\n")
+        lines.append(report.to_markdown())
+    return "\n".join(lines)
+
+
 class SampleIndex(NamedTuple):
     """What the sampler hands the dataset per sample: the row and the ``(t, H, W)`` to load it at.
 
@@ -755,19 +782,29 @@ class VariableVideoBatchSampler:
         self.consumed_batches = int(state["consumed_batches"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``opensora-dag buckets DATASET [--preset NAME] [--epoch E] [--json]``: where every row lands, and why not."""
-    import argparse
-    import json
-
-    from training.data import load_rows
-
-    parser = argparse.ArgumentParser(prog="opensora-dag buckets", description="Bucket report of a training table.")
+def add_arguments(parser) -> None:
+    """The arguments of ``opensora-dag buckets``."""
     parser.add_argument("dataset", help="a .parquet / .csv table or a dataset version folder")
     parser.add_argument("--preset", default="stage1", help=f"bucket preset ({', '.join(BUCKET_PRESETS)}) or a YAML path")
     parser.add_argument("--epoch", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
-    args = parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m training.buckets``: the arguments of ``opensora-dag buckets``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="opensora-dag buckets", description="Bucket report of a training table.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args) -> int:
+    """``opensora-dag buckets DATASET [--preset NAME] [--epoch E] [--json]``: where every row lands, and why not."""
+    import json
+
+    from training.data import load_rows
+
     try:
         preset = load_bucket_preset(args.preset)
         rows = load_rows(args.dataset)

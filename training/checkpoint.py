@@ -55,6 +55,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from common.files import fsync_path, fsync_tree, publish, write_text_atomic
+
 PREFIX = "step-"
 RUN_PREFIX = "run-"
 FORMAT = 2
@@ -191,37 +193,11 @@ def prune(outdir: Path, keep_last: int) -> list[Path]:
 # --------------------------------------------------------------------------------------------------------------
 # Durable writes
 # --------------------------------------------------------------------------------------------------------------
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories: nothing more to do there
-        pass
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file and folder under ``root`` (and ``root``)."""
-    for folder, _dirs, files in os.walk(root):
-        for name in files:
-            _fsync_path(Path(folder) / name)
-        _fsync_path(Path(folder), directory=True)
-
-
 def write_json_durably(path: Path, data: Any) -> None:
-    """Write to a temporary sibling, fsync, rename over ``path``, fsync the folder."""
+    """Write to a temporary sibling, fsync, rename over ``path``, fsync the folder (so the rename survives too)."""
     path = Path(path)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=2, default=str))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent, directory=True)
+    write_text_atomic(path, json.dumps(data, indent=2, default=str), fsync=True)
+    fsync_path(path.parent, directory=True)
 
 
 def manifest(folder: Path) -> dict[str, int]:
@@ -326,6 +302,8 @@ def save_checkpoint(
 
     outdir = Path(outdir)
     final = step_dir(outdir, step)
+    # A fixed name, not common.files.temporary_sibling: every rank must find the same folder, and clean_stale
+    # removes a dead holder's leftovers by it.
     tmp = outdir / f".tmp-{final.name}"
     # 1. A fresh temporary folder
     if rank == 0:
@@ -348,9 +326,8 @@ def save_checkpoint(
     # 3. Rank 0: rename into place, mark complete, prune
     if rank == 0:
         files = manifest(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        _fsync_path(outdir, directory=True)
+        publish(tmp, final, exists="replace")
+        fsync_path(outdir, directory=True)
         write_json_durably(final / MARKER, {"format": FORMAT, "step": step, "files": files})
         prune(outdir, keep_last)
     barrier()
@@ -529,12 +506,8 @@ class RunLease:
         return True
 
     def _replace(self) -> None:
-        tmp = self.run_dir / f".{LEASE_FILE}.{self.token}.tmp"
-        with open(tmp, "w") as f:
-            f.write(json.dumps(self._content()))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        # a hidden .lease.json.*.tmp sibling, which clean_stale recognises should a process die mid-write
+        write_text_atomic(self.path, json.dumps(self._content()), fsync=True)
 
     def acquire(self, watch: bool = True) -> "RunLease":
         """Take the lease, taking over an expired one with a warning; :class:`RunBusy` when a live process holds it.

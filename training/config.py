@@ -42,7 +42,7 @@ class DataSection(_Strict):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Held-out share, chosen by a hash of the clip id.")
     mask_ratios: dict[str, float] | None = Field(None, description="Frame-mask ratios; None = the reference's.")
     encoder_cache: str | None = Field(
-        None, description="Folder built by `python -m training.encoder_cache`: train on cached latents/embeddings."
+        None, description="Folder built by `opensora-dag encoder-cache`: train on cached latents/embeddings."
     )
 
 
@@ -113,3 +113,9 @@ def load_train_config(preset: str | Path, overrides: list[str] | dict[str, Any] 
             raise ValueError(f"unknown training preset {preset!r}; choose from {', '.join(TRAIN_PRESETS)} or a YAML path")
     data = yaml.safe_load(path.read_text()) or {}
     return TrainConfig.model_validate(apply_overrides(data, overrides or []))
+
+
+def add_override_argument(parser) -> None:
+    """``--set KEY=VALUE`` (repeatable, into ``args.overrides``): the overrides :func:`load_train_config` applies."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. optim.lr=1e-4 (repeatable; VALUE is read as YAML)")

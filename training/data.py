@@ -16,7 +16,6 @@ import numpy as np
 import polars as pl
 import torch
 
-from training.buckets import SampleIndex
 
 IMAGE_FPS = 120
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -103,7 +102,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def load_frames(self, row: dict[str, Any], t: int, rng: np.random.Generator) -> tuple[np.ndarray, float]:
-        from resources.storage import local_media_path
+        from common.storage import local_media_path
 
         indices = frame_indices(int(row["num_frames"]), t, self.frame_interval, rng)
         if row.get("virtual"):  # a frame range of its frozen source, decoded by seeking (curation.virtual_clips)
@@ -122,21 +121,23 @@ class VideoTextDataset(torch.utils.data.Dataset):
         frames = np.stack(read_frames(path, indices.tolist()))
         return frames, float(row.get("fps") or 30.0)
 
-    def __getitem__(self, index: SampleIndex) -> dict[str, Any]:
-        row = self.rows[index.index]
-        rng = np.random.default_rng([self.seed, self.epoch, index.index])
-        frames, fps = self.load_frames(row, index.num_frames, rng)  # [t, h, w, 3] uint8
-        video = resize_fill_crop(torch.from_numpy(frames).permute(0, 3, 1, 2), index.height, index.width)
+    def __getitem__(self, index: tuple[int, int, int, int]) -> dict[str, Any]:
+        """``index``: the sampler's ``SampleIndex(row, t, H, W)`` (``training.buckets``), or any such 4-tuple."""
+        row_index, num_frames, height, width = index
+        row = self.rows[row_index]
+        rng = np.random.default_rng([self.seed, self.epoch, row_index])
+        frames, fps = self.load_frames(row, num_frames, rng)  # [t, h, w, 3] uint8
+        video = resize_fill_crop(torch.from_numpy(frames).permute(0, 3, 1, 2), height, width)
         video = (video / 127.5 - 1.0).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()  # [3, t, H, W]
         return {
             "video": video,
             "text": row["text"],
             "id": str(row["id"]),
-            "num_frames": index.num_frames,
-            "height": index.height,
-            "width": index.width,
+            "num_frames": num_frames,
+            "height": height,
+            "width": width,
             # The reference's training data passes ar = W / H (inference passes H / W): kept for weight compatibility.
-            "ar": index.width / index.height,
+            "ar": width / height,
             "fps": fps,
         }
 

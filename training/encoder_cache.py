@@ -37,10 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +47,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from common.files import atomic_dir
 from training.buckets import Bucket, SampleIndex, assign_rows
 
 __all__ = [
@@ -260,16 +258,6 @@ def _encoder_path(obj: Any) -> str | None:
     return str(path) if path else None
 
 
-def _swap_into_place(tmp: Path, out_dir: Path) -> Path | None:
-    """Rename ``tmp`` to ``out_dir``; an existing ``out_dir`` is moved aside first and returned for deletion."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    return old
-
-
 def build_encoder_cache(
     rows: pl.DataFrame,
     bucket: Bucket,
@@ -325,10 +313,8 @@ def build_encoder_cache(
     say = log or (lambda _msg: None)
     started = time.monotonic()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    old: Path | None = None
-    try:
+    # Built in a hidden sibling and renamed in at the end: an old cache is moved aside first and deleted after.
+    with atomic_dir(out_dir, exists="replace") as tmp:
         # 1. Which rows each epoch uses, and at which (t, H, W): exactly the sampler's assignment.
         plans: list[dict[tuple[int, int, int], list[int]]] = []
         for epoch in range(epochs):
@@ -442,14 +428,6 @@ def build_encoder_cache(
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
         manifest.save(tmp)
-
-        # 5. Into place: rename is atomic; an old cache is moved aside first and deleted after.
-        old = _swap_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     say(f"encoder cache written to {out_dir} in {manifest.build_seconds:.1f}s")
     return manifest
 
@@ -572,7 +550,7 @@ class CachedLatentDataset(torch.utils.data.Dataset):
 
 def collate_cached(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack cached samples: ``x`` [B, C, t, h, w], ``y`` [B, 1, L, C], ``mask`` [B, L], ``model_kwargs`` as
-    ``training.train.encode_batch`` builds them (float32 [B] tensors), plus ``text`` and ``id`` lists (and ``x_std``
+    ``training.build.encode_batch`` builds them (float32 [B] tensors), plus ``text`` and ``id`` lists (and ``x_std``
     from a ``posterior="sample"`` cache)."""
     extra = {"x_std": torch.stack([s["x_std"] for s in samples])} if "x_std" in samples[0] else {}
     return {
@@ -661,7 +639,7 @@ def build_training_cache(
     """
     from training.buckets import load_bucket_preset
     from training.data import load_rows, split_rows
-    from training.train import load_encoders, resolve_dataset
+    from training.build import load_encoders, resolve_dataset
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -679,42 +657,32 @@ def build_training_cache(
                   num_workers=cfg.data.num_workers if num_workers is None else num_workers)
     log(f"encoder cache for dataset {version}: {len(train_rows)} train rows x {epochs} epochs, {len(val_rows)} held out")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    old: Path | None = None
-    try:
+    with atomic_dir(out_dir, exists="replace") as tmp:  # as build_encoder_cache: hidden sibling, then renamed in
         manifests = {
             "train": build_encoder_cache(train_rows, bucket, preset.frame_interval, cfg.seed, text_encoder, vae, tmp / "train",
                                          epochs=epochs, posterior=posterior, **common),
             "val": build_encoder_cache(val_rows, bucket, preset.frame_interval, cfg.seed, text_encoder, vae, tmp / "val",
                                        epochs=1, **common),
         }
-        old = _swap_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     log(f"encoder cache of the run: {out_dir} (train/: {epochs} epochs, val/)")
     return manifests
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m training.encoder_cache PRESET --dataset D --out DIR [--epochs N] [--nproc N] [--set k=v]``."""
+    """``python -m training.encoder_cache``: the arguments of ``opensora-dag encoder-cache``."""
     import argparse
 
+    from training.arguments import ENCODER_CACHE_DESCRIPTION, add_encoder_cache_arguments
+
+    parser = argparse.ArgumentParser(prog="opensora-dag encoder-cache", description=ENCODER_CACHE_DESCRIPTION)
+    add_encoder_cache_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args) -> int:
+    """``opensora-dag encoder-cache PRESET --dataset D --out DIR [--epochs N] [--nproc N] [--set k=v]``."""
     from training.config import load_train_config
 
-    parser = argparse.ArgumentParser(prog="encoder-cache", description="Precompute T5 embeddings and VAE latents of a training run.")
-    parser.add_argument("preset", help="training preset or YAML path (as for `opensora-dag train`)")
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--out", required=True, help="cache folder (gets train/ and val/)")
-    parser.add_argument("--epochs", type=int, help="epochs to cache (default: what the preset's steps need)")
-    parser.add_argument("--nproc", type=int, default=1, help="ranks the training run will use (epochs depend on it)")
-    parser.add_argument("--posterior", choices=["sample", "mode"], default="sample", help="train/ latents (see the module doc)")
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
     cfg = load_train_config(args.preset, args.overrides)
     manifests = build_training_cache(cfg, args.dataset, args.out, epochs=args.epochs, num_replicas=args.nproc,
                                      posterior=args.posterior, overwrite=args.overwrite)

@@ -8,7 +8,7 @@ Metrics (Open-Sora 1.1 used human evaluation and VBench; 1.2 added validation lo
 
 - ``val_loss`` and ``val_loss/<T>x<H>x<W>``: the diffusion loss of the checkpoint's EMA weights on the held-out split
   of its own dataset (the hash split of ``training.data.split_rows``), at evenly spaced fixed timesteps with fixed
-  noise (``training.train.validation_losses``). It compares checkpoints of one dataset, preset and objective; the
+  noise (``training.validation.validation_losses``). It compares checkpoints of one dataset, preset and objective; the
   registry and the asset check rank by it (lower is better) when neither of the prompt metrics below exists.
 - ``temporal_flicker``: VBench's temporal-flickering quantity, the mean absolute difference between consecutive
   frames on 0..255 (0 for a still video). VBench reports ``(255 - x) / 255``; that is ``temporal_flicker_score``.
@@ -303,7 +303,9 @@ def validation_loss(checkpoint_dir: str | Path, device: str | torch.device = "cp
     from training.buckets import Bucket, load_bucket_preset
     from training.checkpoint import read_state
     from training.data import load_rows, split_rows
-    from training.train import Dist, build_scheduler, build_validation_set, load_encoders, validation_losses
+    from training.build import build_scheduler, load_encoders
+    from training.distributed import Dist
+    from training.validation import build_validation_set, validation_losses
 
     device = torch.device(device)
     state = read_state(checkpoint_dir)
@@ -325,7 +327,8 @@ def validation_loss(checkpoint_dir: str | Path, device: str | torch.device = "cp
                                   f"of preset {cfg.data.bucket_preset!r}")
     model = model if model is not None else load_ema_model(checkpoint_dir, device)
     objective = state["objective"]
-    return validation_losses(model, build_scheduler(objective), objective, val, cfg.val_timesteps, cfg.seed)
+    return validation_losses(model, build_scheduler(objective, cfg.rflow_timestep_shift), objective, val,
+                             cfg.val_timesteps, cfg.seed)
 
 
 # --------------------------------------------------------------------------------------------------------------

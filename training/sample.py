@@ -71,9 +71,12 @@ __all__ = [
     "ResolvedCheckpoint",
     "SampleRequest",
     "Sampler",
+    "add_arguments",
+    "add_checkpoint_arguments",
     "load_reference_video",
     "main",
     "resolve_checkpoint",
+    "run",
     "save_sample",
     "to_uint8_video",
 ]
@@ -489,8 +492,17 @@ class Sampler:
             )
         if name == "dpm-solver":
             return build_scheduler(name, num_sampling_steps=num_sampling_steps, cfg_scale=cfg_scale, skip_type="logSNR")
-        # As in training (training/train.py): the resolution/length-aware timestep shift.
-        return build_scheduler(name, num_sampling_steps=num_sampling_steps, cfg_scale=cfg_scale, use_timestep_transform=True)
+        # As in training (training/train.py): the resolution/length-aware timestep shift, unless the run turned it off
+        # (config rflow_timestep_shift: the demo's tiny sizes would shift towards low noise, see train_demo_cpu.yaml).
+        return build_scheduler(name, num_sampling_steps=num_sampling_steps, cfg_scale=cfg_scale,
+                               use_timestep_transform=self.rflow_timestep_shift)
+
+    @property
+    def rflow_timestep_shift(self) -> bool:
+        """Whether the checkpoint's training shifted rflow timesteps (``TrainConfig.rflow_timestep_shift``; True for
+        official folders and checkpoints that predate the setting)."""
+        state = (self.checkpoint.state if self.checkpoint is not None else None) or {}
+        return bool((state.get("config") or {}).get("rflow_timestep_shift", True))
 
     # -- encoders --
 
@@ -707,14 +719,29 @@ def _per_prompt(values: list[str] | None, n: int, flag: str) -> list[str] | None
     return values
 
 
-def build_parser() -> argparse.ArgumentParser:
-    d = SampleRequest(prompts=["-"])
-    p = argparse.ArgumentParser(
-        prog="opensora-dag sample",
-        description="Sample images or videos from an STDiT2 checkpoint (text to image/video, image to video, "
-        "video editing and extension, loop generation).",
-    )
+DESCRIPTION = ("Sample images or videos from an STDiT2 checkpoint (text to image/video, image to video, video editing "
+               "and extension, loop generation).")
+
+
+def add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
+    """The checkpoint to load and where to run it (``Sampler.from_checkpoint``'s arguments), as ``sample`` and ``app``
+    take them."""
     p.add_argument("--ckpt-path", required=True, help="run folder (newest step-*), step-* folder, ema/ or HF folder")
+    p.add_argument("--text-encoder", default=None, help="T5 folder (default: the one recorded by training)")
+    p.add_argument("--vae", default=None, help="VAE folder (default: the one recorded by training)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="opensora-dag sample", description=DESCRIPTION)
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = SampleRequest(prompts=["-"])
+    add_checkpoint_arguments(p)
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); may end with a JSON object")
     p.add_argument("--prompt-path", help="text file with one prompt per line")
     p.add_argument("--save-dir", default="samples", help="output folder (default: samples)")
@@ -735,19 +762,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per prompt (or one for all): e.g. '0' (image to video), '0,0,0,-8,8' (extension)")
     p.add_argument("--loop", type=int, default=d.loop)
     p.add_argument("--condition-frame-length", type=int, default=d.condition_frame_length)
-    p.add_argument("--text-encoder", default=None, help="T5 folder (default: the one recorded by training)")
-    p.add_argument("--vae", default=None, help="VAE folder (default: the one recorded by training)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--vae-micro-batch-size", type=int, default=4)
     p.add_argument("--no-gif", action="store_true", help="skip the GIF previews")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m training.sample``: the arguments of ``opensora-dag sample``."""
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     """``opensora-dag sample``: returns 0 on success, 2 on a bad request."""
-    args = build_parser().parse_args(argv)
     prompts = list(args.prompt or [])
     if args.prompt_path:
         prompts += [line.strip() for line in Path(args.prompt_path).read_text().splitlines() if line.strip()]

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from common.storage import opensora_home as home_dir
+
 EXPERIMENT = "opensora-dag"
 # Errors that retrying the same call will not fix: such a call is dropped (and reported) after a few tries.
 PERMANENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS"})
@@ -30,7 +32,7 @@ MAX_BUFFERED_CALLS = 100_000  # beyond this, the oldest buffered metrics go stra
 def default_tracking_uri(opensora_home: str | Path | None = None) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    home = Path(opensora_home or os.environ.get("OPENSORA_HOME", ".opensora")).resolve()
+    home = home_dir(opensora_home)
     (home / "mlruns").mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{home / 'mlruns' / 'mlflow.db'}"
 
@@ -381,3 +383,14 @@ class RunTracker:
         self.run_id = run.info.run_id
         self._run_active = True
         self._started.set()
+
+
+def git_commit() -> str:
+    """The commit of the code that runs (logged with every run), or "unknown" outside a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

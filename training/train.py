@@ -23,7 +23,6 @@ import contextlib
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -35,333 +34,15 @@ import torch
 if TYPE_CHECKING:  # the config needs pydantic and PyYAML; the building blocks here need only torch
     from training.config import TrainConfig
 
-NULL_SEED_OFFSET = 7919  # validation noise: fixed, and different from every training step's seed
+from training.arguments import TRAIN_DESCRIPTION, add_train_arguments, train_worker_argv
+from training.build import build_booster, build_model, build_scheduler, encode_batch, load_encoders, resolve_dataset, unwrap
+from training.distributed import Dist, all_ranks, broadcast_object, free_port, setup_distributed
+from training.steps import step_generator, train_step
+from training.validation import bucket_name, build_validation_set, validation_losses
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Distributed setup
-# --------------------------------------------------------------------------------------------------------------
-@dataclass
-class Dist:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if torch.distributed.is_initialized() and self.world_size > 1:
-            torch.distributed.barrier()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def setup_distributed() -> Dist:
-    """Join the torchrun world (or make a world of one), gloo on CPU and nccl on CUDA."""
-    import colossalai
-
-    if "RANK" not in os.environ:  # plain `python -m training.train`: a world of one
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"})
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    cuda = torch.cuda.is_available()
-    if not torch.distributed.is_initialized():
-        colossalai.launch_from_torch(backend="nccl" if cuda else "gloo", verbose=False)
-    local_rank = int(os.environ["LOCAL_RANK"])
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
-
-
-def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    gen.manual_seed((seed * 1_000_003 + step * 1_009 + rank) % (2**63 - 1))
-    return gen
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Building blocks
-# --------------------------------------------------------------------------------------------------------------
-def resolve_dataset(dataset: str, opensora_home: str | None = None) -> tuple[Path, str]:
-    """``--dataset`` as a path (``s3://`` too: a cached local copy), or a version id under
-    ``$OPENSORA_HOME/lake/datasets``; returns (path, version)."""
-    from resources.storage import local_media_path
-
-    path = local_media_path(dataset)  # an s3:// version folder or table: its cached local copy
-    if path.exists():
-        version = path.name if path.is_dir() else path.stem
-        manifest = (path if path.is_dir() else path.parent) / "manifest.json"
-        if manifest.is_file():
-            version = json.loads(manifest.read_text()).get("version", version)
-        return path, version
-    home = Path(opensora_home or os.environ.get("OPENSORA_HOME", ".opensora"))
-    candidate = home / "lake" / "datasets" / dataset
-    if candidate.is_dir():
-        return candidate, dataset
-    raise FileNotFoundError(f"dataset {dataset!r} is neither a path nor a version under {candidate.parent}")
-
-
-def tiny_encoder_paths(cfg: TrainConfig, build: bool) -> tuple[str | None, str | None]:
-    """Encoder folders; when the config asks for tiny ones (demo only), ``build`` makes them if missing: a random
-    T5 (``models.tiny``) and the demo VAE (``models.demo_vae``: an autoencoder that reconstructs the synthetic world,
-    so that a diffusion model trained on its latents can decode to a picture).
-
-    Building writes into a temporary folder renamed into place, under a file lock, so concurrent runs sharing
-    ``OPENSORA_HOME`` never see half a folder; later runs reuse it (built once per home).
-    """
-    t5_path, vae_path = cfg.encoders.text_encoder, cfg.encoders.vae
-    if not cfg.encoders.build_tiny_if_missing:
-        return t5_path, vae_path
-    tiny_root = Path(os.environ.get("OPENSORA_HOME", ".opensora")).resolve() / "models"
-    if build:
-        import fcntl
-        import shutil
-
-        from models.demo_vae import build_demo_vae
-        from models.tiny import build_tiny_t5
-
-        tiny_root.mkdir(parents=True, exist_ok=True)
-        with open(tiny_root / ".build.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            for name, builder, wanted in (("tiny-t5", build_tiny_t5, not t5_path), ("demo-vae", build_demo_vae, not vae_path)):
-                target = tiny_root / name
-                if wanted and not (target / "config.json").is_file():
-                    tmp = tiny_root / f".{name}.{os.getpid()}.tmp"
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    builder(tmp)
-                    shutil.rmtree(target, ignore_errors=True)
-                    tmp.rename(target)
-    return t5_path or str(tiny_root / "tiny-t5"), vae_path or str(tiny_root / "demo-vae")
-
-
-def load_encoders(cfg: TrainConfig, device: torch.device, dist: "Dist | None" = None):
-    """The frozen T5 text encoder and VAE from local folders (tiny random ones only when the demo asks).
-
-    Under torchrun only rank 0 builds missing tiny encoders; the other ranks wait for it at a barrier.
-    """
-    from models.text_encoder import T5TextEncoder
-    from models.vae import VideoAutoencoderKL
-
-    main_rank = dist is None or dist.is_main
-    t5_path, vae_path = tiny_encoder_paths(cfg, build=main_rank)
-    if dist is not None:
-        dist.barrier()
-    if not t5_path or not vae_path:
-        raise ValueError("encoders.text_encoder and encoders.vae must name local folders (T5 and SD-VAE weights)")
-    text_encoder = T5TextEncoder(t5_path, model_max_length=cfg.encoders.model_max_length, device=device)
-    vae = VideoAutoencoderKL(vae_path, micro_batch_size=cfg.encoders.vae_micro_batch_size).to(device).eval().requires_grad_(False)
-    return text_encoder, vae, {"text_encoder": t5_path, "vae": vae_path}
-
-
-def build_model(cfg: TrainConfig, caption_channels: int):
-    from models.stdit2 import STDIT2_PRESETS, STDiT2, STDiT2Config
-
-    if cfg.model.preset not in STDIT2_PRESETS:
-        raise ValueError(f"unknown model preset {cfg.model.preset!r}; choose one of {sorted(STDIT2_PRESETS)}")
-    base = STDIT2_PRESETS[cfg.model.preset].to_dict()
-    base.update(cfg.model.overrides)
-    base.update(
-        caption_channels=caption_channels,
-        model_max_length=cfg.encoders.model_max_length,
-        qk_norm_legacy=cfg.model.qk_norm_legacy,
-        grad_checkpointing=cfg.model.grad_checkpointing,
-    )
-    config = STDiT2Config.from_dict(base)
-    model = STDiT2(config)
-    if cfg.model.from_pretrained:
-        from models.checkpoint_io import load_stdit2_weights
-
-        load_stdit2_weights(model, cfg.model.from_pretrained)
-    return model, config
-
-
-def build_scheduler(objective: str, rflow_timestep_shift: bool = True):
-    if objective == "iddpm":
-        from models.schedulers.iddpm import IDDPM
-
-        return IDDPM(timestep_respacing="")
-    from models.schedulers.rectified_flow import RectifiedFlow
-
-    return RectifiedFlow(use_timestep_transform=rflow_timestep_shift)
-
-
-def build_booster(cfg: TrainConfig, dist: Dist, model: torch.nn.Module):
-    """ZeRO-2 + HybridAdam on CUDA; TorchDDP + AdamW on CPU (LowLevelZero asserts CUDA)."""
-    from colossalai.booster import Booster
-    from colossalai.booster.plugin import LowLevelZeroPlugin, TorchDDPPlugin
-
-    use_zero = cfg.plugin == "zero2" or (cfg.plugin == "auto" and dist.device.type == "cuda")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if use_zero:
-        from colossalai.nn.optimizer import HybridAdam
-
-        plugin = LowLevelZeroPlugin(stage=2, precision=cfg.precision, initial_scale=2**16, max_norm=cfg.optim.grad_clip)
-        optimizer = HybridAdam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas, eps=cfg.optim.eps, adamw_mode=True)
-    else:
-        plugin = TorchDDPPlugin(find_unused_parameters=True)
-        optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas, eps=cfg.optim.eps)
-    booster = Booster(plugin=plugin)
-    model, optimizer, *_ = booster.boost(model, optimizer)
-    return booster, model, optimizer, use_zero
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "unwrap") and callable(model.unwrap):
-        inner = model.unwrap()
-        if inner is model:
-            break
-        model = inner
-    return getattr(model, "module", model)
-
-
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    source = dict(model.named_parameters())
-    for name, param in ema.named_parameters():
-        if name in source:
-            param.mul_(decay).add_(source[name].detach().float(), alpha=1 - decay)
-
-
-@torch.no_grad()
-def encode_batch(batch: dict[str, Any], text_encoder, vae, device: torch.device, generator: torch.Generator | None = None) -> dict[str, Any]:
-    """VAE latents (posterior sample drawn from ``generator``, or the mode without one) and T5 embeddings."""
-    video = batch["video"].to(device)
-    x = vae.encode(video, generator=generator) if generator is not None else vae.encode_mode(video)
-    text = text_encoder.encode(batch["text"])
-    return {
-        "x": x,
-        "y": text["y"].to(device),
-        "mask": text["mask"].to(device),
-        "model_kwargs": {k: batch[k].to(device) for k in ("num_frames", "height", "width", "ar", "fps")},
-    }
-
-
-def diffusion_loss(scheduler, objective: str, model, enc: dict[str, Any], x_mask, gen: torch.Generator, drop_ids=None, t=None, noise=None):
-    """Per-sample training loss [B] of ``model`` on an encoded batch."""
-    x = enc["x"]
-    if noise is None:
-        noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-    kwargs = dict(enc["model_kwargs"], y=enc["y"], mask=enc["mask"])
-    if drop_ids is not None:
-        kwargs["force_drop_ids"] = drop_ids
-    if objective == "iddpm":
-        if t is None:
-            t = scheduler.sample_timesteps(x.shape[0], device=x.device, generator=gen)
-        return scheduler.training_losses(model, x, t, model_kwargs=kwargs, noise=noise, mask=x_mask)["loss"]
-    if t is None:
-        t = scheduler.sample_timesteps(x.shape[0], enc["model_kwargs"], device=x.device, generator=gen)
-    return scheduler.training_losses(model, x, t, model_kwargs=kwargs, noise=noise, mask=x_mask)["loss"]
-
-
-def train_step(
-    cfg: TrainConfig, dist: Dist, model, booster, optimizer, scheduler, mask_generator, enc: dict[str, Any],
-    gen: torch.Generator, step: int, class_dropout_prob: float, use_zero: bool, ema: torch.nn.Module | None = None,
-) -> tuple[torch.Tensor, float | None, float]:
-    """One optimizer step on an encoded batch: frame masks and caption dropout from ``gen``, the loss under autocast,
-    backward through the booster, clipping (ZeRO clips inside its optimizer), warmup lr, step, EMA.
-
-    Returns (loss, grad norm or None under ZeRO, lr). ``step`` counts the steps already taken.
-    """
-    # MaskGenerator draws on the CPU, which a CUDA generator cannot do: there it gets a CPU one seeded from ``gen``
-    mask_gen = gen if gen.device.type == "cpu" else torch.Generator().manual_seed(gen.initial_seed())
-    x_mask = mask_generator.get_masks(enc["x"], generator=mask_gen)
-    drop = (torch.rand(enc["x"].shape[0], generator=gen, device=dist.device) < class_dropout_prob).long()
-    with autocast(cfg, dist):
-        loss = diffusion_loss(scheduler, cfg.objective, model, enc, x_mask, gen, drop_ids=drop).mean()
-    booster.backward(loss, optimizer)
-    grad_norm = None
-    if not use_zero:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), cfg.optim.grad_clip))
-    lr = cfg.optim.lr * min(1.0, (step + 1) / cfg.optim.warmup_steps) if cfg.optim.warmup_steps else cfg.optim.lr
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
-    optimizer.zero_grad()
-    if ema is not None:
-        update_ema(ema, unwrap(model), cfg.optim.ema_decay)
-    return loss, grad_norm, lr
-
-
-def bucket_name(model_kwargs: dict[str, Any]) -> str:
-    t, h, w = int(model_kwargs["num_frames"][0]), int(model_kwargs["height"][0]), int(model_kwargs["width"][0])
-    return f"{t}x{h}x{w}"
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Validation: held-out clips at fixed timesteps and fixed noise, per bucket
-# --------------------------------------------------------------------------------------------------------------
-@dataclass
-class ValidationSet:
-    batches: list[dict[str, Any]]  # encoded, on device
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-def build_validation_set(
-    rows, bucket, frame_interval: int, seed: int, text_encoder, vae, dist: Dist, max_samples: int, cache_dir: Path | None = None
-) -> ValidationSet:
-    """Encoded held-out batches (posterior mode: deterministic), from the encoders or from an encoder cache."""
-    from training.buckets import VariableVideoBatchSampler
-    from training.data import VideoTextDataset, collate
-
-    if len(rows) == 0:
-        return ValidationSet([])
-    sampler = VariableVideoBatchSampler(rows, bucket, frame_interval, num_replicas=1, rank=0, seed=seed, shuffle=False)
-    if cache_dir is not None:
-        from training.encoder_cache import CachedLatentDataset, cached_batch_to_device, collate_cached
-
-        dataset, collate_fn = CachedLatentDataset(rows, cache_dir), collate_cached
-        encode = lambda b: cached_batch_to_device(b, dist.device)  # noqa: E731
-    else:
-        dataset, collate_fn = VideoTextDataset(rows, frame_interval, seed), collate
-        encode = lambda b: encode_batch(b, text_encoder, vae, dist.device)  # noqa: E731
-    batches, seen = [], 0
-    for indices in sampler:
-        enc = encode(collate_fn([dataset[i] for i in indices]))
-        enc["bucket"] = bucket_name(enc["model_kwargs"])
-        batches.append(enc)
-        seen += len(indices)
-        if seen >= max_samples:
-            break
-    return ValidationSet(batches)
-
-
-@torch.no_grad()
-def validation_losses(model, scheduler, objective: str, val: ValidationSet, num_timesteps: int, seed: int, null_caption: bool = False) -> dict[str, float]:
-    """Mean loss per bucket (and ``all``) at ``num_timesteps`` evenly spaced timesteps with fixed noise."""
-    if not len(val):
-        return {}
-    was_training = model.training
-    model.eval()
-    total = scheduler.num_timesteps
-    grid = [int((i + 0.5) * total / num_timesteps) for i in range(num_timesteps)]
-    per_bucket: dict[str, list[float]] = {}
-    for index, enc in enumerate(val.batches):
-        x = enc["x"]
-        gen = step_generator(seed + NULL_SEED_OFFSET, index, 0, x.device)
-        noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-        drop = torch.ones(x.shape[0], dtype=torch.long, device=x.device) if null_caption else None
-        for t_value in grid:
-            t = torch.full((x.shape[0],), t_value, device=x.device, dtype=torch.long if objective == "iddpm" else x.dtype)
-            loss = diffusion_loss(scheduler, objective, model, enc, None, gen, drop_ids=drop, t=t, noise=noise)
-            per_bucket.setdefault(enc["bucket"], []).extend(loss.float().tolist())
-    model.train(was_training)
-    out = {f"val_loss/{b}": sum(v) / len(v) for b, v in per_bucket.items()}
-    every = [x for v in per_bucket.values() for x in v]
-    out["val_loss"] = sum(every) / len(every)
-    return out
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The loop
+# The loop: construction (training.build), one step (training.steps), validation (training.validation)
 # --------------------------------------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
@@ -375,24 +56,6 @@ class TrainResult:
     bucket_report: dict[str, Any] = field(default_factory=dict)
     mlflow_not_logged: str | None = None
     """What MLflow did not get (it was failing), in words; None when it got everything."""
-
-
-def broadcast_object(obj: Any, dist: Dist) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if dist.world_size > 1:
-        holder = [obj]
-        torch.distributed.broadcast_object_list(holder, src=0)
-        return holder[0]
-    return obj
-
-
-def all_ranks(ok: bool, dist: Dist) -> bool:
-    """True when ``ok`` holds on every rank."""
-    if dist.world_size > 1:
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=dist.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        return bool(flag.item())
-    return ok
 
 
 def train(
@@ -441,7 +104,7 @@ def _train_in_run(cfg: TrainConfig, dataset: str, run_dir: Path, tracking_uri: s
     from training.data import VideoTextDataset, collate, load_rows, split_rows
     from training.masks import MaskGenerator
     from training.throughput import ThroughputWindow, device_peak_tflops
-    from training.tracking import RunTracker, default_tracking_uri
+    from training.tracking import RunTracker, default_tracking_uri, git_commit
 
     # 2. Data: rows, held-out split, buckets, sampler
     dataset_path, dataset_version = resolve_dataset(dataset)
@@ -647,20 +310,6 @@ def _step_of_record(line: str, up_to: int) -> bool:
         return False
 
 
-def autocast(cfg: TrainConfig, dist: Dist):
-    if dist.device.type == "cuda" and cfg.precision in ("bf16", "fp16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
-    return contextlib.nullcontext()
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def _yaml(data: dict) -> str:
     import yaml
 
@@ -697,45 +346,40 @@ def report_progress(step: int, total: int, loss: float) -> None:
         _PIPES.log.info(f"step {step}/{total} loss {loss:.4f}")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from training.config import TRAIN_PRESETS
-
-    parser = argparse.ArgumentParser(prog="opensora-dag train", description="Train STDiT2 on a dataset version.")
-    parser.add_argument("preset", help=f"training preset ({', '.join(TRAIN_PRESETS)}) or a YAML path")
-    parser.add_argument("--dataset", required=True, help="dataset version id (lake/datasets/<id>) or a .parquet/.csv path")
-    parser.add_argument("--nproc", type=int, help="processes on this machine (runs torchrun for you)")
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--ckpt-every", type=int)
-    parser.add_argument("--outdir", help="folder of this config's runs; each run gets its own run-NNN inside "
-                        "(default: $OPENSORA_HOME/checkpoints/<name>)")
-    parser.add_argument("--resume", nargs="?", const="latest", metavar="RUN",
-                        help="continue the newest run under --outdir, or RUN (run-003, 3 or a path), from its newest "
-                        "complete checkpoint; 'auto': the newest run if unfinished and idle, else a new run. Without "
-                        "--resume every call starts a new run")
-    parser.add_argument("--objective", choices=["iddpm", "rflow"])
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the embedded store)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
+    """``python -m training.train``: what each torchrun worker runs; the arguments of ``opensora-dag train``."""
+    parser = argparse.ArgumentParser(prog="opensora-dag train", description=TRAIN_DESCRIPTION)
+    add_train_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """``opensora-dag train``: with ``--nproc N`` (outside torchrun) start N workers on this machine, else train."""
     global _PIPES
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
     if args.nproc and "LOCAL_RANK" not in os.environ:
-        rest = _without_option(argv, "--nproc")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "training.train", *rest]
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "training.train",
+               *train_worker_argv(args)]
         return subprocess.call(cmd)
 
+    from common.storage import opensora_home
     from training.config import load_train_config
 
     overrides = list(args.overrides)
     for flag, key in (("steps", "steps"), ("ckpt_every", "ckpt_every"), ("objective", "objective")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
-    cfg = load_train_config(args.preset, overrides)
-    outdir = args.outdir or str(Path(os.environ.get("OPENSORA_HOME", ".opensora")) / "checkpoints" / cfg.name)
+    if args.config_json:  # validated in Dagster before any process started; validated again here, never patched
+        from training.config import TrainConfig
+
+        if overrides:
+            print("error: --config-json is the whole config; give no --set/--steps/--ckpt-every/--objective with it",
+                  file=sys.stderr)
+            return 2
+        cfg = TrainConfig.model_validate_json(args.config_json)
+    else:
+        cfg = load_train_config(args.preset, overrides)
+    outdir = args.outdir or str(opensora_home() / "checkpoints" / cfg.name)
 
     rank = int(os.environ.get("RANK", "0"))
     pipes_cm = contextlib.nullcontext()
@@ -782,21 +426,6 @@ def _report_materialization(pipes, result: TrainResult, objective: str) -> None:
     pipes.report_asset_materialization(
         metadata=metadata, data_version=f"{Path(result.outdir).name}/{Path(result.final_checkpoint).name}",
     )
-
-
-def _without_option(argv: list[str], name: str) -> list[str]:
-    out, skip = [], False
-    for token in argv:
-        if skip:
-            skip = False
-            continue
-        if token == name:
-            skip = True
-            continue
-        if token.startswith(name + "="):
-            continue
-        out.append(token)
-    return out
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from curation.samples import Shot, write_synthetic_video
 from curation.sources import SourceChanged, SourceStore, decodable_source, freeze_file, source_name
 from opensora_dag.instance import materialize_selection
 from resources.lakehouse import Lakehouse
-from resources.storage import Storage
+from common.storage import Storage
 
 
 @pytest.fixture(scope="module")

@@ -337,6 +337,13 @@ def test_clips_check_uses_the_bounds_the_clips_were_cut_with(tmp_path, instance)
     result = validate_clips(pl.concat([rows, longest], how="vertical_relaxed"), bounds)  # a 3 s clip
     assert not result.passed and "stretched: 3.00 s is outside 1..2 s" in result.metadata["problems"].value
 
+    # A virtual clip whose range its source does not hold fails too (a table and a source that disagree).
+    assert rows["virtual"].all()
+    beyond = rows.head(1).with_columns(pl.col("start_frame") + 1000, pl.col("end_frame") + 1000, pl.lit("beyond").alias("id"))
+    result = validate_clips(pl.concat([rows, beyond], how="vertical_relaxed"), bounds)
+    assert not result.passed and "beyond: range 1000..1036 is outside the 132 frames" in result.metadata["problems"].value
+    assert validate_clips(rows, bounds).passed
+
     # Cut again with the defaults: the check follows (2..15 s), and the 1.5 s shot is no longer a clip.
     again = run([raw_videos, scenes, clips, clips_are_valid], lake, instance)
     (passed, _, info) = checks_of(again)["clips_are_valid"]

@@ -189,3 +189,16 @@ def test_weekly_retrain_runs_only_when_there_is_new_data_since_the_last_model():
         assert not list(skipped.run_requests) and "no new data" in skipped.skip_message
         instance.report_runless_asset_event(AssetMaterialization("curated_dataset", metadata={"version": "v2", "num_rows": 11}))
         assert len(list(tick(instance).run_requests)) == 1  # one new clip is new data for the weekly run
+
+
+def test_cli_home_flag_is_the_home_of_every_command(home, tiny_videos, tmp_path):
+    """`--home H materialize` runs against H even when $OPENSORA_HOME names another place (it used to look there)."""
+    source = tmp_path / "drop"
+    fill_batch(tmp_path, "drop", tiny_videos[:1])
+    elsewhere = tmp_path / "elsewhere"
+    env = {**os.environ, "OPENSORA_HOME": str(elsewhere)}
+    for args in (["ingest", str(source), "--batch", "cam_2"], ["materialize", "--select", "raw_videos", "--batch", "cam_2"]):
+        out = subprocess.run(CLI + ["--home", str(home), *args], env=env, cwd=REPO, capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert len(Lakehouse(home=str(home)).read_partition("raw_videos", "cam_2")) == 1
+    assert not (elsewhere / "lake").exists()

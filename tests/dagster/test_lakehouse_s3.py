@@ -1,4 +1,4 @@
-"""Landing, media and dataset versions on S3 through one object-store layer (``resources.storage``), against real
+"""Landing, media and dataset versions on S3 through one object-store layer (``common.storage``), against real
 services: a PostgreSQL catalog and a moto S3 endpoint on 127.0.0.1 (tests/services.py)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from resources.storage import Storage, local_media_path
+from common.storage import Storage, local_media_path
 
 REPO = Path(__file__).resolve().parents[2]
 

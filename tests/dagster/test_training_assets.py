@@ -70,6 +70,29 @@ def test_trained_model_through_pipes(tiny_dataset_version, tmp_path):
         assert state["world_size"] == 2 and state["dataset_version"] == version
 
 
+def test_a_bad_training_override_fails_in_dagster_before_any_process_starts(tiny_dataset_version):
+    """A typo in an override fails the asset with the field named, and no trainer ever starts (no run folder)."""
+    from dagster import materialize
+
+    from assets.training import trained_model
+    from resources.lakehouse import Lakehouse
+    from resources.launcher import LocalLauncher
+    from resources.tracking import Tracking
+
+    home, version = tiny_dataset_version
+    lake = Lakehouse(home=str(home))
+    with instance_for_test() as instance:
+        result = materialize(
+            [trained_model], instance=instance, raise_on_error=False,
+            resources={"lakehouse": lake, "tracking": Tracking(), "launcher": LocalLauncher(nproc=2, python=sys.executable)},
+            run_config={"ops": {"trained_model": {"config": {"dataset_version": version, "overrides": ["optim.lrr=1e-4"]}}}},
+        )
+        assert not result.success
+        failure = [e for e in result.all_events if e.is_step_failure][0].step_failure_data.user_failure_data
+        assert "optim.lrr=1e-4" in failure.description and "lrr" in failure.description
+    assert not lake.checkpoints_dir.exists() or not any(lake.checkpoints_dir.rglob("run-*"))
+
+
 @pytest.fixture
 def tiny_dataset_version(tiny_dataset, tmp_path):
     from curation.datasets import FilterSpec, build_dataset

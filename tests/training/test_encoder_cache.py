@@ -106,7 +106,7 @@ def tiny_model(caption_channels: int):
 def step_loss(model, scheduler, enc, gen):
     """What a training step of ``training.train`` draws from its generator after encoding, and the loss."""
     from training.masks import MaskGenerator
-    from training.train import diffusion_loss
+    from training.steps import diffusion_loss
 
     x_mask = MaskGenerator().get_masks(enc["x"], generator=gen)
     drop = (torch.rand(enc["x"].shape[0], generator=gen) < 0.1).long()
@@ -126,7 +126,8 @@ def assert_same_encoding(enc, fresh):
 def test_cached_batches_equal_fresh_encoding_and_give_the_same_loss(cache, clips, bucket, encoders):
     """Mode cache == ``encode_batch(..., generator=None)`` (the VAE mode), batch by batch over two epochs."""
     from training.data import VideoTextDataset, collate
-    from training.train import build_scheduler, encode_batch, step_generator
+    from training.build import build_scheduler, encode_batch
+    from training.steps import step_generator
 
     text_encoder, vae = encoders
     model, scheduler = tiny_model(text_encoder.output_dim), build_scheduler("iddpm")
@@ -155,7 +156,8 @@ def test_sample_cache_draws_the_posterior_like_the_vae(clips, bucket, encoders, 
     """posterior="sample": the step's generator draws the same latent sample as ``encode_batch(generator=gen)``, and
     leaves the generator in the same state, so masks, timesteps, noise and the loss match too."""
     from training.data import VideoTextDataset, collate
-    from training.train import build_scheduler, encode_batch, step_generator
+    from training.build import build_scheduler, encode_batch
+    from training.steps import step_generator
 
     text_encoder, vae = encoders
     manifest = build_encoder_cache(clips, bucket, FRAME_INTERVAL, SEED, text_encoder, vae, tmp_path / "s", posterior="sample")

@@ -53,7 +53,7 @@ def make_tiny_checkpoint(root: Path, step: int = 1, seed: int = 0, dataset: Path
     from models.checkpoint_io import save_stdit2_hf_dir
     from models.tiny import build_tiny_t5, build_tiny_vae
     from training.config import load_train_config
-    from training.train import build_model
+    from training.build import build_model
 
     t5, vae = root / "tiny-t5", root / "tiny-vae"
     if not (t5 / "config.json").is_file():

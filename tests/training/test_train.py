@@ -12,6 +12,9 @@ from pathlib import Path
 
 from tests.training.conftest import REPO, TINY_OVERRIDES, train_command
 
+# The objective the demo-cpu preset trains with (rectified flow since issue 13); the checkpoint and MLflow record it.
+DEMO_OBJECTIVE = "rflow"
+
 
 def run_env(home: Path) -> dict:
     return {**os.environ, "OPENSORA_HOME": str(home), "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": ""}
@@ -56,7 +59,7 @@ def test_sigkill_and_resume_gives_the_same_losses(tiny_dataset, tmp_path):
     assert sorted(p.name for p in run.glob("step-*")) == ["step-00000006", "step-00000008"], "keep_last=2 prunes older checkpoints"
     assert [p.name for p in killed.iterdir()] == ["run-001"], "--resume continues the run, it starts no other"
     state = json.loads((run / "step-00000008" / "state.json").read_text())
-    assert state["objective"] == "iddpm" and state["step"] == 8
+    assert state["objective"] == DEMO_OBJECTIVE and state["step"] == 8
 
 
 def test_run_is_tracked_in_mlflow(tiny_dataset, tmp_path):
@@ -72,7 +75,7 @@ def test_run_is_tracked_in_mlflow(tiny_dataset, tmp_path):
     client = mlflow.MlflowClient(f"sqlite:///{home / 'mlruns' / 'mlflow.db'}")
     run = client.get_run(summary["mlflow_run_id"])
     assert run.data.params["dataset_version"] == "data"  # a dataset given by path: named by its file (data.parquet)
-    assert run.data.params["config.objective"] == "iddpm"
+    assert run.data.params["config.objective"] == DEMO_OBJECTIVE
     assert "git_commit" in run.data.params
     assert {"loss", "lr", "grad_norm", "val_loss", "val_loss_null_caption"} <= set(run.data.metrics)
     assert any(k.startswith("loss/") for k in run.data.metrics), "loss per bucket"
@@ -88,7 +91,7 @@ def test_run_is_tracked_in_mlflow(tiny_dataset, tmp_path):
 
 def test_two_torchrun_agents_form_one_world(tiny_dataset, tmp_path):
     """The multi-node launch spec, simulated for real: two torchrun agents on 127.0.0.1 with c10d rendezvous."""
-    from training.train import free_port
+    from training.distributed import free_port
 
     port = free_port()
     outdir = tmp_path / "two_nodes"

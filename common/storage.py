@@ -1,7 +1,13 @@
-"""One object-store layer for the files under the data root: ``landing/``, ``media/`` and ``lake/datasets/``.
+"""Where things live: the local home, the data root and the one object-store layer over it.
 
-The data root (``OPENSORA_DATA_PATH``) is a local folder or ``s3://bucket/prefix``; :class:`Storage` gives both the
-same few operations, so assets never branch on where the data lives except to decide whether a local copy is needed:
+- :func:`opensora_home`: the local root (``OPENSORA_HOME``, default ``./.opensora``): scratch space, the embedded
+  Dagster instance, MLflow's default store, checkpoints, the object cache. Code asks this function, never the
+  variable, so the default is written once.
+- :func:`data_root`: the shared root of ``landing/``, ``media/`` and ``lake/`` (``OPENSORA_DATA_PATH``, default the
+  home): a local folder or ``s3://bucket/prefix``.
+
+:class:`Storage` gives a local and an S3 data root the same few operations, so assets never branch on where the data
+lives except to decide whether a local copy is needed:
 
 - ``url(*parts)``: a location under the root (a path for a local root, an ``s3://`` URL otherwise); ``..``, ``.``,
   empty and absolute parts are refused.
@@ -15,10 +21,11 @@ same few operations, so assets never branch on where the data lives except to de
 - ``remove(url)``: delete a file or a folder under the root.
 
 :func:`local_media_path` does the same for one path from a table (a clip, a kept-frames folder) in any process,
-torchrun workers included, reading the environment as the lakehouse does.
+torchrun workers included, reading the environment as the lakehouse does; :func:`local_dataset_version` for a dataset
+version folder (``lake/datasets/<version>/``).
 
-S3 goes through s3fs (:func:`resources.lakehouse.s3_filesystem`: the standard ``AWS_*`` variables,
-``AWS_ENDPOINT_URL`` for S3-compatible stores).
+S3 goes through s3fs (:func:`s3_filesystem`: the standard ``AWS_*`` variables, ``AWS_ENDPOINT_URL`` for
+S3-compatible stores). This module imports nothing of ours (see :mod:`common`).
 """
 
 from __future__ import annotations
@@ -28,11 +35,43 @@ import json
 import os
 import shutil
 import threading
-import uuid
 from pathlib import Path
 from typing import Any
 
+from common.files import atomic_dir, copy_atomic, publish, scratch_sibling
+
 S3 = "s3://"
+HOME_DEFAULT = ".opensora"
+
+
+# ---- where things live -----------------------------------------------------------------------------------------
+def opensora_home(home: str | os.PathLike | None = None) -> Path:
+    """The local root, absolute: ``home`` when given, else ``$OPENSORA_HOME``, else ``./.opensora``."""
+    return Path(home or os.environ.get("OPENSORA_HOME", HOME_DEFAULT)).expanduser().resolve()
+
+
+def data_root(data_path: str | None = None, home: str | os.PathLike | None = None) -> str:
+    """The shared data root: ``data_path`` when given, else ``$OPENSORA_DATA_PATH``, else the home. An absolute
+    folder path or ``s3://bucket/prefix``; any other URL raises ValueError."""
+    data = data_path or os.environ.get("OPENSORA_DATA_PATH") or str(opensora_home(home))
+    if is_remote(data):
+        return data
+    if "://" in data:
+        raise ValueError(f"OPENSORA_DATA_PATH must be a local folder or s3://bucket/prefix, got {data!r}")
+    return str(Path(data).expanduser().resolve())
+
+
+def s3_filesystem():
+    """An s3fs filesystem from the standard AWS variables (path-style for S3-compatible endpoints)."""
+    import s3fs
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    return s3fs.S3FileSystem(
+        key=os.environ.get("AWS_ACCESS_KEY_ID"), secret=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        token=os.environ.get("AWS_SESSION_TOKEN"), endpoint_url=endpoint,
+        client_kwargs={"region_name": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")},
+        config_kwargs={"s3": {"addressing_style": "path"}} if endpoint else None,
+    )
 
 
 def is_remote(path_or_url: str | os.PathLike) -> bool:
@@ -75,15 +114,14 @@ class Storage:
 
     @classmethod
     def for_location(cls, location) -> "Storage":
-        """The storage of a :class:`resources.lakehouse.LakeLocation` (cache under its home)."""
+        """The storage of a location (anything with ``data_root`` and ``home``, as ``resources.lakehouse.LakeLocation``),
+        its object cache under that home."""
         return cls(location.data_root, Path(location.home) / "cache" / "objects")
 
     @classmethod
     def from_env(cls) -> "Storage":
         """The storage the environment describes (``OPENSORA_HOME``, ``OPENSORA_DATA_PATH``), as the lakehouse reads it."""
-        from resources.lakehouse import resolve_location
-
-        return cls.for_location(resolve_location())
+        return cls(data_root(), opensora_home() / "cache" / "objects")
 
     @property
     def remote(self) -> bool:
@@ -105,8 +143,6 @@ class Storage:
 
     @staticmethod
     def _fs():
-        from resources.lakehouse import s3_filesystem
-
         return s3_filesystem()
 
     @staticmethod
@@ -209,12 +245,7 @@ class Storage:
             return target
         dst = Path(target)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.part")
-        try:
-            shutil.copyfile(local_path, tmp)
-            os.replace(tmp, dst)
-        finally:
-            tmp.unlink(missing_ok=True)
+        copy_atomic(local_path, dst, suffix=".part")
         return target
 
     def put_dir(self, local_dir: str | os.PathLike, *parts: str, last: str | None = None) -> str:
@@ -227,15 +258,8 @@ class Storage:
         if not self.remote:
             dst = Path(target)
             dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.part")
-            shutil.copytree(source, tmp)
-            try:
-                os.rename(tmp, dst)
-            except OSError:
-                if not dst.is_dir():
-                    raise
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+            with atomic_dir(dst, exists="keep", suffix=".part") as tmp:
+                shutil.copytree(source, tmp, dirs_exist_ok=True)
             return target
         files = sorted((p for p in source.rglob("*") if p.is_file()), key=lambda p: (p.relative_to(source).as_posix() == last,
                                                                                      p.relative_to(source).as_posix()))
@@ -289,24 +313,14 @@ class Storage:
         if target.exists():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.part")
-        try:
+        with scratch_sibling(target, ".part") as tmp:
             if entries[0][0] == "":
                 fs.get_file(key, str(tmp))
             else:
                 for name, _size, _etag in entries:
                     (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                     fs.get_file(f"{key}/{name}", str(tmp / name))
-            try:
-                os.rename(tmp, target)  # a file replaces atomically; a folder another process renamed first wins
-            except OSError:
-                if not target.exists():
-                    raise
-        finally:
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink(missing_ok=True)
+            publish(tmp, target, exists="keep")  # same key, same bytes: a copy another process published first wins
         return target
 
 
@@ -335,36 +349,14 @@ def local_media_path(path_or_url: str | os.PathLike) -> Path:
 
 
 # ---- dataset versions ------------------------------------------------------------------------------------------
+DATASETS = ("lake", "datasets")  # where dataset versions live under the data root: lake/datasets/<version>/
+
+
 def local_dataset_version(lakehouse: Any, version: str) -> Path:
-    """A local folder holding dataset version ``version`` (``lake/datasets/<version>/``): the folder itself on a
-    local data path, a cached copy from the object store otherwise."""
+    """A local folder holding dataset version ``version`` (``lake/datasets/<version>/``) of ``lakehouse.storage``:
+    the folder itself on a local data path, a cached copy from the object store otherwise."""
     storage = lakehouse.storage
-    url = storage.url("lake", "datasets", version)
+    url = storage.url(*DATASETS, version)
     if not storage.remote:
         return Path(url)
     return storage.local_copy(url)
-
-
-def latest_dataset_version(lakehouse: Any):
-    """The newest complete dataset version (a ``curation.datasets.DatasetVersion`` read from a local folder or a
-    cached copy), or None."""
-    from curation.datasets import latest_version, load_version
-
-    storage = lakehouse.storage
-    root = storage.url("lake", "datasets")
-    if not storage.remote:
-        return latest_version(root)
-    best = None
-    for name, _size, is_dir in storage.list_dir(root):
-        if not is_dir or name.startswith("."):
-            continue
-        try:
-            manifest = json.loads(storage.local_copy(_join(root, f"{name}/manifest.json")).read_text())
-        except FileNotFoundError:
-            continue  # still being published
-        if best is None or (manifest.get("created_at"), name) > best:
-            best = (manifest.get("created_at"), name)
-    if best is None:
-        return None
-    folder = local_dataset_version(lakehouse, best[1])
-    return load_version(folder.parent, folder.name)
