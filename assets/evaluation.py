@@ -34,6 +34,7 @@ from resources.lakehouse import Lakehouse
 from resources.model_store import ModelStore
 from resources.tracking import Tracking
 from training import evaluate as ev  # cheap: torch and friends are imported inside its functions
+from training import registry
 
 EVALUATIONS_TABLE = "evaluations"
 GIF_EMBED_MAX_BYTES = 512 * 1024  # larger previews are linked by path, not inlined into the event log
@@ -188,7 +189,7 @@ def model_evaluation(
     scheduler = config.scheduler or ev.PREVIEW_SCHEDULERS[objective]
     num_frames, (height, width) = ev.evaluation_shape(state.get("config") or {})
     num_frames, height, width = config.num_frames or num_frames, config.height or height, config.width or width
-    model_name = ev.registry_model_name(config.model_name, state)
+    model_name = registry.registry_model_name(config.model_name, state)
     out_dir = evaluation_dir(lakehouse, checkpoint, prompt_set.version)
     context.log.info(f"evaluating {checkpoint} on prompt set {prompt_set.version} ({len(prompt_set)} prompts) into {out_dir}")
 
@@ -208,8 +209,8 @@ def model_evaluation(
     # 3. MLflow: compare with the registered best (by CLIP score with CLIP weights, else prompt adherence, else
     #    val_loss: report.ranked_by), then register if better, then log to the training run
     uri = tracking.uri(lakehouse.root)
-    passed, best_before = ev.compare_to_best(report.ranking_value, uri, model_name, cohort=report.cohort)
-    decision = ev.register_if_best(report, uri, model_name, run_id=report.mlflow_run_id)
+    passed, best_before = registry.compare_to_best(report.ranking_value, uri, model_name, cohort=report.cohort)
+    decision = registry.register_if_best(report, uri, model_name, run_id=report.mlflow_run_id)
     context.log.info(f"registry: {decision.reason}" + (f" -> {model_name} v{decision.version}" if decision.version else ""))
     logged_run = ev.log_to_mlflow(report, uri, run_id=report.mlflow_run_id)
 
@@ -265,7 +266,7 @@ def not_worse_than_best(context: AssetCheckExecutionContext) -> AssetCheckResult
         return AssetCheckResult(passed=False, metadata={"checkpoint": checkpoint, "ranked_by": metric, "reason": f"no "
                                 f"{metric} was computed (see the materialization's 'skipped'): the checkpoint is not "
                                 "shown to be no worse"})
-    passed = best is None or ev.not_worse(float(value), float(best), metric, ev.VAL_LOSS_REL_TOL)
+    passed = best is None or registry.not_worse(float(value), float(best), metric, registry.VAL_LOSS_REL_TOL)
     return AssetCheckResult(
         passed=passed,
         metadata={

@@ -184,7 +184,7 @@ def batches_forever(make_loader):
 
 
 def run_uncached(rows, bucket, text_encoder, vae, trainer: Trainer, steps: int) -> Timings:
-    from training.buckets import VariableVideoBatchSampler
+    from training.sampler import VariableVideoBatchSampler
     from training.data import VideoTextDataset, collate
 
     device = trainer.device
@@ -217,7 +217,7 @@ def run_uncached(rows, bucket, text_encoder, vae, trainer: Trainer, steps: int) 
 
 
 def run_cached(rows, bucket, cache_dir: Path, trainer: Trainer, steps: int) -> Timings:
-    from training.buckets import VariableVideoBatchSampler
+    from training.sampler import VariableVideoBatchSampler
     from training.encoder_cache import CachedLatentDataset, cached_batch_to_device, collate_cached
 
     device = trainer.device

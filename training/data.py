@@ -1,6 +1,6 @@
 """Training data: rows of a dataset version (Parquet or Open-Sora CSV) decoded into bucketed video batches.
 
-The sampler (``training.buckets.VariableVideoBatchSampler``) decides each sample's ``(t, H, W)``; the dataset
+The sampler (``training.sampler.VariableVideoBatchSampler``) decides each sample's ``(t, H, W)``; the dataset
 decodes ``t`` frames spaced ``frame_interval`` apart from a random window (seeded by seed, epoch and row, so a
 resumed run sees the same frames), resizes to fill ``H x W`` and centre-crops. Images (``num_frames == 1``) load
 as one-frame videos with the image fps of the reference (120).
@@ -122,7 +122,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
         return frames, float(row.get("fps") or 30.0)
 
     def __getitem__(self, index: tuple[int, int, int, int]) -> dict[str, Any]:
-        """``index``: the sampler's ``SampleIndex(row, t, H, W)`` (``training.buckets``), or any such 4-tuple."""
+        """``index``: the sampler's ``SampleIndex(row, t, H, W)`` (``training.sampler``), or any such 4-tuple."""
         row_index, num_frames, height, width = index
         row = self.rows[row_index]
         rng = np.random.default_rng([self.seed, self.epoch, row_index])

@@ -48,7 +48,8 @@ import polars as pl
 import torch
 
 from common.files import atomic_dir
-from training.buckets import Bucket, SampleIndex, assign_rows
+from training.buckets import Bucket, assign_rows
+from training.sampler import SampleIndex
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
@@ -602,7 +603,7 @@ def cached_batch_to_device(
 
 def epochs_needed(rows: pl.DataFrame, bucket: Bucket, frame_interval: int, seed: int, steps: int, num_replicas: int = 1) -> int:
     """Epochs a run of ``steps`` optimizer steps on ``num_replicas`` ranks goes through (each must be cached)."""
-    from training.buckets import VariableVideoBatchSampler
+    from training.sampler import VariableVideoBatchSampler
 
     sampler = VariableVideoBatchSampler(rows, bucket, frame_interval, num_replicas=num_replicas, rank=0, seed=seed)
     epochs, left = 0, steps

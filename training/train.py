@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import os
 import subprocess
@@ -99,14 +100,115 @@ def train(
 
 
 def _train_in_run(cfg: TrainConfig, dataset: str, run_dir: Path, tracking_uri: str | None, dist: Dist, say, lease) -> TrainResult:
-    from training import checkpoint as ckpt
-    from training.buckets import Bucket, VariableVideoBatchSampler, bucket_report, load_bucket_preset
-    from training.data import VideoTextDataset, collate, load_rows, split_rows
-    from training.masks import MaskGenerator
     from training.throughput import ThroughputWindow, device_peak_tflops
-    from training.tracking import RunTracker, default_tracking_uri, git_commit
 
     # 2. Data: rows, held-out split, buckets, sampler
+    data = _prepare_data(cfg, dataset, dist, say)
+
+    # 3. Frozen encoders, model, EMA, optimizer through the booster
+    parts = _build_parts(cfg, dist, data)
+
+    # 4. Resume: the newest complete checkpoint that loads on every rank, else the one before it
+    pos, mlflow_run_id, latest = _resume(cfg, run_dir, dist, say, parts, data.sampler)
+    metrics_path = run_dir / "metrics.jsonl"
+    if dist.is_main and metrics_path.is_file():  # steps after the checkpoint are trained again: drop their records
+        metrics_path.write_text("".join(f"{line}\n" for line in metrics_path.read_text().splitlines() if _step_of_record(line, pos.step)))
+
+    # 5. Tracking (rank 0 only; MLflow failures are buffered and retried, never fatal), the held-out set
+    tracker = _start_tracking(cfg, run_dir, tracking_uri, dist, say, data, parts.encoder_paths, mlflow_run_id, new_run=latest is None)
+    val = build_validation_set(data.val_rows, data.bucket, data.preset.frame_interval, cfg.seed, parts.text_encoder, parts.vae, dist,
+                               cfg.val_max_samples, cache_dir=data.cache_dir / "val" if data.cache_dir is not None else None)
+    validate = functools.partial(_validate, cfg, parts, val, tracker, say)
+    first_val = validate(pos.step) if latest is None else {}
+
+    # 6. Steps
+    peak_tflops, peak_source = device_peak_tflops(dist.device)
+    say(f"MFU against {peak_tflops} TFLOP/s bf16 ({peak_source})" if peak_tflops else f"MFU not logged: {peak_source}")
+    window = ThroughputWindow(peak_tflops=peak_tflops, num_devices=dist.world_size)
+    final_metrics: dict[str, float] = {}
+    while pos.step < cfg.steps:
+        data.sampler.set_epoch(pos.epoch)
+        data.train_set.set_epoch(pos.epoch)
+        loader = torch.utils.data.DataLoader(data.train_set, batch_sampler=data.sampler, collate_fn=data.collate_fn,
+                                             num_workers=cfg.data.num_workers)
+        for batch in loader:
+            gen = step_generator(cfg.seed, pos.step, dist.rank, dist.device)
+            enc = _encode(batch, data, parts, dist, gen)
+            loss, grad_norm, lr = train_step(cfg, dist, parts.model, parts.booster, parts.optimizer, parts.scheduler, data.mask_generator,
+                                             enc, gen, pos.step, parts.model_config.class_dropout_prob, parts.use_zero, parts.ema)
+            pos.step += 1
+            pos.epoch_step += 1
+            final_metrics["loss"] = _log_step(cfg, dist, say, tracker, window, metrics_path, parts.model_config, pos, enc, loss, grad_norm, lr)
+
+            if cfg.val_every and pos.step % cfg.val_every == 0 and pos.step < cfg.steps:
+                validate(pos.step)
+            if pos.step % cfg.ckpt_every == 0 or pos.step == cfg.steps:
+                _save_checkpoint(cfg, run_dir, dist, lease, data, parts, tracker, pos)
+            if pos.step >= cfg.steps:
+                break
+        else:
+            pos.epoch += 1
+            pos.epoch_step = 0
+
+    # 7. Final validation, artifacts, summary
+    final_metrics.update(validate(pos.step))
+    if first_val:
+        final_metrics["val_loss_start"] = first_val["val_loss"]
+    return _finish(run_dir, dist, tracker, metrics_path, pos.step, final_metrics, data.report)
+
+
+@dataclass
+class _Data:
+    """What block 2 prepares: the dataset's rows and held-out split, the buckets, the sampler, and what batches come from."""
+
+    path: Path
+    version: str
+    rows: list
+    train_rows: list
+    val_rows: list
+    preset: Any
+    bucket: Any
+    report: Any
+    sampler: Any
+    mask_generator: Any
+    cache_dir: Path | None
+    manifest: Any
+    """The encoder cache's manifest; None without a cache."""
+    train_set: Any
+    collate_fn: Any
+
+
+@dataclass
+class _Parts:
+    """What block 3 builds: the frozen encoders (None with an encoder cache), the model under the booster, its EMA."""
+
+    text_encoder: Any
+    vae: Any
+    encoder_paths: Any
+    model: Any
+    model_config: Any
+    ema: Any
+    booster: Any
+    optimizer: Any
+    use_zero: bool
+    scheduler: Any
+
+
+@dataclass
+class _Position:
+    """Where the loop is: the global step, the epoch, and the batches of this epoch trained (the sampler's position)."""
+
+    step: int = 0
+    epoch: int = 0
+    epoch_step: int = 0
+
+
+def _prepare_data(cfg: TrainConfig, dataset: str, dist: Dist, say) -> _Data:
+    from training.buckets import Bucket, bucket_report, load_bucket_preset
+    from training.data import VideoTextDataset, collate, load_rows, split_rows
+    from training.masks import MaskGenerator
+    from training.sampler import VariableVideoBatchSampler
+
     dataset_path, dataset_version = resolve_dataset(dataset)
     rows = load_rows(dataset_path)
     train_rows, val_rows = split_rows(rows, cfg.data.val_fraction)
@@ -119,8 +221,9 @@ def _train_in_run(cfg: TrainConfig, dataset: str, run_dir: Path, tracking_uri: s
     sampler = VariableVideoBatchSampler(train_rows, bucket, preset.frame_interval, num_replicas=dist.world_size, rank=dist.rank, seed=cfg.seed)
     mask_generator = MaskGenerator(cfg.data.mask_ratios)
     cache_dir = Path(cfg.data.encoder_cache) if cfg.data.encoder_cache else None
+    manifest = None
     if cache_dir is not None:  # precomputed latents and embeddings: the encoders never load
-        from training.encoder_cache import CacheManifest, CachedLatentDataset, cached_batch_to_device, collate_cached, epochs_needed
+        from training.encoder_cache import CacheManifest, CachedLatentDataset, collate_cached, epochs_needed
 
         manifest = CacheManifest.load(cache_dir / "train")
         manifest.check_compatible(
@@ -130,11 +233,15 @@ def _train_in_run(cfg: TrainConfig, dataset: str, run_dir: Path, tracking_uri: s
         train_set, collate_fn = CachedLatentDataset(train_rows, cache_dir / "train"), collate_cached
     else:
         train_set, collate_fn = VideoTextDataset(train_rows, preset.frame_interval, cfg.seed), collate
+    return _Data(path=dataset_path, version=dataset_version, rows=rows, train_rows=train_rows, val_rows=val_rows, preset=preset,
+                 bucket=bucket, report=report, sampler=sampler, mask_generator=mask_generator, cache_dir=cache_dir,
+                 manifest=manifest, train_set=train_set, collate_fn=collate_fn)
 
-    # 3. Frozen encoders, model, EMA, optimizer through the booster
-    if cache_dir is not None:
+
+def _build_parts(cfg: TrainConfig, dist: Dist, data: _Data) -> _Parts:
+    if data.cache_dir is not None:
         text_encoder = vae = None
-        encoder_paths, caption_channels = manifest.encoders, manifest.caption_channels
+        encoder_paths, caption_channels = data.manifest.encoders, data.manifest.caption_channels
     else:
         text_encoder, vae, encoder_paths = load_encoders(cfg, dist.device, dist)
         caption_channels = text_encoder.output_dim
@@ -144,21 +251,30 @@ def _train_in_run(cfg: TrainConfig, dataset: str, run_dir: Path, tracking_uri: s
     booster, model, optimizer, use_zero = build_booster(cfg, dist, model)
     scheduler = build_scheduler(cfg.objective, cfg.rflow_timestep_shift)
     model.train()
+    return _Parts(text_encoder=text_encoder, vae=vae, encoder_paths=encoder_paths, model=model, model_config=model_config, ema=ema,
+                  booster=booster, optimizer=optimizer, use_zero=use_zero, scheduler=scheduler)
 
-    # 4. Resume: the newest complete checkpoint that loads on every rank, else the one before it
-    step, epoch, epoch_step, mlflow_run_id, latest = 0, 0, 0, None, None
+
+def _resume(cfg: TrainConfig, run_dir: Path, dist: Dist, say, parts: _Parts, sampler) -> tuple[_Position, str | None, Path | None]:
+    """Load the newest checkpoint of ``run_dir`` that loads on every rank, else the one before it, and restore the sampler.
+
+    Returns where to continue, the MLflow run to continue, and the checkpoint loaded (None: the run starts at step 0).
+    """
+    from training import checkpoint as ckpt
+
+    pos, mlflow_run_id, latest = _Position(), None, None
     candidates = broadcast_object(ckpt.resume_candidates(run_dir, say) if dist.is_main else None, dist)
     if candidates:
         saved = ckpt.read_state(candidates[0])
         if saved["objective"] != cfg.objective:
             raise ckpt.ResumeError(f"cannot resume from {candidates[0]}: it was trained with {saved['objective']}, the "
                                    f"config says {cfg.objective}; resume with --objective {saved['objective']} or start a new run")
-        ckpt.check_model_config(candidates[0], saved.get("model_config"), model_config.to_dict())
+        ckpt.check_model_config(candidates[0], saved.get("model_config"), parts.model_config.to_dict())
     for candidate in candidates:
         why = ""
         try:
-            state = ckpt.load_checkpoint(checkpoint=candidate, booster=booster, model=model, optimizer=optimizer, ema=ema,
-                                         rank=dist.rank, sharded_optimizer=use_zero)
+            state = ckpt.load_checkpoint(checkpoint=candidate, booster=parts.booster, model=parts.model, optimizer=parts.optimizer,
+                                         ema=parts.ema, rank=dist.rank, sharded_optimizer=parts.use_zero)
         except Exception as err:  # noqa: BLE001  (a damaged or refused file: try the previous checkpoint)
             why = f"{type(err).__name__}: {err}"
         if all_ranks(not why, dist):
@@ -168,126 +284,115 @@ def _train_in_run(cfg: TrainConfig, dataset: str, run_dir: Path, tracking_uri: s
     if candidates and latest is None:
         raise ckpt.ResumeError(f"no checkpoint of {run_dir} can be loaded (tried {', '.join(p.name for p in candidates)}); "
                                "start a new run without --resume")
-    metrics_path = run_dir / "metrics.jsonl"
     if latest is not None:
-        step, epoch, mlflow_run_id = state["step"], state["epoch"], state.get("mlflow_run_id")
-        epoch_step, reshard = ckpt.resume_position(state["sampler"], dist.world_size)
+        pos.step, pos.epoch, mlflow_run_id = state["step"], state["epoch"], state.get("mlflow_run_id")
+        pos.epoch_step, reshard = ckpt.resume_position(state["sampler"], dist.world_size)
         if reshard:
             say(f"warning: {reshard}")
         sampler.load_state_dict(state["sampler"])
         if dist.is_main:
-            ckpt.set_aside([p for p in ckpt.list_checkpoints(run_dir) if ckpt.step_of(p) > step], say)
-        say(f"resumed from {latest} at step {step}")
-    if dist.is_main and metrics_path.is_file():  # steps after the checkpoint are trained again: drop their records
-        metrics_path.write_text("".join(f"{line}\n" for line in metrics_path.read_text().splitlines() if _step_of_record(line, step)))
+            ckpt.set_aside([p for p in ckpt.list_checkpoints(run_dir) if ckpt.step_of(p) > pos.step], say)
+        say(f"resumed from {latest} at step {pos.step}")
+    return pos, mlflow_run_id, latest
 
-    # 5. Tracking (rank 0 only; MLflow failures are buffered and retried, never fatal)
+
+def _start_tracking(cfg: TrainConfig, run_dir: Path, tracking_uri: str | None, dist: Dist, say, data: _Data, encoder_paths,
+                    mlflow_run_id: str | None, new_run: bool):
+    """The MLflow run (continued when resuming); a new run also logs its dataset, bucket report and config."""
+    from training.tracking import RunTracker, default_tracking_uri, git_commit
+
     tracking_uri = tracking_uri or default_tracking_uri()
     tracker = RunTracker(tracking_uri, run_name=cfg.name, enabled=dist.is_main, run_id=mlflow_run_id, log=say,
                          not_logged_path=run_dir / "mlflow_not_logged.jsonl")
     tracker.start()
-    tracker.log_params({"config": cfg.model_dump(mode="json"), "dataset_version": dataset_version, "git_commit": git_commit(), "world_size": dist.world_size, "encoders": encoder_paths})
-    tracker.set_tags({"objective": cfg.objective, "dataset_version": dataset_version, "run_folder": str(run_dir)})
-    if dist.is_main and latest is None:
-        tracker.log_dataset(rows, "curated_dataset", dataset_version, str(dataset_path))
-        (run_dir / "bucket_report.md").write_text(report.to_markdown())
-        (run_dir / "bucket_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    tracker.log_params({"config": cfg.model_dump(mode="json"), "dataset_version": data.version, "git_commit": git_commit(), "world_size": dist.world_size, "encoders": encoder_paths})
+    tracker.set_tags({"objective": cfg.objective, "dataset_version": data.version, "run_folder": str(run_dir)})
+    if dist.is_main and new_run:
+        tracker.log_dataset(data.rows, "curated_dataset", data.version, str(data.path))
+        (run_dir / "bucket_report.md").write_text(data.report.to_markdown())
+        (run_dir / "bucket_report.json").write_text(json.dumps(data.report.to_dict(), indent=2))
         (run_dir / "config.yaml").write_text(_yaml(cfg.model_dump(mode="json")))
         for name in ("bucket_report.md", "bucket_report.json", "config.yaml"):
             tracker.log_artifact(run_dir / name)
+    return tracker
 
-    val = build_validation_set(val_rows, bucket, preset.frame_interval, cfg.seed, text_encoder, vae, dist, cfg.val_max_samples,
-                               cache_dir=cache_dir / "val" if cache_dir is not None else None)
 
-    def validate(at_step: int) -> dict[str, float]:
-        scores = validation_losses(unwrap(model), scheduler, cfg.objective, val, cfg.val_timesteps, cfg.seed)
-        if scores:
-            null = validation_losses(unwrap(model), scheduler, cfg.objective, val, cfg.val_timesteps, cfg.seed, null_caption=True)
-            scores["val_loss_null_caption"] = null["val_loss"]
-            tracker.log_metrics(scores, at_step)
-            say(f"step {at_step}: val_loss {scores['val_loss']:.4f} (null caption {scores['val_loss_null_caption']:.4f})")
-        return scores
+def _validate(cfg: TrainConfig, parts: _Parts, val, tracker, say, at_step: int) -> dict[str, float]:
+    """The held-out losses (with the captions, then with the null caption), logged at ``at_step``; {} without a held-out set."""
+    scores = validation_losses(unwrap(parts.model), parts.scheduler, cfg.objective, val, cfg.val_timesteps, cfg.seed)
+    if scores:
+        null = validation_losses(unwrap(parts.model), parts.scheduler, cfg.objective, val, cfg.val_timesteps, cfg.seed, null_caption=True)
+        scores["val_loss_null_caption"] = null["val_loss"]
+        tracker.log_metrics(scores, at_step)
+        say(f"step {at_step}: val_loss {scores['val_loss']:.4f} (null caption {scores['val_loss_null_caption']:.4f})")
+    return scores
 
-    first_val = validate(step) if latest is None else {}
 
-    def save(at_step: int) -> Path:
-        lost = None
-        if lease is not None:
-            try:
-                lease.check()
-            except ckpt.LeaseLost as err:
-                lost = str(err)
-        state = {
-            "step": at_step, "epoch": epoch, "sampler": sampler.state_dict(num_steps=epoch_step),
-            "objective": cfg.objective, "dataset_version": dataset_version, "dataset_path": str(dataset_path),
-            "mlflow_run_id": tracker.run_id, "model_config": model_config.to_dict(), "config": cfg.model_dump(mode="json"),
-            "encoders": encoder_paths, "world_size": dist.world_size, "lease_lost": lost,
-        }
-        state = broadcast_object(state, dist)  # every rank needs the same state; rank 0's run id is the one that counts
-        lost = state.pop("lease_lost")
-        if lost:
-            raise ckpt.LeaseLost(f"{lost}: stopping before writing step {at_step}, so that two trainings never write "
-                                 "one run folder")
-        return ckpt.save_checkpoint(
-            outdir=run_dir, step=at_step, booster=booster, model=model, optimizer=optimizer, ema=ema,
-            ema_config=model_config, state=state, rank=dist.rank, barrier=dist.barrier, keep_last=cfg.keep_last, sharded_optimizer=use_zero,
-        )
+def _encode(batch, data: _Data, parts: _Parts, dist: Dist, gen: torch.Generator) -> dict:
+    """The batch as the model takes it: from the encoder cache, else through the frozen encoders."""
+    if data.cache_dir is not None:
+        from training.encoder_cache import cached_batch_to_device
 
-    # 6. Steps
-    peak_tflops, peak_source = device_peak_tflops(dist.device)
-    say(f"MFU against {peak_tflops} TFLOP/s bf16 ({peak_source})" if peak_tflops else f"MFU not logged: {peak_source}")
-    window = ThroughputWindow(peak_tflops=peak_tflops, num_devices=dist.world_size)
-    final_metrics: dict[str, float] = {}
-    while step < cfg.steps:
-        sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_fn, num_workers=cfg.data.num_workers)
-        for batch in loader:
-            gen = step_generator(cfg.seed, step, dist.rank, dist.device)
-            if cache_dir is not None:
-                enc = cached_batch_to_device(batch, dist.device, generator=gen, vae_dtype=manifest.noise_dtype)
-            else:
-                enc = encode_batch(batch, text_encoder, vae, dist.device, generator=gen)
-            loss, grad_norm, lr = train_step(cfg, dist, model, booster, optimizer, scheduler, mask_generator, enc, gen, step,
-                                             model_config.class_dropout_prob, use_zero, ema)
-            step += 1
-            epoch_step += 1
+        return cached_batch_to_device(batch, dist.device, generator=gen, vae_dtype=data.manifest.noise_dtype)
+    return encode_batch(batch, parts.text_encoder, parts.vae, dist.device, generator=gen)
 
-            # Metrics: the loss averaged over ranks, per bucket, throughput (samples, tokens, model FLOPs, MFU)
-            reduced = loss.detach().float().clone()
-            if dist.world_size > 1:
-                torch.distributed.all_reduce(reduced)
-                reduced /= dist.world_size
-            text_tokens = float(enc["mask"].sum()) / enc["mask"].shape[0] if enc.get("mask") is not None else None
-            window.add(model_config, tuple(enc["x"].shape), text_tokens, replicas=dist.world_size)
-            metrics = {"loss": float(reduced), f"loss/{bucket_name(enc['model_kwargs'])}": float(loss.detach()), "lr": lr, "epoch": epoch}
-            if grad_norm is not None:
-                metrics["grad_norm"] = grad_norm
-            if dist.is_main:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps({"step": step, "loss": float(reduced), "rank0_loss": float(loss.detach()), "bucket": bucket_name(enc["model_kwargs"])}) + "\n")
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                metrics.update(window.report())
-                say(f"step {step}/{cfg.steps} loss {float(reduced):.4f} ({bucket_name(enc['model_kwargs'])})")
-                report_progress(step, cfg.steps, float(reduced))
-            tracker.log_metrics(metrics, step)
-            final_metrics["loss"] = float(reduced)
 
-            if cfg.val_every and step % cfg.val_every == 0 and step < cfg.steps:
-                validate(step)
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                save(step)
-            if step >= cfg.steps:
-                break
-        else:
-            epoch += 1
-            epoch_step = 0
+def _log_step(cfg: TrainConfig, dist: Dist, say, tracker, window, metrics_path: Path, model_config, pos: _Position, enc: dict,
+              loss: torch.Tensor, grad_norm: float | None, lr: float) -> float:
+    """Metrics of the step just trained: the loss averaged over ranks, per bucket, throughput (samples, tokens, model FLOPs,
+    MFU); a line of ``metrics.jsonl`` on rank 0. Returns the averaged loss."""
+    reduced = loss.detach().float().clone()
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(reduced)
+        reduced /= dist.world_size
+    text_tokens = float(enc["mask"].sum()) / enc["mask"].shape[0] if enc.get("mask") is not None else None
+    window.add(model_config, tuple(enc["x"].shape), text_tokens, replicas=dist.world_size)
+    metrics = {"loss": float(reduced), f"loss/{bucket_name(enc['model_kwargs'])}": float(loss.detach()), "lr": lr, "epoch": pos.epoch}
+    if grad_norm is not None:
+        metrics["grad_norm"] = grad_norm
+    if dist.is_main:
+        with metrics_path.open("a") as f:
+            f.write(json.dumps({"step": pos.step, "loss": float(reduced), "rank0_loss": float(loss.detach()), "bucket": bucket_name(enc["model_kwargs"])}) + "\n")
+    if pos.step % cfg.log_every == 0 or pos.step == cfg.steps:
+        metrics.update(window.report())
+        say(f"step {pos.step}/{cfg.steps} loss {float(reduced):.4f} ({bucket_name(enc['model_kwargs'])})")
+        report_progress(pos.step, cfg.steps, float(reduced))
+    tracker.log_metrics(metrics, pos.step)
+    return float(reduced)
 
-    # 7. Final validation, artifacts, summary
-    last_val = validate(step)
-    final_metrics.update(last_val)
-    if first_val:
-        final_metrics["val_loss_start"] = first_val["val_loss"]
+
+def _save_checkpoint(cfg: TrainConfig, run_dir: Path, dist: Dist, lease, data: _Data, parts: _Parts, tracker, pos: _Position) -> Path:
+    """Checkpoint step ``pos.step`` with the sampler's position, unless this process has lost the run's lease."""
+    from training import checkpoint as ckpt
+
+    lost = None
+    if lease is not None:
+        try:
+            lease.check()
+        except ckpt.LeaseLost as err:
+            lost = str(err)
+    state = {
+        "step": pos.step, "epoch": pos.epoch, "sampler": data.sampler.state_dict(num_steps=pos.epoch_step),
+        "objective": cfg.objective, "dataset_version": data.version, "dataset_path": str(data.path),
+        "mlflow_run_id": tracker.run_id, "model_config": parts.model_config.to_dict(), "config": cfg.model_dump(mode="json"),
+        "encoders": parts.encoder_paths, "world_size": dist.world_size, "lease_lost": lost,
+    }
+    state = broadcast_object(state, dist)  # every rank needs the same state; rank 0's run id is the one that counts
+    lost = state.pop("lease_lost")
+    if lost:
+        raise ckpt.LeaseLost(f"{lost}: stopping before writing step {pos.step}, so that two trainings never write "
+                             "one run folder")
+    return ckpt.save_checkpoint(
+        outdir=run_dir, step=pos.step, booster=parts.booster, model=parts.model, optimizer=parts.optimizer, ema=parts.ema,
+        ema_config=parts.model_config, state=state, rank=dist.rank, barrier=dist.barrier, keep_last=cfg.keep_last,
+        sharded_optimizer=parts.use_zero,
+    )
+
+
+def _finish(run_dir: Path, dist: Dist, tracker, metrics_path: Path, steps: int, final_metrics: dict[str, float], report) -> TrainResult:
+    """The loss curve and final metrics in the run folder (rank 0), the MLflow run ended, the result every rank returns."""
+    from training import checkpoint as ckpt
+
     final = ckpt.latest_checkpoint(run_dir)
     if dist.is_main:
         plot_loss_curve(metrics_path, run_dir / "loss_curve.png")
@@ -295,7 +400,7 @@ def _train_in_run(cfg: TrainConfig, dataset: str, run_dir: Path, tracking_uri: s
         (run_dir / "final_metrics.json").write_text(json.dumps(final_metrics, indent=2))
     not_logged = tracker.end()
     result = TrainResult(
-        outdir=str(run_dir), final_checkpoint=str(final), steps=step, mlflow_run_id=tracker.run_id,
+        outdir=str(run_dir), final_checkpoint=str(final), steps=steps, mlflow_run_id=tracker.run_id,
         mlflow_run_url=tracker.run_url, metrics=final_metrics, bucket_report=report.to_dict(), mlflow_not_logged=not_logged,
     )
     dist.barrier()

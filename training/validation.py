@@ -28,7 +28,7 @@ def build_validation_set(
     rows, bucket, frame_interval: int, seed: int, text_encoder, vae, dist: Dist, max_samples: int, cache_dir: Path | None = None
 ) -> ValidationSet:
     """Encoded held-out batches (posterior mode: deterministic), from the encoders or from an encoder cache."""
-    from training.buckets import VariableVideoBatchSampler
+    from training.sampler import VariableVideoBatchSampler
     from training.data import VideoTextDataset, collate
 
     if len(rows) == 0:

@@ -6,7 +6,8 @@ import polars as pl
 import pytest
 import torch
 
-from training.buckets import Bucket, SampleIndex, VariableVideoBatchSampler, assign_rows
+from training.buckets import Bucket, assign_rows
+from training.sampler import SampleIndex, VariableVideoBatchSampler
 from training.encoder_cache import (
     CacheManifest,
     CachedLatentDataset,

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from training import evaluate as ev
+from training import registry
 
 # --------------------------------------------------------------------------------------------------------------
 # A tiny training checkpoint made offline (also used by tests/dagster/test_evaluation.py)
@@ -251,30 +252,30 @@ def tracking_uri(tmp_path_factory) -> str:
 
 def test_compare_to_best_passes_until_a_registered_version_is_better(tmp_path, tracking_uri):
     name = "compare"
-    assert ev.compare_to_best(5.0, tracking_uri, name) == (True, None)  # nothing registered yet
-    decision = ev.register_if_best(fake_report(tmp_path, "step-00000001", 1.0), tracking_uri, name)
+    assert registry.compare_to_best(5.0, tracking_uri, name) == (True, None)  # nothing registered yet
+    decision = registry.register_if_best(fake_report(tmp_path, "step-00000001", 1.0), tracking_uri, name)
     assert decision.is_best and decision.version == "1" and decision.best_val_loss_before is None
 
-    assert ev.compare_to_best(0.9, tracking_uri, name) == (True, 1.0)
-    assert ev.compare_to_best(1.0, tracking_uri, name) == (True, 1.0)  # equal is not worse
-    assert ev.compare_to_best(1.0 + 1e-12, tracking_uri, name) == (True, 1.0)  # float noise of a re-evaluation
-    assert ev.compare_to_best(1.2, tracking_uri, name) == (False, 1.0)
-    assert ev.compare_to_best(None, tracking_uri, name) == (False, 1.0)  # not validated: not shown to be no worse
+    assert registry.compare_to_best(0.9, tracking_uri, name) == (True, 1.0)
+    assert registry.compare_to_best(1.0, tracking_uri, name) == (True, 1.0)  # equal is not worse
+    assert registry.compare_to_best(1.0 + 1e-12, tracking_uri, name) == (True, 1.0)  # float noise of a re-evaluation
+    assert registry.compare_to_best(1.2, tracking_uri, name) == (False, 1.0)
+    assert registry.compare_to_best(None, tracking_uri, name) == (False, 1.0)  # not validated: not shown to be no worse
 
 
 def test_register_if_best_moves_the_alias_only_on_improvement(tmp_path, tracking_uri):
     import mlflow
 
     name = "register"
-    first = ev.register_if_best(fake_report(tmp_path, "step-00000001", 1.0), tracking_uri, name)
+    first = registry.register_if_best(fake_report(tmp_path, "step-00000001", 1.0), tracking_uri, name)
     assert first.is_best and first.version == "1"
-    worse = ev.register_if_best(fake_report(tmp_path, "step-00000002", 1.2), tracking_uri, name)
+    worse = registry.register_if_best(fake_report(tmp_path, "step-00000002", 1.2), tracking_uri, name)
     assert not worse.is_best and worse.version is None and worse.best_val_loss_before == 1.0
-    unvalidated = ev.register_if_best(fake_report(tmp_path, "step-00000003", None), tracking_uri, name)
+    unvalidated = registry.register_if_best(fake_report(tmp_path, "step-00000003", None), tracking_uri, name)
     assert not unvalidated.is_best and "no val_loss" in unvalidated.reason
-    better = ev.register_if_best(fake_report(tmp_path, "step-00000004", 0.9), tracking_uri, name)
+    better = registry.register_if_best(fake_report(tmp_path, "step-00000004", 0.9), tracking_uri, name)
     assert better.is_best and better.version == "2" and better.best_val_loss_before == 1.0
-    again = ev.register_if_best(fake_report(tmp_path / "again", "step-00000004", 0.9 - 1e-12), tracking_uri, name)
+    again = registry.register_if_best(fake_report(tmp_path / "again", "step-00000004", 0.9 - 1e-12), tracking_uri, name)
     assert not again.is_best and again.version is None  # float noise is no improvement
 
     client = mlflow.MlflowClient(tracking_uri)
@@ -285,7 +286,7 @@ def test_register_if_best_moves_the_alias_only_on_improvement(tmp_path, tracking
     # The version's source holds the EMA folder itself.
     local = mlflow.artifacts.download_artifacts(best.source, dst_path=str(tmp_path / "dl"), tracking_uri=tracking_uri)
     assert (Path(local) / "model.safetensors").read_bytes() == b"weights of step-00000004"
-    assert ev.compare_to_best(0.95, tracking_uri, name) == (False, 0.9)
+    assert registry.compare_to_best(0.95, tracking_uri, name) == (False, 0.9)
 
 
 def test_log_to_mlflow_writes_metrics_skips_and_previews_to_the_training_run(tmp_path, tracking_uri):
@@ -313,7 +314,7 @@ def test_without_a_training_run_one_evaluation_run_is_made(tmp_path, tracking_ur
     import mlflow
 
     report = fake_report(tmp_path, "step-00000003", 0.7)
-    decision = ev.register_if_best(report, tracking_uri, "no-run")
+    decision = registry.register_if_best(report, tracking_uri, "no-run")
     run_id = ev.log_to_mlflow(report, tracking_uri)
     run = mlflow.MlflowClient(tracking_uri).get_run(run_id)
     assert run.info.run_name == "eval-step-00000003" and run.data.metrics["eval/val_loss"] == 0.7
@@ -381,31 +382,31 @@ def cohort_report(tmp_path, name: str, val_loss: float, dataset_version: str = "
 
 def test_registry_compares_only_checkpoints_of_the_same_dataset_preset_and_objective(tmp_path, tracking_uri):
     name = "cohorts"
-    assert ev.register_if_best(cohort_report(tmp_path, "step-00000001", 1.0), tracking_uri, name).is_best
+    assert registry.register_if_best(cohort_report(tmp_path, "step-00000001", 1.0), tracking_uri, name).is_best
     # another dataset version, preset or objective: never "worse" than a loss it cannot be compared with
     for other in ({"dataset_version": "tiny-v2"}, {"preset": "stage2"}, {"objective": "rflow"}):
-        decision = ev.register_if_best(cohort_report(tmp_path, "step-00000002", 5.0, **other), tracking_uri, name)
+        decision = registry.register_if_best(cohort_report(tmp_path, "step-00000002", 5.0, **other), tracking_uri, name)
         assert decision.is_best and decision.best_val_loss_before is None, (other, decision.reason)
     # within the cohort the usual rule holds
-    worse = ev.register_if_best(cohort_report(tmp_path, "step-00000003", 1.5), tracking_uri, name)
+    worse = registry.register_if_best(cohort_report(tmp_path, "step-00000003", 1.5), tracking_uri, name)
     assert not worse.is_best and worse.best_val_loss_before == 1.0
     cohort = cohort_report(tmp_path, "step-00000004", 0.0).cohort
-    assert ev.compare_to_best(1.2, tracking_uri, name, cohort=cohort) == (False, 1.0)
-    assert ev.compare_to_best(4.0, tracking_uri, name, cohort={**cohort, "objective": "rflow"}) == (True, 5.0)
+    assert registry.compare_to_best(1.2, tracking_uri, name, cohort=cohort) == (False, 1.0)
+    assert registry.compare_to_best(4.0, tracking_uri, name, cohort={**cohort, "objective": "rflow"}) == (True, 5.0)
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri)
-    version = client.get_model_version_by_alias(name, ev.cohort_alias(cohort))
+    version = client.get_model_version_by_alias(name, registry.cohort_alias(cohort))
     assert version.tags["val_loss"] == "1.0" and version.tags["preset"] == "stage1"
 
 
 def test_demo_checkpoints_register_under_their_own_model_name():
     demo = {"config": {"encoders": {"text_encoder": None, "vae": None, "build_tiny_if_missing": True}}}
     real = {"config": {"encoders": {"text_encoder": "/models/t5", "vae": "/models/sd-vae"}}}
-    assert ev.registry_model_name("opensora-stdit2", demo) == "opensora-stdit2-demo"
-    assert ev.registry_model_name("opensora-stdit2", real) == "opensora-stdit2"
+    assert registry.registry_model_name("opensora-stdit2", demo) == "opensora-stdit2-demo"
+    assert registry.registry_model_name("opensora-stdit2", real) == "opensora-stdit2"
     with pytest.raises(ValueError):
-        ev.best_version("sqlite:///unused.db", "x' or name != '")
+        registry.best_version("sqlite:///unused.db", "x' or name != '")
 
 
 def test_evaluation_samples_at_the_trained_presets_resolution():
@@ -458,27 +459,27 @@ def test_without_clip_weights_the_registry_ranks_by_prompt_adherence(tmp_path, t
     name = "adherence"
     first = adherence_report(tmp_path, "step-00000001", 0.5, val_loss=1.0)
     assert first.ranked_by == "prompt_adherence" and first.cohort["prompt_set"] == "world-abc"
-    decision = ev.register_if_best(first, tracking_uri, name)
+    decision = registry.register_if_best(first, tracking_uri, name)
     assert decision.is_best and decision.ranked_by == "prompt_adherence" and decision.best_before is None
     # A lower val_loss does not make a checkpoint better when it follows its prompts less (and vice versa).
-    worse = ev.register_if_best(adherence_report(tmp_path, "step-00000002", 0.4, val_loss=0.5), tracking_uri, name)
+    worse = registry.register_if_best(adherence_report(tmp_path, "step-00000002", 0.4, val_loss=0.5), tracking_uri, name)
     assert not worse.is_best and worse.best_before == 0.5 and "not above" in worse.reason
-    better = ev.register_if_best(adherence_report(tmp_path, "step-00000003", 0.7, val_loss=2.0), tracking_uri, name)
+    better = registry.register_if_best(adherence_report(tmp_path, "step-00000003", 0.7, val_loss=2.0), tracking_uri, name)
     assert better.is_best and better.best_before == 0.5 and better.best_val_loss_before is None
     cohort = adherence_report(tmp_path / "c", "step-00000009", 0.0).cohort
-    assert ev.compare_to_best(0.7, tracking_uri, name, cohort=cohort) == (True, 0.7)  # equal is not worse
-    assert ev.compare_to_best(0.69, tracking_uri, name, cohort=cohort) == (False, 0.7)
-    assert ev.compare_to_best(None, tracking_uri, name, cohort=cohort) == (False, 0.7)
+    assert registry.compare_to_best(0.7, tracking_uri, name, cohort=cohort) == (True, 0.7)  # equal is not worse
+    assert registry.compare_to_best(0.69, tracking_uri, name, cohort=cohort) == (False, 0.7)
+    assert registry.compare_to_best(None, tracking_uri, name, cohort=cohort) == (False, 0.7)
     # Another prompt set is another exam: nothing comparable registered yet.
-    other = ev.register_if_best(adherence_report(tmp_path, "step-00000004", 0.1, prompt_set="v1-abc"), tracking_uri, name)
+    other = registry.register_if_best(adherence_report(tmp_path, "step-00000004", 0.1, prompt_set="v1-abc"), tracking_uri, name)
     assert other.is_best and other.best_before is None
     # Versions ranked by val_loss are never compared with adherence-ranked ones (and the reverse).
-    by_loss = ev.register_if_best(fake_report(tmp_path / "loss", "step-00000005", 9.0), tracking_uri, name)
+    by_loss = registry.register_if_best(fake_report(tmp_path / "loss", "step-00000005", 9.0), tracking_uri, name)
     assert by_loss.is_best and by_loss.best_val_loss_before is None
 
     import mlflow
 
-    best = mlflow.MlflowClient(tracking_uri).get_model_version_by_alias(name, ev.cohort_alias(cohort))
+    best = mlflow.MlflowClient(tracking_uri).get_model_version_by_alias(name, registry.cohort_alias(cohort))
     assert best.tags["ranked_by"] == "prompt_adherence" and float(best.tags["prompt_adherence"]) == 0.7
     assert float(best.tags["val_loss"]) == 2.0 and best.tags["checkpoint"].endswith("step-00000003")
 
@@ -487,9 +488,9 @@ def test_with_clip_weights_the_clip_score_decides(tmp_path, tracking_uri):
     name = "clip-decides"
     first = adherence_report(tmp_path, "step-00000001", 0.9, clip=20.0)
     assert first.ranked_by == "clip_score"
-    assert ev.register_if_best(first, tracking_uri, name).is_best
+    assert registry.register_if_best(first, tracking_uri, name).is_best
     # Better adherence, lower CLIP score: not registered.
-    lower = ev.register_if_best(adherence_report(tmp_path, "step-00000002", 1.0, clip=19.0), tracking_uri, name)
+    lower = registry.register_if_best(adherence_report(tmp_path, "step-00000002", 1.0, clip=19.0), tracking_uri, name)
     assert not lower.is_best and lower.best_before == 20.0
-    higher = ev.register_if_best(adherence_report(tmp_path, "step-00000003", 0.2, clip=21.0), tracking_uri, name)
+    higher = registry.register_if_best(adherence_report(tmp_path, "step-00000003", 0.2, clip=21.0), tracking_uri, name)
     assert higher.is_best and higher.ranked_by == "clip_score"
