@@ -106,6 +106,7 @@ def export_dataset(
     left out of the CSV; every other clip is exported."""
     from functools import partial
 
+    from common.storage import local_media_path
     from curation.pool import run_pool
 
     out = Path(out)
@@ -115,8 +116,6 @@ def export_dataset(
     todo: dict[str, list[dict]] = {}  # source -> rows whose file is not in media yet
     for row in records:
         if not row.get("virtual"):
-            from common.storage import local_media_path
-
             target[row["id"]] = local_media_path(row["path"])  # already a clip file
             continue
         todo.setdefault(row["path"], []).append(row)
