@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from models.caption_clean import text_preprocessing
+from models.memo import EncoderMemo, content_key
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, T5EncoderModel
@@ -188,6 +189,7 @@ class T5TextEncoder:
             self.path, dtype=_resolve_dtype(dtype), local_files_only=True
         )
         self.model = model.to(device).eval().requires_grad_(False)
+        self.memo: EncoderMemo | None = None  # see models.memo: set by a training run on a small dataset
 
     @property
     def output_dim(self) -> int:
@@ -233,7 +235,25 @@ class T5TextEncoder:
         """``y`` [B, 1, L, C] (last hidden state, in the encoder dtype) and ``mask`` [B, L] int64 (1 = real token)."""
         if isinstance(texts, str):
             texts = [texts]
+        texts = list(texts)
+        if self.memo is None:
+            hidden, mask = self._encode(texts)
+            return {"y": hidden[:, None], "mask": mask}  # y: [B, 1, L, C]
+        # Each caption is padded to model_max_length and attends only to itself, so a memoized row is the row a
+        # fresh batch would give (up to float rounding); new captions are encoded one at a time so that their bits
+        # never depend on the batch they came in (see VideoAutoencoderKL._posterior).
+        rows = []
+        for text in texts:
+            key = content_key(text, self.model_max_length, self.clean_caption)
+            row = self.memo.get(key)
+            if row is None:
+                hidden, mask = self._encode([text])
+                row = (hidden[0], mask[0])
+                self.memo.put(key, row)
+            rows.append(row)
+        return {"y": torch.stack([h for h, _ in rows])[:, None], "mask": torch.stack([m for _, m in rows])}
+
+    def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids, mask = self.tokenize(texts)
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # [B, L, C]
-        return {"y": hidden[:, None], "mask": mask}  # y: [B, 1, L, C]
+        return self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state, mask  # [B, L, C], [B, L]

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from models.memo import EncoderMemo, content_key
+
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
 
@@ -61,6 +63,7 @@ class VideoAutoencoderKL(nn.Module):
         else:
             self.module = path_or_model if dtype is None else path_or_model.to(dtype)
         self.micro_batch_size = micro_batch_size or None
+        self.memo: EncoderMemo | None = None
         self.scaling_factor = float(scaling_factor if scaling_factor is not None else getattr(self.module.config, "scaling_factor", None) or 0.18215)
         config = self.module.config
         self.out_channels: int = int(config.latent_channels)
@@ -97,15 +100,8 @@ class VideoAutoencoderKL(nn.Module):
         if x.ndim != 5:
             raise ValueError(f"expected a video [B, C, T, H, W], got shape {tuple(x.shape)}")
         batch = x.shape[0]
-        frames = self._to_frames(x.to(self.dtype))
-        means, stds = [], []
-        for part in self._chunks(frames.shape[0]):
-            posterior = self.module.encode(frames[part]).latent_dist
-            means.append(posterior.mean)
-            stds.append(posterior.std)
-        mean = torch.cat(means)  # [B*T, C, h, w]
+        mean, std = self._posterior(self._to_frames(x.to(self.dtype)))  # each [B*T, C, h, w]
         if sample:
-            std = torch.cat(stds)
             # Draw where the generator lives (a CPU generator may drive a GPU model), then move.
             noise_device = generator.device if generator is not None else mean.device
             noise = torch.randn(mean.shape, generator=generator, device=noise_device, dtype=mean.dtype)
@@ -113,6 +109,27 @@ class VideoAutoencoderKL(nn.Module):
         else:
             latent = mean
         return self._to_video(latent * self.scaling_factor, batch)
+
+    def _posterior(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and std of every frame [N, 3, H, W], in micro-batches.
+
+        With a ``memo`` (``models.memo.EncoderMemo``, set by a training run on a small dataset) frames it holds are
+        not encoded again, and the others are encoded one at a time: a frame's bits then never depend on which
+        frames shared its batch, so a resumed run (empty memo) encodes exactly as the run it continues.
+        """
+        if self.memo is None:
+            parts = [self.module.encode(frames[part]).latent_dist for part in self._chunks(frames.shape[0])]
+            return torch.cat([p.mean for p in parts]), torch.cat([p.std for p in parts])
+        entries = []
+        for frame in frames:
+            key = content_key(frame)
+            entry = self.memo.get(key)
+            if entry is None:
+                posterior = self.module.encode(frame[None]).latent_dist
+                entry = (posterior.mean[0], posterior.std[0])
+                self.memo.put(key, entry)
+            entries.append(entry)
+        return torch.stack([m for m, _ in entries]), torch.stack([s for _, s in entries])
 
     def encode_mode(self, x: torch.Tensor) -> torch.Tensor:
         """Deterministic encoding: the posterior mode, scaled."""

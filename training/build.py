@@ -65,10 +65,12 @@ def tiny_encoder_paths(cfg: TrainConfig, build: bool) -> tuple[str | None, str |
     return t5_path or str(tiny_root / "tiny-t5"), vae_path or str(tiny_root / "demo-vae")
 
 
-def load_encoders(cfg: TrainConfig, device: torch.device, dist: "Dist | None" = None):
+def load_encoders(cfg: TrainConfig, device: torch.device, dist: "Dist | None" = None, memoize: bool = False):
     """The frozen T5 text encoder and VAE from local folders (tiny random ones only when the demo asks).
 
     Under torchrun only rank 0 builds missing tiny encoders; the other ranks wait for it at a barrier.
+    ``memoize``: give both encoders the memo of ``encoders.memo_mb`` (the training loop, which meets the same
+    frames every epoch; evaluation and the encoder cache encode each input once and keep batched encoding).
     """
     from models.text_encoder import T5TextEncoder
     from models.vae import VideoAutoencoderKL
@@ -81,6 +83,10 @@ def load_encoders(cfg: TrainConfig, device: torch.device, dist: "Dist | None" = 
         raise ValueError("encoders.text_encoder and encoders.vae must name local folders (T5 and SD-VAE weights)")
     text_encoder = T5TextEncoder(t5_path, model_max_length=cfg.encoders.model_max_length, device=device)
     vae = VideoAutoencoderKL(vae_path, micro_batch_size=cfg.encoders.vae_micro_batch_size).to(device).eval().requires_grad_(False)
+    if memoize and cfg.encoders.memo_mb:
+        from models.memo import EncoderMemo
+
+        text_encoder.memo = vae.memo = EncoderMemo(cfg.encoders.memo_mb * 2**20)  # one budget for both
     return text_encoder, vae, {"text_encoder": t5_path, "vae": vae_path}
 
 

@@ -34,6 +34,9 @@ class EncodersSection(_Strict):
     model_max_length: int = 200
     vae_micro_batch_size: int = 4
     build_tiny_if_missing: bool = Field(False, description="Demo only: build tiny random encoders when paths are unset.")
+    memo_mb: int = Field(0, ge=0, description="Training loop: keep up to this many MB per rank of frame posteriors "
+                                              "and caption embeddings in memory (models/memo.py), for small "
+                                              "datasets trained for many epochs; 0 = off.")
 
 
 class DataSection(_Strict):
@@ -53,7 +56,9 @@ class OptimSection(_Strict):
     eps: float = 1e-8
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
-    warmup_steps: int = 0
+    warmup_steps: int = Field(0, ge=0)
+    decay_steps: int = Field(0, ge=0, description="Decay the lr linearly to zero over the run's last N steps "
+                                                  "(0 = constant after warmup).")
 
 
 class TrainConfig(_Strict):

@@ -66,7 +66,7 @@ def train_step(
     grad_norm = None
     if not use_zero:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), cfg.optim.grad_clip))
-    lr = cfg.optim.lr * min(1.0, (step + 1) / cfg.optim.warmup_steps) if cfg.optim.warmup_steps else cfg.optim.lr
+    lr = learning_rate(cfg, step)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
@@ -74,6 +74,17 @@ def train_step(
     if ema is not None:
         update_ema(ema, unwrap(model), cfg.optim.ema_decay)
     return loss, grad_norm, lr
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The lr of the step after ``step`` steps: linear warmup over ``warmup_steps``, then constant, then (with
+    ``decay_steps``) a linear decay that reaches zero after the run's last step."""
+    lr = cfg.optim.lr
+    if cfg.optim.warmup_steps:
+        lr *= min(1.0, (step + 1) / cfg.optim.warmup_steps)
+    if cfg.optim.decay_steps:
+        lr *= min(1.0, max(0, cfg.steps - step) / cfg.optim.decay_steps)
+    return lr
 
 
 def autocast(cfg: TrainConfig, dist: Dist):

@@ -243,7 +243,7 @@ def _build_parts(cfg: TrainConfig, dist: Dist, data: _Data) -> _Parts:
         text_encoder = vae = None
         encoder_paths, caption_channels = data.manifest.encoders, data.manifest.caption_channels
     else:
-        text_encoder, vae, encoder_paths = load_encoders(cfg, dist.device, dist)
+        text_encoder, vae, encoder_paths = load_encoders(cfg, dist.device, dist, memoize=True)
         caption_channels = text_encoder.output_dim
     model, model_config = build_model(cfg, caption_channels)
     model.to(dist.device)

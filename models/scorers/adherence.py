@@ -23,8 +23,9 @@ explained where they are defined):
 
 - colour: after a 3x3 median filter (pixel noise), every pixel is given the colour word of its nearest prototype
   in CIE Lab (``COLOUR_PROTOTYPES``) when it is within ``COLOUR_TOLERANCE`` of it. A named object colour counts
-  as present in a frame when its largest compact connected component covers at least ``MIN_BLOB_FRACTION`` of
-  the frame (letters and stripes: all their components together); a background colour ("a plain orange
+  as present in a frame when its largest compact connected component covers at least ``MIN_OBJECT_FRACTION`` of
+  the frame and is solid (``MIN_SOLIDITY``; letters and stripes: all their components together, at least
+  ``MIN_LETTERS_FRACTION`` / ``MIN_STRIPES_FRACTION``); a background colour ("a plain orange
   background", "on black") when it covers at least ``MIN_BACKGROUND_FRACTION``. Score: the fraction of frames
   where present, reaching 1 at ``MOST_FRAMES``.
 - shape: the largest compact component of the object's colour (the largest blob that is not background when the
@@ -126,10 +127,17 @@ DIRECTION_VECTORS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0)
 # colours sit 40-80 apart (red-orange 47, orange-yellow 47, grey-dark grey 37), so 30 still leaves room for H.264
 # chroma blur and a model's approximate colours, while the nearest-prototype rule does the discriminating.
 COLOUR_TOLERANCE = 30.0
-# Smallest object blob, as a fraction of the frame: the generator's smallest shapes cover 2-3 % (circle radius H/8,
-# square side H/5), a single title letter 0.2-0.5 %; 0.15 % (about 90 pixels at 320x192, 14 at 128x80) keeps the
-# letters and drops speckle.
-MIN_BLOB_FRACTION = 0.0015
+# Smallest object, as a fraction of the frame. The generator's shapes cover 2-3 % (circle radius H/8, square side
+# H/5); an untrained model's output through the demo's 8x VAE is block speckle in which every colour forms blobs of
+# one to three blocks (0.4-1.3 % at 96x160) that are not solid. A compact object therefore needs a component of at
+# least MIN_OBJECT_FRACTION that fills at least MIN_SOLIDITY of its convex hull (a raster circle or square
+# fills > 0.9, a decoded blocky one > 0.85, an L of three blocks 0.75). A stripe card's named colour covers 42-88 %
+# of it (MIN_STRIPES_FRACTION), a title's letters 3-4 % together (MIN_LETTERS_FRACTION), where speckle of a dozen
+# colours gives each about 8 % in scattered pieces.
+MIN_OBJECT_FRACTION = 0.01
+MIN_SOLIDITY = 0.8
+MIN_STRIPES_FRACTION = 0.25
+MIN_LETTERS_FRACTION = 0.01
 MIN_BACKGROUND_FRACTION = 0.3  # "a plain orange background": that colour covers most of the frame
 COMPACT_CORE = 0.25  # a blob keeps at least this fraction of its pixels through a 3x3 erosion (see _components)
 MIN_SHAPE_PIXELS = 30  # below this a blob's outline is too coarse to measure (circle of radius ~3)
@@ -509,7 +517,7 @@ def _largest_non_background(frames: _Frames, k: int) -> _Blob | None:
     for value in np.unique(labels):
         if value == background:
             continue
-        blobs = _components(labels == value)
+        blobs = _objects(_components(labels == value), frames.area)
         if blobs and (best is None or blobs[0].area > best.area):
             best = blobs[0]
     return best
@@ -527,10 +535,32 @@ def _prototype_groups() -> np.ndarray:
     return groups
 
 
-def _object_blob(frames: _Frames, k: int, obj: ObjectSpec) -> _Blob | None:
-    """The blob that stands for ``obj`` in frame k, or None when there is none of at least MIN_BLOB_FRACTION.
+def solidity(mask: np.ndarray) -> float:
+    """Area of a blob's outline over the area of its convex hull (1 for a convex shape)."""
+    import cv2
 
-    A compact object: its colour's largest compact component (the largest compact non-background blob when the
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    if not contours:
+        return 0.0
+    contour = max(contours, key=cv2.contourArea)
+    hull = float(cv2.contourArea(cv2.convexHull(contour)))
+    return float(cv2.contourArea(contour)) / hull if hull > 0 else 0.0
+
+
+def _objects(blobs: list[_Blob], frame_area: int) -> list[_Blob]:
+    """The components that can stand for a compact object: large enough and solid (see MIN_OBJECT_FRACTION)."""
+    return [b for b in blobs if b.area >= MIN_OBJECT_FRACTION * frame_area and solidity(b.mask) >= MIN_SOLIDITY]
+
+
+def min_fraction(shape: str | None) -> float:
+    """The smallest share of the frame an object of this shape covers when present."""
+    return {"stripes": MIN_STRIPES_FRACTION, "letters": MIN_LETTERS_FRACTION}.get(shape or "", MIN_OBJECT_FRACTION)
+
+
+def _object_blob(frames: _Frames, k: int, obj: ObjectSpec) -> _Blob | None:
+    """The blob that stands for ``obj`` in frame k, or None when there is none (``min_fraction``, ``_objects``).
+
+    A compact object: its colour's largest solid compact component (the largest such non-background blob when the
     prompt gives no colour). Letters and stripes: all the colour's components of 4+ pixels together (for stripes,
     compact ones only).
     """
@@ -550,11 +580,11 @@ def _object_blob(frames: _Frames, k: int, obj: ObjectSpec) -> _Blob | None:
             ys, xs = np.nonzero(mask)
             h, w = mask.shape
             blob = _Blob(len(xs), (float(xs.mean()) / w, float(ys.mean()) / h), False, mask)
+        if blob is not None and blob.area < min_fraction(obj.shape) * frames.area:
+            blob = None
     else:
-        blobs = _components(frames.colour_mask(k, obj.colour))
+        blobs = _objects(_components(frames.colour_mask(k, obj.colour)), frames.area)
         blob = blobs[0] if blobs else None
-    if blob is not None and blob.area < MIN_BLOB_FRACTION * frames.area:
-        blob = None
     frames.blobs[key] = blob
     return blob
 
@@ -576,7 +606,8 @@ def _score_colour(frames: _Frames, obj: ObjectSpec) -> tuple[float, str]:
             areas.append(blob.area / frames.area)
     what = "pixels" if obj.shape in DIFFUSE_SHAPES else "blob"
     if not areas:
-        return 0.0, f"{obj.colour}: no {what} >= {100 * MIN_BLOB_FRACTION:.2g} % in any of {frames.n} frames"
+        solid = "" if obj.shape in DIFFUSE_SHAPES else f", solid to {MIN_SOLIDITY:.0%}"
+        return 0.0, f"{obj.colour}: no {what} >= {100 * min_fraction(obj.shape):.2g} %{solid} in any of {frames.n} frames"
     score = _ramp(len(areas) / frames.n, 0.0, MOST_FRAMES)
     return score, f"{obj.colour}: {what} in {len(areas)}/{frames.n} frames, area {100 * float(np.median(areas)):.1f} %"
 
