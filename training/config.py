@@ -57,8 +57,9 @@ class OptimSection(_Strict):
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     warmup_steps: int = Field(0, ge=0)
-    decay_steps: int = Field(0, ge=0, description="Decay the lr linearly to zero over the run's last N steps "
-                                                  "(0 = constant after warmup).")
+    decay_fraction: float = Field(0.0, ge=0.0, le=1.0, description="Decay the lr linearly to zero over this "
+                                                                   "fraction of the run's steps, at its end "
+                                                                   "(0 = constant after warmup).")
 
 
 class TrainConfig(_Strict):

@@ -78,12 +78,14 @@ def train_step(
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
     """The lr of the step after ``step`` steps: linear warmup over ``warmup_steps``, then constant, then (with
-    ``decay_steps``) a linear decay that reaches zero after the run's last step."""
+    ``decay_fraction``) a linear decay over the run's last steps that reaches zero after its last step. A fraction
+    rather than a step count, so that a shorter run (``--steps``) keeps the same shape."""
     lr = cfg.optim.lr
     if cfg.optim.warmup_steps:
         lr *= min(1.0, (step + 1) / cfg.optim.warmup_steps)
-    if cfg.optim.decay_steps:
-        lr *= min(1.0, max(0, cfg.steps - step) / cfg.optim.decay_steps)
+    decay_steps = cfg.optim.decay_fraction * cfg.steps
+    if decay_steps > 0:
+        lr *= min(1.0, max(0, cfg.steps - step) / decay_steps)
     return lr
 
 

@@ -19,7 +19,7 @@ def test_constant_after_warmup_without_decay():
 
 
 def test_decay_reaches_zero_after_the_last_step():
-    cfg = config(warmup_steps=10, decay_steps=20)
+    cfg = config(warmup_steps=10, decay_fraction=0.2)  # the last 20 of 100 steps
     assert learning_rate(cfg, 79) == pytest.approx(1e-3)  # 21 steps left: before the decay
     assert learning_rate(cfg, 80) == pytest.approx(1e-3)  # first decayed step: 20/20
     assert learning_rate(cfg, 90) == pytest.approx(5e-4)
@@ -29,8 +29,10 @@ def test_decay_reaches_zero_after_the_last_step():
     assert lrs == sorted(lrs, reverse=True)
 
 
-def test_negative_schedule_lengths_are_refused():
+def test_schedule_lengths_out_of_range_are_refused():
     with pytest.raises(ValueError):
-        config(decay_steps=-1)
+        config(decay_fraction=-0.1)
+    with pytest.raises(ValueError):
+        config(decay_fraction=1.5)
     with pytest.raises(ValueError):
         config(warmup_steps=-5)
