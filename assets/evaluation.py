@@ -35,6 +35,9 @@ from resources.model_store import ModelStore
 from resources.tracking import Tracking
 from training import evaluate as ev  # cheap: torch and friends are imported inside its functions
 from training import registry
+from training.eval_report import log_to_mlflow
+from training.prompt_sets import load_prompt_set
+from training.video_metrics import ADHERENCE_CRITERIA
 
 EVALUATIONS_TABLE = "evaluations"
 GIF_EMBED_MAX_BYTES = 512 * 1024  # larger previews are linked by path, not inlined into the event log
@@ -116,7 +119,7 @@ def adherence_markdown(metrics: dict) -> str:
     columns = (("trained", ""), ("step 0 (untrained)", "_step0"), ("shuffled prompts", "_shuffled"))
     lines = ["| criterion | " + " | ".join(c for c, _ in columns) + " | margin vs step 0 | margin vs shuffled |",
              "|---|---|---|---|---|---|"]
-    for criterion in ("", *(f"/{c}" for c in ev.ADHERENCE_CRITERIA)):
+    for criterion in ("", *(f"/{c}" for c in ADHERENCE_CRITERIA)):
         values = [metrics.get(f"prompt_adherence{suffix}{criterion}") for _, suffix in columns]
         if values[0] is None:
             continue
@@ -169,26 +172,15 @@ def model_evaluation(
     tracking: Tracking,
     model_store: ModelStore,
 ) -> MaterializeResult:
-    from training.checkpoint import latest_checkpoint, read_state
-
-    # 1. Which checkpoint, which prompts
+    # 1. Which checkpoint, which prompts, at which shape
     if config.checkpoint:
-        checkpoint, run_id = Path(config.checkpoint), None
-        if not (checkpoint / "state.json").is_file():  # a run folder: its newest step
-            checkpoint = latest_checkpoint(checkpoint) or checkpoint
+        checkpoint, run_id = ev.checkpoint_to_evaluate(config.checkpoint), None
     else:
         checkpoint, run_id = latest_trained_checkpoint(context)
-    if not (checkpoint / "state.json").is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a training checkpoint (no state.json)")
-    prompt_set = ev.load_prompt_set(config.prompt_set)
-    if config.max_prompts is not None:
-        prompts = prompt_set.prompts[: config.max_prompts]
-        prompt_set = ev.PromptSet(prompt_set.name, ev.prompt_set_version(prompt_set.name, prompts), prompts)
-    state = read_state(checkpoint)
-    objective = state["objective"]
-    scheduler = config.scheduler or ev.PREVIEW_SCHEDULERS[objective]
-    num_frames, (height, width) = ev.evaluation_shape(state.get("config") or {})
-    num_frames, height, width = config.num_frames or num_frames, config.height or height, config.width or width
+    state = ev.checkpoint_state(checkpoint)
+    prompt_set = load_prompt_set(config.prompt_set).first(config.max_prompts)
+    num_frames, image_size, scheduler = ev.sampling_settings(state, num_frames=config.num_frames, height=config.height,
+                                                             width=config.width, scheduler=config.scheduler)
     model_name = registry.registry_model_name(config.model_name, state)
     out_dir = evaluation_dir(lakehouse, checkpoint, prompt_set.version)
     context.log.info(f"evaluating {checkpoint} on prompt set {prompt_set.version} ({len(prompt_set)} prompts) into {out_dir}")
@@ -197,7 +189,7 @@ def model_evaluation(
     report = ev.evaluate_checkpoint(
         checkpoint, prompt_set, out_dir,
         clip_checkpoint=model_store.clip_checkpoint, clip_model_name=model_store.clip_model_name,
-        aesthetic_mlp=model_store.aesthetic_mlp, num_frames=num_frames, image_size=(height, width),
+        aesthetic_mlp=model_store.aesthetic_mlp, num_frames=num_frames, image_size=image_size,
         steps=config.num_sampling_steps, scheduler=scheduler, cfg_scale=config.cfg_scale, seed=config.seed,
         device=model_store.device, flow_backend=model_store.flow_backend, vbench_dir=config.vbench_dir,
         val_max_samples=config.val_max_samples, baseline_step0=config.baseline_step0, log=context.log.info,
@@ -212,13 +204,23 @@ def model_evaluation(
     passed, best_before = registry.compare_to_best(report.ranking_value, uri, model_name, cohort=report.cohort)
     decision = registry.register_if_best(report, uri, model_name, run_id=report.mlflow_run_id)
     context.log.info(f"registry: {decision.reason}" + (f" -> {model_name} v{decision.version}" if decision.version else ""))
-    logged_run = ev.log_to_mlflow(report, uri, run_id=report.mlflow_run_id)
+    logged_run = log_to_mlflow(report, uri, run_id=report.mlflow_run_id)
 
     # 4. One row per (checkpoint, prompt set) in the evaluations table
     snapshot, num_evaluations = write_evaluation_row(lakehouse, evaluation_row(report, logged_run, decision, decision.best_val_loss_before),
                                                      run_id=context.run.run_id)
 
     # 5. Metadata: numbers, reasons, previews
+    metadata = evaluation_metadata(report, decision, model_name=model_name, logged_run=logged_run, passed=passed,
+                                   best_before=best_before, num_evaluations=num_evaluations, snapshot=snapshot,
+                                   embed_previews=config.embed_previews)
+    return MaterializeResult(metadata=metadata, data_version=DataVersion(f"{Path(report.checkpoint).name}-{report.prompt_set}"))
+
+
+def evaluation_metadata(report, decision, *, model_name: str, logged_run: str, passed: bool, best_before: float | None,
+                        num_evaluations: int, snapshot: int, embed_previews: int) -> dict:
+    """The materialization's metadata: the numbers (each metric a float, for the UI's plots), the registry's
+    decision, why metrics were skipped, previews and sample paths."""
     metadata: dict = {
         "checkpoint": MetadataValue.path(report.checkpoint), "step": report.step, "prompt_set": report.prompt_set,
         "scheduler": f"{report.settings['scheduler']} x {report.settings['steps']} steps",
@@ -229,7 +231,7 @@ def model_evaluation(
         "report": MetadataValue.path(str(Path(report.out_dir) / "report.json")),
         "metrics": MetadataValue.json(report.metrics),
         "skipped": MetadataValue.md("\n".join(f"- **{k}**: {v}" for k, v in sorted(report.skipped.items())) or "none"),
-        "previews": MetadataValue.md(previews_markdown(report, config.embed_previews)),
+        "previews": MetadataValue.md(previews_markdown(report, embed_previews)),
     }
     metadata.update({k.replace("/", "."): MetadataValue.float(float(v)) for k, v in report.metrics.items()})
     if best_before is not None:
@@ -242,7 +244,7 @@ def model_evaluation(
         video = sample.files.get("mp4") or sample.files.get("png")
         if video:
             metadata[f"sample_{sample.index:02d}"] = MetadataValue.path(video)
-    return MaterializeResult(metadata=metadata, data_version=DataVersion(f"{Path(report.checkpoint).name}-{report.prompt_set}"))
+    return metadata
 
 
 @asset_check(

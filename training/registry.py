@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.evaluate import EvaluationReport, ensure_run, mlflow_client
+from training.eval_report import EvaluationReport, ensure_run, mlflow_client
 
 DEFAULT_MODEL_NAME = "opensora-stdit2"
 BEST_ALIAS = "best"

@@ -10,17 +10,9 @@ import numpy as np
 import pytest
 
 from curation.samples import PALETTE, Shot, render_frame, write_synthetic_video
-from models.scorers.adherence import (
-    AdherenceResult,
-    ObjectSpec,
-    derangement,
-    parse_prompt,
-    score_prompts,
-    score_video,
-    shape_features,
-    shape_membership,
-    shuffled_control,
-)
+from models.scorers.adherence import AdherenceResult, derangement, score_prompts, score_video, shuffled_control
+from models.scorers.adherence_frames import shape_features, shape_membership
+from models.scorers.adherence_prompt import ObjectSpec, parse_prompt
 
 H, W = 72, 120  # small frames keep the whole module to a few seconds
 DARK = (30, 30, 34)
@@ -145,7 +137,7 @@ def test_unknown_words_are_ignored_and_nothing_measurable_is_empty():
 
 
 def test_every_evaluation_prompt_parses():
-    from training.evaluate import load_prompt_set
+    from training.prompt_sets import load_prompt_set
 
     specs = [parse_prompt(p) for p in load_prompt_set("v1").prompts]
     assert not any(s.is_empty for s in specs[:4])  # the synthetic-world prompts all name something measurable

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from training import eval_report, prompt_sets, video_metrics
 from training import evaluate as ev
 from training import registry
 
@@ -98,43 +99,43 @@ def textured_frame(h: int = 160, w: int = 288, seed: int = 0) -> np.ndarray:
 def test_temporal_flicker_matches_a_hand_computation():
     levels = [0, 10, 30, 25]  # consecutive |differences| 10, 20, 5 -> mean 35/3
     video = np.stack([np.full((4, 6, 3), v, dtype=np.uint8) for v in levels])
-    assert ev.temporal_flicker(video) == pytest.approx(35 / 3)
-    assert ev.flicker_score(ev.temporal_flicker(video)) == pytest.approx((255 - 35 / 3) / 255)
+    assert video_metrics.temporal_flicker(video) == pytest.approx(35 / 3)
+    assert video_metrics.flicker_score(video_metrics.temporal_flicker(video)) == pytest.approx((255 - 35 / 3) / 255)
 
     rng = np.random.default_rng(1)
     noisy = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
     by_hand = np.mean([np.abs(noisy[t + 1].astype(int) - noisy[t].astype(int)).mean() for t in range(4)])
-    assert ev.temporal_flicker(noisy) == pytest.approx(by_hand)  # no uint8 wrap-around
+    assert video_metrics.temporal_flicker(noisy) == pytest.approx(by_hand)  # no uint8 wrap-around
 
 
 def test_static_video_has_no_flicker_and_no_motion():
     still = np.stack([textured_frame()] * 31)
-    assert ev.temporal_flicker(still) == 0.0
-    assert ev.motion(still) == pytest.approx(0.0, abs=1e-3)
+    assert video_metrics.temporal_flicker(still) == 0.0
+    assert video_metrics.motion(still) == pytest.approx(0.0, abs=1e-3)
 
 
 def test_moving_video_has_motion_and_flicker():
     frame = textured_frame()
     moving = np.stack([np.roll(frame, t, axis=1) for t in range(31)])  # 1 px/frame to the right
     # Frames 0/10/20/30: 10 px per pair at width 288 = 20 px at the flow width 576; "abs" averages |u| and |v|.
-    assert ev.motion(moving) == pytest.approx(10.0, rel=0.05)
-    assert ev.temporal_flicker(moving) > 5.0
+    assert video_metrics.motion(moving) == pytest.approx(10.0, rel=0.05)
+    assert video_metrics.temporal_flicker(moving) > 5.0
     # A short generated video (8 frames) uses evenly spaced frames 0, 2, 5, 7: shifts 2, 3, 2 px.
-    assert ev.motion_frame_indices(8) == [0, 2, 5, 7]
-    assert ev.motion(moving[:8]) == pytest.approx((2 + 3 + 2) / 3, rel=0.05)
+    assert video_metrics.motion_frame_indices(8) == [0, 2, 5, 7]
+    assert video_metrics.motion(moving[:8]) == pytest.approx((2 + 3 + 2) / 3, rel=0.05)
 
 
 def test_motion_frame_indices_follow_the_reference_where_frames_exist():
-    assert ev.motion_frame_indices(31) == [0, 10, 20, 30]
-    assert ev.motion_frame_indices(16) == [0, 10]
-    assert ev.motion_frame_indices(2) == [0, 1]
+    assert video_metrics.motion_frame_indices(31) == [0, 10, 20, 30]
+    assert video_metrics.motion_frame_indices(16) == [0, 10]
+    assert video_metrics.motion_frame_indices(2) == [0, 1]
     with pytest.raises(ValueError):
-        ev.motion_frame_indices(1)
+        video_metrics.motion_frame_indices(1)
 
 
 def test_metrics_reject_non_video_input():
     with pytest.raises(ValueError, match="uint8 video"):
-        ev.temporal_flicker(np.zeros((4, 8, 8, 3), dtype=np.float32))
+        video_metrics.temporal_flicker(np.zeros((4, 8, 8, 3), dtype=np.float32))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -142,14 +143,14 @@ def test_metrics_reject_non_video_input():
 # --------------------------------------------------------------------------------------------------------------
 def test_clip_and_aesthetic_are_skipped_without_weights(tmp_path):
     videos = [np.zeros((4, 16, 16, 3), dtype=np.uint8)]
-    unset = ev.clip_score(videos, ["a prompt"], None)
+    unset = video_metrics.clip_score(videos, ["a prompt"], None)
     assert unset.skipped and unset.value is None and "not set" in unset.skipped_reason
 
     missing = tmp_path / "no-clip.pt"
-    absent = ev.clip_score(videos, ["a prompt"], missing)
+    absent = video_metrics.clip_score(videos, ["a prompt"], missing)
     assert absent.skipped and str(missing) in absent.skipped_reason
 
-    aes = ev.aesthetic(videos, missing, tmp_path / "no-mlp.pth")
+    aes = video_metrics.aesthetic(videos, missing, tmp_path / "no-mlp.pth")
     assert aes.skipped and "no-mlp.pth" in aes.skipped_reason  # the MLP is checked first: no CLIP is built
 
 
@@ -165,7 +166,7 @@ def test_clip_score_runs_when_weights_are_local(tmp_path):
     build_tiny_clip(tmp_path / "clip")
     videos = [np.stack([textured_frame(64, 96, 3 * v + k) for k in range(10)]) for v in range(2)]
     prompts = ["a cat", "a dog"]
-    result = ev.clip_score(videos, prompts, tmp_path / "clip", device="cpu")
+    result = video_metrics.clip_score(videos, prompts, tmp_path / "clip", device="cpu")
     assert not result.skipped and len(result.values) == 2
 
     name = f"local-dir:{tmp_path / 'clip'}"
@@ -183,12 +184,12 @@ def test_clip_score_runs_when_weights_are_local(tmp_path):
     np.testing.assert_allclose(result.values, expected, rtol=1e-4, atol=1e-4)
     assert len(set(np.round(result.values, 4))) == 2  # two different videos, two different scores
     assert result.value == pytest.approx(np.mean(expected), rel=1e-4)
-    aes = ev.aesthetic(videos, tmp_path / "clip", tmp_path / "missing-mlp.pth", device="cpu")
+    aes = video_metrics.aesthetic(videos, tmp_path / "clip", tmp_path / "missing-mlp.pth", device="cpu")
     assert aes.skipped and "aesthetic MLP weights not found" in aes.skipped_reason
 
 
 def test_vbench_is_skipped_with_the_folder_it_looked_in(tmp_path):
-    result = ev.run_vbench({}, tmp_path / "out", weights_dir=tmp_path / "vbench-weights")
+    result = video_metrics.run_vbench({}, tmp_path / "out", weights_dir=tmp_path / "vbench-weights")
     assert result["vbench"].skipped
     assert result["vbench"].skipped_reason == f"skipped: weights not found at {tmp_path / 'vbench-weights'}"
 
@@ -197,7 +198,7 @@ def test_vbench_is_skipped_with_the_folder_it_looked_in(tmp_path):
 # Prompt sets
 # --------------------------------------------------------------------------------------------------------------
 def test_packaged_prompt_set_is_stable_and_holds_the_demo_prompts():
-    first, again = ev.load_prompt_set("v1"), ev.load_prompt_set("v1")
+    first, again = prompt_sets.load_prompt_set("v1"), prompt_sets.load_prompt_set("v1")
     assert first.version == again.version and first.version.startswith("v1-") and len(first.version) == 11
     assert "a red circle and a yellow square moving quickly across a plain coloured background" in first.prompts
     assert 'a still title card with the words "OPEN SORA 2024" written in large white letters' in first.prompts
@@ -213,18 +214,18 @@ def test_prompt_set_version_changes_with_the_prompts_not_the_comments(tmp_path):
     edited = tmp_path / "c" / "eval_prompts_x.txt"
     edited.parent.mkdir()
     edited.write_text("a cat\na horse\n")
-    v = {p: ev.load_prompt_set(str(p)) for p in (base, commented, edited)}
+    v = {p: prompt_sets.load_prompt_set(str(p)) for p in (base, commented, edited)}
     assert v[base].prompts == ("a cat", "a dog") and v[base].name == "x"
     assert v[base].version == v[commented].version
     assert v[base].version != v[edited].version
     with pytest.raises(ValueError, match="unknown prompt set"):
-        ev.load_prompt_set("no-such-set")
+        prompt_sets.load_prompt_set("no-such-set")
 
 
 # --------------------------------------------------------------------------------------------------------------
 # MLflow: logging, comparing, registering (a sqlite store under tmp_path)
 # --------------------------------------------------------------------------------------------------------------
-def fake_report(tmp_path: Path, name: str, val_loss: float | None, run_id: str | None = None) -> ev.EvaluationReport:
+def fake_report(tmp_path: Path, name: str, val_loss: float | None, run_id: str | None = None) -> eval_report.EvaluationReport:
     ckpt = tmp_path / "run" / name
     (ckpt / "ema").mkdir(parents=True)
     (ckpt / "ema" / "config.json").write_text(json.dumps({"hidden_size": 8, "depth": 1}))
@@ -235,10 +236,10 @@ def fake_report(tmp_path: Path, name: str, val_loss: float | None, run_id: str |
     metrics = {"temporal_flicker": 3.0, "val_loss/8x64x96": val_loss} if val_loss is not None else {"temporal_flicker": 3.0}
     if val_loss is not None:
         metrics["val_loss"] = val_loss
-    report = ev.EvaluationReport(checkpoint=str(ckpt), step=int(name.split("-")[1]), objective="iddpm",
-                                 dataset_version="tiny-v1", mlflow_run_id=run_id, prompt_set="v1-abc", settings={},
-                                 metrics=metrics, skipped={"clip_score": "CLIP score skipped: CLIP checkpoint path is not set"},
-                                 out_dir=str(out))
+    report = eval_report.EvaluationReport(checkpoint=str(ckpt), step=int(name.split("-")[1]), objective="iddpm",
+                                          dataset_version="tiny-v1", mlflow_run_id=run_id, prompt_set="v1-abc", settings={},
+                                          metrics=metrics, skipped={"clip_score": "CLIP score skipped: CLIP checkpoint path is not set"},
+                                          out_dir=str(out))
     report.save()
     return report
 
@@ -298,7 +299,7 @@ def test_log_to_mlflow_writes_metrics_skips_and_previews_to_the_training_run(tmp
     run = client.create_run(ensure_experiment(tracking_uri))
     client.set_terminated(run.info.run_id)  # training finished long ago: evaluation still logs to its run
     report = fake_report(tmp_path, "step-00000007", 0.5, run_id=run.info.run_id)
-    assert ev.log_to_mlflow(report, tracking_uri) == run.info.run_id
+    assert eval_report.log_to_mlflow(report, tracking_uri) == run.info.run_id
 
     logged = client.get_run(run.info.run_id)
     assert logged.data.metrics["eval/val_loss"] == 0.5 and logged.data.metrics["eval/temporal_flicker"] == 3.0
@@ -315,7 +316,7 @@ def test_without_a_training_run_one_evaluation_run_is_made(tmp_path, tracking_ur
 
     report = fake_report(tmp_path, "step-00000003", 0.7)
     decision = registry.register_if_best(report, tracking_uri, "no-run")
-    run_id = ev.log_to_mlflow(report, tracking_uri)
+    run_id = eval_report.log_to_mlflow(report, tracking_uri)
     run = mlflow.MlflowClient(tracking_uri).get_run(run_id)
     assert run.info.run_name == "eval-step-00000003" and run.data.metrics["eval/val_loss"] == 0.7
     version = mlflow.MlflowClient(tracking_uri).get_model_version("no-run", decision.version)
@@ -342,11 +343,11 @@ def test_validation_loss_is_skipped_when_the_dataset_is_gone(tiny_checkpoint, tm
     state["dataset_path"] = str(tmp_path / "gone.parquet")
     (moved / "state.json").write_text(json.dumps(state))
     result = ev.validation_loss(moved)
-    assert isinstance(result, ev.MetricResult) and result.skipped and "gone.parquet" in result.skipped_reason
+    assert isinstance(result, video_metrics.MetricResult) and result.skipped and "gone.parquet" in result.skipped_reason
 
 
 def test_evaluate_checkpoint_end_to_end(tiny_checkpoint, tmp_path):
-    prompts = ev.PromptSet("t", "t-0", ("a red circle and a yellow square moving quickly", "a cat on a sofa"))
+    prompts = prompt_sets.PromptSet("t", "t-0", ("a red circle and a yellow square moving quickly", "a cat on a sofa"))
     report = ev.evaluate_checkpoint(tiny_checkpoint, prompts, tmp_path / "eval", num_frames=8, image_size=(32, 48),
                                     steps=3, scheduler="dpm-solver", device="cpu", vbench_dir=tmp_path / "nope",
                                     log=lambda _: None)
@@ -374,7 +375,7 @@ def test_evaluate_checkpoint_end_to_end(tiny_checkpoint, tmp_path):
 # Registry cohorts, demo model names, evaluation shape
 # --------------------------------------------------------------------------------------------------------------
 def cohort_report(tmp_path, name: str, val_loss: float, dataset_version: str = "tiny-v1", preset: str = "stage1",
-                  objective: str = "iddpm") -> ev.EvaluationReport:
+                  objective: str = "iddpm") -> eval_report.EvaluationReport:
     report = fake_report(tmp_path / dataset_version / preset / objective, name, val_loss)
     report.dataset_version, report.preset, report.objective = dataset_version, preset, objective
     return report
@@ -445,7 +446,7 @@ def test_untrained_model_is_the_runs_starting_point_not_the_checkpoint(tiny_chec
 
 
 def adherence_report(tmp_path, name: str, adherence: float, val_loss: float = 1.0, prompt_set: str = "world-abc",
-                     clip: float | None = None) -> ev.EvaluationReport:
+                     clip: float | None = None) -> eval_report.EvaluationReport:
     report = fake_report(tmp_path / prompt_set / str(clip), name, val_loss)
     report.prompt_set = prompt_set
     report.metrics.update(prompt_adherence=adherence, prompt_adherence_shuffled=0.1, prompt_adherence_step0=0.05)
