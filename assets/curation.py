@@ -387,7 +387,7 @@ def clips(context: AssetExecutionContext, config: ClipsConfig, lakehouse: Lakeho
 )
 def captions(context: AssetExecutionContext, lakehouse: Lakehouse, model_store: ModelStore) -> MaterializeResult:
     from curation.captions import caption_clips, caption_counts, caption_table
-    from curation.cutting import load_kept_frames
+    from curation.kept_frames import load_kept_frames
 
     batch = batch_key(context.partition_key)  # a key, never a path: refused before any I/O
     clip_rows = lakehouse.read_partition("clips", batch)
@@ -439,7 +439,7 @@ def publish_clips(storage, result):
     from dataclasses import replace
     from pathlib import Path
 
-    from curation.cutting import MANIFEST
+    from curation.kept_frames import MANIFEST
 
     published = []
     for clip in result.clips:

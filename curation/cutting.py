@@ -9,8 +9,8 @@ Frame-rate conversion is timestamp resampling: output frame ``k`` of a clip show
 screen at ``k / target_fps`` seconds after the clip's first frame. A clip of duration ``D`` seconds has
 ``round(D * target_fps)`` frames (halves up), the count ffmpeg's ``-r 30 -t D`` gives the reference.
 
-While a clip is encoded the frames that the scorers need are saved beside it (``KeepFramesSpec``), so the
-aesthetic, flow, OCR and matching/caption scorers never decode video again.
+While a clip is encoded the frames that the scorers need are saved beside it (``curation.kept_frames``), so
+the aesthetic, flow, OCR and matching/caption scorers never decode video again.
 """
 
 from __future__ import annotations
@@ -19,29 +19,16 @@ import contextlib
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-
-from common.files import write_text_atomic
-
+from curation.kept_frames import MANIFEST, KeepFramesSpec, KeptFrameWriter
 from curation.shots import Scene
 from curation.virtual_clips import clip_source_frames, frame_index, iter_source_frames
-from curation.video_io import (
-    even_size_for_short_side,
-    open_writer,
-    probe_stream,
-    resize_short_side,
-    stored_size,
-    upright_yuv420p,
-)
-
-PURPOSES = ("aesthetic", "flow", "ocr", "match")
-PURPOSE_ALIASES = {"caption": "match"}  # the caption model looks at the same middle frame as matching
-MANIFEST = "kept.json"
+from curation.video_io import even_size_for_short_side, open_writer, probe_stream, stored_size, upright_yuv420p
 
 
 @dataclass(frozen=True)
@@ -79,42 +66,6 @@ CUT_PRESETS: dict[str, CutConfig] = {
     "reference": CutConfig(),
     "preview": CutConfig(short_side=360, crf=23, preset="ultrafast"),
 }
-
-
-@dataclass(frozen=True)
-class KeepFramesSpec:
-    """Which clip frames to save for the scorers, and how.
-
-    aesthetic: fractions of the clip (the reference scores frames at 10%, 50%, 90%); flow: clip frame
-    indices, clamped to the clip (the reference's UniMatch pairs 0-10-20-30); ocr: one frame index (the
-    middle one when the clip is shorter); match: the middle frame (CLIP matching and captioning).
-    Aesthetic and match frames are stored with the shorter side capped at ``small_short_side`` (enough for
-    CLIP at 224 or 336 px); flow and OCR frames at clip resolution.
-    """
-
-    aesthetic: tuple[float, ...] = (0.1, 0.5, 0.9)
-    flow: tuple[int, ...] = (0, 10, 20, 30)
-    ocr: int = 10
-    small_short_side: int = 336
-    image_format: str = "jpg"  # "jpg" or "png"
-    jpeg_quality: int = 95
-    enabled: bool = True
-
-    def indices(self, num_frames: int) -> dict[str, list[int]]:
-        """Clip frame indices per purpose for a clip of ``num_frames`` frames."""
-        if not self.enabled or num_frames <= 0:
-            return {}
-        last = num_frames - 1
-        middle = num_frames // 2
-        return {
-            "aesthetic": [min(last, int(f * num_frames)) for f in self.aesthetic],
-            "flow": [min(last, i) for i in self.flow],
-            "ocr": [self.ocr if self.ocr < num_frames else middle],
-            "match": [middle],
-        }
-
-    def full_resolution(self, purpose: str) -> bool:
-        return purpose in ("flow", "ocr")
 
 
 @dataclass(frozen=True)
@@ -221,52 +172,45 @@ def plan_clips(
     return plans, dropped
 
 
-class _KeptFrameWriter:
-    """Saves the scorer frames of one clip into ``frames_dir`` and writes its manifest."""
+@dataclass(frozen=True)
+class _ClipFormat:
+    """What every clip of one source looks like: its size (upright, as it plays), rate and the source's rotation."""
 
-    def __init__(self, frames_dir: Path, spec: KeepFramesSpec, num_frames: int):
-        self.dir = frames_dir
-        self.spec = spec
-        self.by_purpose = spec.indices(num_frames)
-        self.wanted: dict[int, set[str]] = {}
-        for purpose, indices in self.by_purpose.items():
-            for i in indices:
-                self.wanted.setdefault(i, set()).add(purpose)
-        if self.wanted:
-            self.dir.mkdir(parents=True, exist_ok=True)
+    width: int
+    height: int
+    rotation: int  # a phone's portrait video: scale the stored frame, then turn the small one upright
+    rate: Fraction
 
-    def file_name(self, purpose: str, k: int) -> str:
-        return f"{purpose}_{k:05d}.{self.spec.image_format}"
+    @classmethod
+    def of(cls, width: int, height: int, rotation: int, fps: Fraction, cfg: CutConfig) -> "_ClipFormat":
+        out_w, out_h = even_size_for_short_side(width, height, cfg.short_side)
+        rate = Fraction(cfg.target_fps).limit_denominator(1001) if cfg.target_fps else fps.limit_denominator(1001000)
+        return cls(out_w, out_h, rotation, rate)
 
-    def offer(self, k: int, frame) -> None:
-        """Save clip frame ``k`` (an av.VideoFrame at clip size) for every purpose that wants it."""
-        purposes = self.wanted.get(k)
-        if not purposes:
-            return
-        import cv2
+    def scaler(self) -> Callable[[Any], Any]:
+        """A function bringing a decoded source frame to the clip: yuv420p at clip size, upright."""
+        from av.video.reformatter import VideoReformatter
 
-        bgr = frame.to_ndarray(format="bgr24")  # OpenCV writes BGR: convert once, no channel flip copy
-        small = None
-        params = [cv2.IMWRITE_JPEG_QUALITY, self.spec.jpeg_quality] if self.spec.image_format == "jpg" else []
-        for purpose in sorted(purposes):
-            if self.spec.full_resolution(purpose):
-                image = bgr
-            else:
-                small = resize_short_side(bgr, self.spec.small_short_side) if small is None else small
-                image = small
-            target = self.dir / self.file_name(purpose, k)
-            if not cv2.imwrite(str(target), image, params):
-                raise OSError(f"could not write {target}")
+        reformatter = VideoReformatter()
+        scale_w, scale_h = stored_size(self.width, self.height, self.rotation)
+        threads = 1 if self.width * self.height <= 640 * 360 else 0
 
-    def finish(self, clip_id: str, num_frames: int) -> None:
-        if not self.wanted:
-            return
-        frames = {
-            purpose: [{"index": i, "file": self.file_name(purpose, i)} for i in indices]
-            for purpose, indices in self.by_purpose.items()
-        }
-        manifest = {"clip_id": clip_id, "num_frames": num_frames, "frames": frames}
-        write_text_atomic(self.dir / MANIFEST, json.dumps(manifest, indent=1), suffix=".part")
+        def scale(frame):
+            # Scale in YUV straight to the clip size (the frame itself when no scaling is needed), then turn upright.
+            scaled = reformatter.reformat(frame, width=scale_w, height=scale_h, format="yuv420p",
+                                          interpolation="BICUBIC", threads=threads)  # fmt: skip
+            return upright_yuv420p(scaled, self.rotation) if self.rotation else scaled
+
+        return scale
+
+    def clip_result(self, plan: ClipPlan, num_frames: int, *, video_id: str, path: str, frames_dir: Path,
+                    virtual: bool = False, linked: bool = False) -> ClipResult:  # fmt: skip
+        return ClipResult(
+            path=path, id=plan.clip_id, num_frames=num_frames, fps=float(self.rate), height=self.height,
+            width=self.width, aspect_ratio=self.height / self.width, resolution=self.height * self.width,
+            video_id=video_id, scene_index=plan.scene_index, start_frame=plan.start_frame, end_frame=plan.end_frame,
+            start_s=plan.start_s, end_s=plan.end_s, frames_dir=str(frames_dir), virtual=virtual, linked=linked,
+        )
 
 
 class _OpenClip:
@@ -277,11 +221,11 @@ class _OpenClip:
     ``finish`` writes the held frame up to the clip's planned length.
     """
 
-    def __init__(self, plan: ClipPlan, path: Path, size: tuple[int, int], rate: Fraction, cfg: CutConfig,
-                 kept: _KeptFrameWriter, t0: Fraction):  # fmt: skip
-        self.plan, self.rate, self.kept, self.t0 = plan, rate, kept, t0
+    def __init__(self, plan: ClipPlan, path: Path, fmt: _ClipFormat, cfg: CutConfig, kept: KeptFrameWriter,
+                 t0: Fraction):  # fmt: skip
+        self.plan, self.rate, self.kept, self.t0 = plan, fmt.rate, kept, t0
         self._stack = contextlib.ExitStack()
-        self.writer = self._stack.enter_context(open_writer(path, rate, size[0], size[1], cfg.crf, cfg.preset))
+        self.writer = self._stack.enter_context(open_writer(path, fmt.rate, fmt.width, fmt.height, cfg.crf, cfg.preset))
         self.held = None  # the last source frame seen (scaled, yuv420p)
         self.k = 0  # next output frame
 
@@ -306,6 +250,10 @@ class _OpenClip:
         self._stack.__exit__(type(err), err, err.__traceback__)  # the writer removes its partial file
 
 
+class _SourceEnded(Exception):
+    """The video has fewer frames than the scenes claim."""
+
+
 def cut_clips(
     video_path: str | Path,
     video_id: str,
@@ -322,8 +270,6 @@ def cut_clips(
     Scenes shorter than ``cfg.min_seconds`` are returned in ``CutResult.dropped`` with the reason.
     Decoding stops after the last frame of the last clip.
     """
-    from av.video.reformatter import VideoReformatter
-
     cfg = cfg or CutConfig()
     keep = keep or KeepFramesSpec()
     out_dir = Path(out_dir)
@@ -333,44 +279,55 @@ def cut_clips(
     result = CutResult(dropped=dropped)
     if not plans:
         return result
-
-    out_w, out_h = even_size_for_short_side(info.width, info.height, cfg.short_side)  # upright, as the clip plays
-    rotation = info.rotation  # a phone's portrait video: scale the stored frame, then turn the small one upright
-    scale_w, scale_h = stored_size(out_w, out_h, rotation)
-    rate = Fraction(cfg.target_fps).limit_denominator(1001) if cfg.target_fps else info.fps.limit_denominator(1001000)
-    scaler = VideoReformatter()
-    scaler_threads = 1 if out_w * out_h <= 640 * 360 else 0
+    fmt = _ClipFormat.of(info.width, info.height, info.rotation, info.fps, cfg)
 
     def clip_result(plan: ClipPlan, num_frames: int) -> ClipResult:
-        return ClipResult(
-            path=str(out_dir / f"{plan.clip_id}.mp4"),
-            id=plan.clip_id,
-            num_frames=num_frames,
-            fps=float(rate),
-            height=out_h,
-            width=out_w,
-            aspect_ratio=out_h / out_w,
-            resolution=out_h * out_w,
-            video_id=video_id,
-            scene_index=plan.scene_index,
-            start_frame=plan.start_frame,
-            end_frame=plan.end_frame,
-            start_s=plan.start_s,
-            end_s=plan.end_s,
-            frames_dir=str(frames_root / plan.clip_id),
-        )
+        return fmt.clip_result(plan, num_frames, video_id=video_id, path=str(out_dir / f"{plan.clip_id}.mp4"),
+                               frames_dir=frames_root / plan.clip_id)  # fmt: skip
 
-    def finish(clip: _OpenClip) -> None:
-        result.clips.append(clip_result(clip.plan, clip.finish()))
-
-    # Clips are immutable media named by source, frame range and encode settings: one written earlier (by any run)
-    # is reused as it is, never re-encoded over.
-    for plan in [p for p in plans if _already_cut(out_dir, frames_root, p, keep)]:
-        result.clips.append(clip_result(plan, plan.num_frames))
-    plans = [p for p in plans if not _already_cut(out_dir, frames_root, p, keep)]
-    if not plans:
+    # 1. Clips are immutable media named by source, frame range and encode settings: one written earlier (by any
+    #    run) is reused as it is, never re-encoded over.
+    to_encode = []
+    for plan in plans:
+        if _already_cut(out_dir, frames_root, plan, keep):
+            result.clips.append(clip_result(plan, plan.num_frames))
+        else:
+            to_encode.append(plan)
+    if not to_encode:
         return result
 
+    # 2. Encode the others in one decode pass.
+    encoded, result.frames_decoded = _encode_clips(video_path, to_encode, out_dir, frames_root, cfg, keep, fmt)
+    result.clips += [clip_result(plan, num_frames) for plan, num_frames in encoded]
+    result.clips.sort(key=lambda c: c.start_frame)
+
+    # 3. A clip the source ended inside is dropped, never padded.
+    written = {c.id for c in result.clips}
+    for missing in (p for p in to_encode if p.clip_id not in written):
+        reason = f"source ended at frame {result.frames_decoded}, inside or before the scene"
+        result.dropped.append(DroppedScene(missing.scene_index, missing.start_frame, missing.end_frame, reason))
+    result.dropped.sort(key=lambda d: d.start_frame)
+    return result
+
+
+def _already_cut(out_dir: Path, frames_root: Path, plan: ClipPlan, keep: KeepFramesSpec) -> bool:
+    """The clip's file is there (and its kept frames, when any are to be kept)."""
+    kept = not keep.indices(plan.num_frames) or (frames_root / plan.clip_id / MANIFEST).is_file()
+    return (out_dir / f"{plan.clip_id}.mp4").is_file() and kept
+
+
+def _encode_clips(
+    video_path: str | Path, plans: list[ClipPlan], out_dir: Path, frames_root: Path, cfg: CutConfig,
+    keep: KeepFramesSpec, fmt: _ClipFormat,
+) -> tuple[list[tuple[ClipPlan, int]], int]:
+    """Encode ``plans`` (in order, not overlapping) from one decode pass of the source.
+
+    Returns (plan, frames written) of every finished clip and the number of source frames decoded. A clip the
+    source ends inside is aborted (its partial file removed) and left out.
+    """
+    scale = fmt.scaler()
+    finished: list[tuple[ClipPlan, int]] = []
+    decoded = 0
     pending = iter(plans)
     plan: ClipPlan | None = next(pending)
     clip: _OpenClip | None = None
@@ -379,23 +336,20 @@ def cut_clips(
         source_index = frame_index(video_path)
         for index, frame in iter_source_frames(video_path, range(plans[0].start_frame, plans[-1].end_frame), strict=False):
             t = source_index.time(index)
-            result.frames_decoded = index + 1
+            decoded = index + 1
             if clip is not None and index >= clip.plan.end_frame:
-                finish(clip)
+                finished.append((clip.plan, clip.finish()))
                 clip, plan = None, next(pending, None)
             if plan is None:
                 break
             if index < plan.start_frame:
                 continue  # between clips (a dropped scene or a truncated tail): decoded, not converted
             if clip is None:
-                kept = _KeptFrameWriter(frames_root / plan.clip_id, keep, plan.num_frames)
-                clip = _OpenClip(plan, out_dir / f"{plan.clip_id}.mp4", (out_w, out_h), rate, cfg, kept, t0=t)
-            # Scale in YUV straight to the clip size (the frame itself when no scaling is needed), then turn upright.
-            scaled = scaler.reformat(frame, width=scale_w, height=scale_h, format="yuv420p",
-                                     interpolation="BICUBIC", threads=scaler_threads)  # fmt: skip
-            clip.push(t, upright_yuv420p(scaled, rotation) if rotation else scaled)
-        if clip is not None and result.frames_decoded >= clip.plan.end_frame:
-            finish(clip)  # the stream ended right at the end of the last clip
+                kept = KeptFrameWriter(frames_root / plan.clip_id, keep, plan.num_frames)
+                clip = _OpenClip(plan, out_dir / f"{plan.clip_id}.mp4", fmt, cfg, kept, t0=t)
+            clip.push(t, scale(frame))
+        if clip is not None and decoded >= clip.plan.end_frame:
+            finished.append((clip.plan, clip.finish()))  # the stream ended right at the end of the last clip
             clip = None
         if clip is not None:  # scenes from another decoder or a damaged file: never pad with frozen frames
             raise _SourceEnded()
@@ -405,13 +359,7 @@ def cut_clips(
         if clip is not None:
             clip.abort(err)
         raise
-    result.clips.sort(key=lambda c: c.start_frame)
-    written = {c.id for c in result.clips}
-    for missing in (p for p in plans if p.clip_id not in written):
-        reason = f"source ended at frame {result.frames_decoded}, inside or before the scene"
-        result.dropped.append(DroppedScene(missing.scene_index, missing.start_frame, missing.end_frame, reason))
-    result.dropped.sort(key=lambda d: d.start_frame)
-    return result
+    return finished, decoded
 
 
 def keep_virtual_frames(
@@ -426,18 +374,15 @@ def keep_virtual_frames(
     ``path`` is ``source_url`` (default: ``source``), ``frames_dir`` is ``{frames_root}/{clip_id}``. A clip
     whose kept frames are already there (immutable media, named by content) is reused.
     """
-    from av.video.reformatter import VideoReformatter
-
     cfg, keep = cfg or CutConfig(), keep or KeepFramesSpec()
     frames_root = Path(frames_root)
     index = frame_index(source)
     plans, dropped = plan_clips(video_id, scenes, index.fps, cfg, virtual=True)
     result = CutResult(dropped=list(dropped))
-    out_w, out_h = even_size_for_short_side(index.width, index.height, cfg.short_side)
-    scale_w, scale_h = stored_size(out_w, out_h, index.rotation)
-    rate = Fraction(cfg.target_fps).limit_denominator(1001) if cfg.target_fps else index.fps.limit_denominator(1001000)
+    fmt = _ClipFormat.of(index.width, index.height, index.rotation, index.fps, cfg)
 
-    needs: dict[int, list[tuple[_KeptFrameWriter, int]]] = {}  # source frame -> (clip's writer, clip frame)
+    # 1. Every clip the source holds; the frames each new one keeps, by the source frame that shows them.
+    needs: dict[int, list[tuple[KeptFrameWriter, int]]] = {}  # source frame -> (clip's writer, clip frame)
     writers = []
     for plan in plans:
         if plan.end_frame > index.num_frames:  # scenes from another decoder or a damaged file: never padded
@@ -445,26 +390,20 @@ def keep_virtual_frames(
             result.dropped.append(DroppedScene(plan.scene_index, plan.start_frame, plan.end_frame, reason))
             continue
         frames_dir = frames_root / plan.clip_id
-        result.clips.append(ClipResult(
-            path=str(source_url or source), id=plan.clip_id, num_frames=plan.num_frames, fps=float(rate),
-            height=out_h, width=out_w, aspect_ratio=out_h / out_w, resolution=out_h * out_w, video_id=video_id,
-            scene_index=plan.scene_index, start_frame=plan.start_frame, end_frame=plan.end_frame,
-            start_s=plan.start_s, end_s=plan.end_s, frames_dir=str(frames_dir), virtual=True, linked=linked,
-        ))
+        result.clips.append(fmt.clip_result(plan, plan.num_frames, video_id=video_id, path=str(source_url or source),
+                                            frames_dir=frames_dir, virtual=True, linked=linked))  # fmt: skip
         if (frames_dir / MANIFEST).is_file():
             continue  # kept by an earlier run: immutable, reused as it is
-        writer = _KeptFrameWriter(frames_dir, keep, plan.num_frames)
+        writer = KeptFrameWriter(frames_dir, keep, plan.num_frames)
         writers.append((writer, plan))
-        mapping = clip_source_frames(index, plan.start_frame, plan.end_frame, plan.num_frames, rate)
+        mapping = clip_source_frames(index, plan.start_frame, plan.end_frame, plan.num_frames, fmt.rate)
         for k in writer.wanted:
             needs.setdefault(mapping[k], []).append((writer, k))
 
-    scaler = VideoReformatter()
-    threads = 1 if out_w * out_h <= 640 * 360 else 0
+    # 2. Decode only those source frames, seeking past the rest.
+    scale = fmt.scaler()
     for j, frame in iter_source_frames(source, sorted(needs)):
-        scaled = scaler.reformat(frame, width=scale_w, height=scale_h, format="yuv420p", interpolation="BICUBIC",
-                                 threads=threads)
-        scaled = upright_yuv420p(scaled, index.rotation) if index.rotation else scaled
+        scaled = scale(frame)
         for writer, k in needs[j]:
             writer.offer(k, scaled)
     for writer, plan in writers:
@@ -474,53 +413,7 @@ def keep_virtual_frames(
     return result
 
 
-def _already_cut(out_dir: Path, frames_root: Path, plan: ClipPlan, keep: KeepFramesSpec) -> bool:
-    """The clip's file is there (and its kept frames, when any are to be kept)."""
-    kept = not keep.indices(plan.num_frames) or (frames_root / plan.clip_id / MANIFEST).is_file()
-    return (out_dir / f"{plan.clip_id}.mp4").is_file() and kept
-
-
-class _SourceEnded(Exception):
-    """The video has fewer frames than the scenes claim."""
-
-
-def load_kept_frames(frames_dir: str | Path, purpose: str) -> list[np.ndarray]:
-    """RGB uint8 frames saved for ``purpose`` (aesthetic, flow, ocr, match or caption), in clip order."""
-    import cv2
-
-    frames_dir = Path(frames_dir)
-    purpose = PURPOSE_ALIASES.get(purpose, purpose)
-    if purpose not in PURPOSES:
-        raise ValueError(f"unknown purpose {purpose!r}; one of {PURPOSES + tuple(PURPOSE_ALIASES)}")
-    manifest = json.loads((frames_dir / MANIFEST).read_text())
-    frames = []
-    for entry in manifest["frames"].get(purpose, []):
-        image = cv2.imread(str(frames_dir / entry["file"]), cv2.IMREAD_COLOR)
-        if image is None:
-            raise OSError(f"cannot read kept frame {frames_dir / entry['file']}")
-        frames.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
-    return frames
-
-
-def kept_frame_indices(frames_dir: str | Path, purpose: str) -> list[int]:
-    """Clip frame indices of the frames ``load_kept_frames`` returns for ``purpose``."""
-    purpose = PURPOSE_ALIASES.get(purpose, purpose)
-    manifest = json.loads((Path(frames_dir) / MANIFEST).read_text())
-    return [e["index"] for e in manifest["frames"].get(purpose, [])]
-
-
 __all__ = [
-    "CUT_PRESETS",
-    "ClipPlan",
-    "ClipResult",
-    "CutConfig",
-    "CutResult",
-    "DroppedScene",
-    "KeepFramesSpec",
-    "clip_id_for",
-    "cut_clips",
-    "keep_virtual_frames",
-    "kept_frame_indices",
-    "load_kept_frames",
-    "plan_clips",
-]
+    "CUT_PRESETS", "ClipPlan", "ClipResult", "CutConfig", "CutResult", "DroppedScene", "clip_id_for", "cut_clips",
+    "keep_virtual_frames", "plan_clips",
+]  # fmt: skip

@@ -12,11 +12,12 @@ Each version folder holds::
     dropped.parquet  id, path, batch, the reason (the check that dropped it) and its detail, of every clip left out
     manifest.json    spec, inputs, counts, drop counts per filter, every criterion's state, skipped criteria, created_at
 
-Drop counts are attributed in a fixed order (``DROP_ORDER``): each clip is counted once, at the first check it
-fails. The criteria and their meaning are ``curation.filters`` (the same SQL as ``opensora-dag data filter``): a
-clip without a value fails an active criterion, e.g. every clip fails ``aesmin`` when the aesthetic scorer ran
-without weights (its detail says why the value is missing). A criterion is inactive only when the spec says so
-(``FilterSpec.skip``); each skip is reported with the reason, and the asset shows it as a failed check.
+Which clips are kept is ``curation.dataset_selection``. Drop counts are attributed in a fixed order (its
+``DROP_ORDER``): each clip is counted once, at the first check it fails. The criteria and their meaning are
+``curation.filters`` (the same SQL as ``opensora-dag data filter``): a clip without a value fails an active
+criterion, e.g. every clip fails ``aesmin`` when the aesthetic scorer ran without weights (its detail says why the
+value is missing). A criterion is inactive only when the spec says so (``FilterSpec.skip``); each skip is reported
+with the reason, and the asset shows it as a failed check.
 """
 
 from __future__ import annotations
@@ -32,17 +33,17 @@ from pydantic import BaseModel
 
 from common.files import publish, scratch_sibling
 from common.storage import DATASETS
-
-# FilterSpec, PRESETS, Criterion and CRITERIA lived here before the filter became one module; still importable.
-from curation.filters import (  # noqa: F401
-    CRITERIA,
-    PRESETS,
-    Criterion,
-    FilterSpec,
-    failure_detail_sql,
-    first_failure_sql,
-    resolution_sql,
+from curation.dataset_selection import (
+    CHECKED,
+    CriterionReport,
+    Selection,
+    drop_selection_tables,
+    open_tables,
+    select_rows,
 )
+
+# PRESETS lived here before the filter became one module; still importable.
+from curation.filters import PRESETS, FilterSpec, ident, sql_str  # noqa: F401
 
 if TYPE_CHECKING:
     import duckdb
@@ -54,61 +55,18 @@ if TYPE_CHECKING:
 # 3: virtual and linked columns (virtual clips are frame ranges of their source).
 BUILDER_VERSION = 3
 
-CLIPS_TABLE = "clips"
-# Score / caption table -> the one column the builder takes from it.
-SIDE_TABLES = {
-    "aesthetic_scores": "aes",
-    "motion_scores": "flow",
-    "ocr_scores": "ocr",
-    "match_scores": "match",
-    "captions": "text",
-}
 OPENSORA_CSV_COLUMNS = (
     "path", "text", "num_frames", "height", "width", "aspect_ratio", "fps", "resolution",
     "aes", "flow", "ocr", "match",
 )  # fmt: skip
 PROVENANCE_COLUMNS = ("id", "video_id", "start_frame", "end_frame", "start_s", "end_s", "virtual", "linked")
 CSV_COLUMNS = OPENSORA_CSV_COLUMNS + PROVENANCE_COLUMNS
-CLIP_REQUIRED = ("id", "path", "num_frames", "height", "width")
-# Optional clip columns and the SQL type they get (NULL when the clips table lacks them).
-CLIP_OPTIONAL = {
-    "video_id": "VARCHAR",
-    "start_frame": "BIGINT",
-    "end_frame": "BIGINT",
-    "start_s": "DOUBLE",
-    "end_s": "DOUBLE",
-    "fps": "DOUBLE",
-    "batch": "VARCHAR",
-    "virtual": "BOOLEAN",  # a frame range of the source at ``path`` (curation.virtual_clips), not a clip file
-    "linked": "BOOLEAN",  # that source is referenced in place: its hash (video_id) is checked on read
-}
-NO_CAPTION = "no caption"
-DUPLICATE = "duplicate"
-DUPLICATE_DETAIL = "another copy of the same clip id is kept (first batch, then path)"
-
-
-# The fixed order drops are attributed in: "no caption", the criteria (curation.filters.CRITERIA), "duplicate".
-DROP_ORDER = (NO_CAPTION, *(c.name for c in CRITERIA), DUPLICATE)
 
 
 class SkippedCriterion(BaseModel):
     criterion: str
     column: str
     reason: str
-
-
-class CriterionReport(BaseModel):
-    """What one criterion of the spec did to a version: unset, skipped (by the spec) or applied."""
-
-    criterion: str
-    flag: str  # its CLI flag
-    column: str
-    status: str  # "unset" | "skipped" | "applied"
-    bound: str | None = None  # "aes >= 5.0" when set
-    with_value: int = 0  # clips that have a value in the criterion's column
-    dropped: int = 0  # clips dropped at this criterion (first check they failed)
-    dropped_without_value: int = 0  # ... of which had no value
-    reason: str | None = None  # skipped: why; applied: set when no clip has a value (every clip fails it)
 
 
 class DatasetVersion(BaseModel):
@@ -215,151 +173,6 @@ def latest_published_version(storage: Any) -> DatasetVersion | None:
 
 
 # ---- building ----------------------------------------------------------------------------------------------------
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _sql_str(value: str | os.PathLike) -> str:
-    return "'" + str(value).replace("'", "''") + "'"
-
-
-def _open_tables(
-    con_or_tables: "duckdb.DuckDBPyConnection | Mapping[str, Any]",
-) -> tuple["duckdb.DuckDBPyConnection", dict[str, dict[str, str]], bool]:
-    """A connection and, for each known table it can read, that table's {column: type}; plus whether we own it.
-
-    Frames with no columns (the Lakehouse's answer for a table with no partitions) count as absent.
-    """
-    import duckdb
-
-    names = (CLIPS_TABLE, *SIDE_TABLES)
-    if isinstance(con_or_tables, duckdb.DuckDBPyConnection):
-        con, owned = con_or_tables, False
-        present = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-        available = [n for n in names if n in present]
-    else:
-        con, owned = duckdb.connect(":memory:"), True
-        available = []
-        for name in names:
-            frame = con_or_tables.get(name)
-            if frame is not None and len(frame.columns) > 0:
-                con.register(name, frame)
-                available.append(name)
-    schemas = {
-        name: {r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT * FROM {_ident(name)}").fetchall()}
-        for name in available
-    }
-    return con, schemas, owned
-
-
-def _joined_sql(schemas: dict[str, dict[str, str]]) -> str:
-    """One row per clip: clip columns, then each side table's column (NULL when the table or column is absent).
-
-    Side tables are first reduced to one row per id, so a clip scored in two batches does not multiply:
-    scores of the same id agree (ids are content hashes), and the caption kept is the smallest non-empty one,
-    which makes the choice deterministic. ``<column>_reason`` carries a side table's ``reason`` for a missing value
-    (e.g. "CLIP checkpoint path is not set"), so a clip dropped for lacking it says why.
-    """
-    clip_cols = schemas[CLIPS_TABLE]
-    select = [
-        "CAST(c.id AS VARCHAR) AS id",
-        "CAST(c.path AS VARCHAR) AS path",
-        "CAST(c.num_frames AS BIGINT) AS num_frames",
-        "CAST(c.height AS BIGINT) AS height",
-        "CAST(c.width AS BIGINT) AS width",
-    ]
-    for name, sql_type in CLIP_OPTIONAL.items():
-        value = f"c.{_ident(name)}" if name in clip_cols else "NULL"
-        select.append(f"CAST({value} AS {sql_type}) AS {name}")
-    ratio = "CAST(c.height AS DOUBLE) / nullif(CAST(c.width AS DOUBLE), 0)"
-    select.append(f"{resolution_sql(clip_cols, prefix='c.')} AS resolution")  # the filter's own definition
-    select.append(f"coalesce(CAST(c.aspect_ratio AS DOUBLE), {ratio}) AS aspect_ratio" if "aspect_ratio" in clip_cols
-                  else f"{ratio} AS aspect_ratio")  # fmt: skip
-
-    ctes, joins = [], []
-    for i, (table, column) in enumerate(SIDE_TABLES.items()):
-        alias = f"s{i}"
-        cols = schemas.get(table, {})
-        why = _ident(f"{column}_reason")
-        if "id" not in cols or column not in cols:
-            select.append(f"CAST(NULL AS {'VARCHAR' if column == 'text' else 'DOUBLE'}) AS {_ident(column)}")
-            select.append(f"CAST(NULL AS VARCHAR) AS {why}")
-            continue
-        if column == "text":
-            has_value = "text IS NOT NULL AND trim(CAST(text AS VARCHAR)) <> ''"
-            reduce = f"min(CAST(text AS VARCHAR)) FILTER (WHERE {has_value})"
-        else:
-            has_value = f"{_ident(column)} IS NOT NULL"
-            reduce = f"max(CAST({_ident(column)} AS DOUBLE))"
-        reason = f"min(CAST(reason AS VARCHAR)) FILTER (WHERE NOT ({has_value}))" if "reason" in cols else "CAST(NULL AS VARCHAR)"
-        ctes.append(
-            f"{alias} AS (SELECT CAST(id AS VARCHAR) AS id, {reduce} AS {_ident(column)}, {reason} AS {why} "
-            f"FROM {_ident(table)} GROUP BY CAST(id AS VARCHAR))"
-        )
-        joins.append(f"LEFT JOIN {alias} ON {alias}.id = CAST(c.id AS VARCHAR)")
-        select.append(f"{alias}.{_ident(column)} AS {_ident(column)}")
-        # A clip the table has no row for has no reason from it; say so rather than leave it blank.
-        select.append(f"CASE WHEN {alias}.id IS NULL THEN {_sql_str(f'no {table} row for the clip')} ELSE {alias}.{why} END AS {why}")
-    with_clause = ("WITH " + ", ".join(ctes) + " ") if ctes else ""
-    return f"{with_clause}SELECT {', '.join(select)} FROM {_ident(CLIPS_TABLE)} c {' '.join(joins)}"
-
-
-def _column_state(table: str, column: str, schemas: dict[str, dict[str, str]], n: int, with_value: int,
-                  why_null: str | None) -> str:
-    """What the joined table holds for a criterion's column, in words (for skip and all-null reasons)."""
-    if table not in schemas:
-        return f"table {table} was not provided (or has no rows)"
-    derived = table == CLIPS_TABLE and column == "resolution"  # computed from height and width
-    needed = [column] if table == CLIPS_TABLE else ["id", column]
-    lacking = [c for c in needed if c not in schemas[table]]
-    if lacking and not derived:
-        return f"table {table} lacks column(s) {lacking}"
-    if with_value == 0:
-        return f"{table}.{column} is null for all {n} clips" + (f": {why_null}" if why_null else "")
-    return f"{table}.{column} has a value for {with_value} of {n} clips"
-
-
-def _criteria_report(
-    con: "duckdb.DuckDBPyConnection", spec: FilterSpec, schemas: dict[str, dict[str, str]], n: int
-) -> list[CriterionReport]:
-    """Every criterion's state: unset, skipped by the spec (with why) or applied (with its drops)."""
-    table_of = {col: table for table, col in SIDE_TABLES.items()}
-    set_criteria = [c for c in CRITERIA if getattr(spec, c.name) is not None]
-    columns = sorted({c.column for c in set_criteria})
-    aggs = []
-    for column in columns:
-        aggs.append(f"count({_ident(column)})")
-        aggs.append(f"min({_ident(column + '_reason')})" if column in table_of else "NULL")  # deterministic
-    row = con.execute(f"SELECT {', '.join(aggs)} FROM __ds_joined").fetchone() if aggs else ()
-    with_value = {col: int(row[2 * i]) for i, col in enumerate(columns)}
-    why_null = {col: row[2 * i + 1] for i, col in enumerate(columns)}
-    drops = {
-        name: (int(total), int(without))
-        for name, total, without in con.execute(
-            "SELECT drop_reason, count(*), count(*) FILTER (WHERE __ds_missing) FROM __ds_checked "
-            "WHERE drop_reason IS NOT NULL GROUP BY 1"
-        ).fetchall()
-    }
-    reports = []
-    for c in CRITERIA:
-        report = CriterionReport(criterion=c.name, flag=c.flag, column=c.column, status="unset")
-        if getattr(spec, c.name) is not None:
-            table = table_of.get(c.column, CLIPS_TABLE)
-            state = _column_state(table, c.column, schemas, n, with_value[c.column], why_null[c.column])
-            dropped, without = drops.get(c.name, (0, 0))
-            update: dict[str, Any] = {"bound": f"{c.column} {c.op} {spec.bound(c)!r}", "with_value": with_value[c.column]}
-            if c.name in spec.skip:
-                update |= {"status": "skipped", "reason": f"skipped by the spec (skip={list(spec.skip)}); {state}"}
-            else:
-                update |= {"status": "applied", "dropped": dropped, "dropped_without_value": without}
-                if n and with_value[c.column] == 0:
-                    update["reason"] = (f"{state}: every clip fails {c.name}; provide what fills {c.column} "
-                                        f"or list {c.name} in the spec's skip")  # fmt: skip
-            report = report.model_copy(update=update)
-        reports.append(report)
-    return reports
-
-
 def build_dataset(
     con_or_tables: "duckdb.DuckDBPyConnection | Mapping[str, pl.DataFrame | None]",
     spec: FilterSpec,
@@ -381,96 +194,17 @@ def build_dataset(
     if (final / "manifest.json").is_file():
         return load_version(root, version).model_copy(update={"reused": True})
 
-    con, schemas, owned = _open_tables(con_or_tables)
+    con, schemas, owned = open_tables(con_or_tables)
     try:
-        # 1. Check the clips table.
-        if CLIPS_TABLE not in schemas:
-            raise ValueError("no clips table: materialize the clips asset first")
-        missing = [c for c in CLIP_REQUIRED if c not in schemas[CLIPS_TABLE]]
-        if missing:
-            raise ValueError(f"clips table lacks column(s) {missing}; it has {list(schemas[CLIPS_TABLE])}")
+        # 1. Select the rows: join, attribute each dropped clip to its first failing check, dedupe.
+        selection = select_rows(con, schemas, spec)
 
-        # 2. Join clips with scores and captions, one row per clip.
-        con.execute(f"CREATE OR REPLACE TEMP TABLE __ds_joined AS {_joined_sql(schemas)}")
-        (n,) = con.execute("SELECT count(*) FROM __ds_joined").fetchone()
-
-        # 3. The criteria the spec applies (set, and not in its skip list): only the spec decides, never the data.
-        applied = spec.active()
-        values = {c.name: _ident(c.column) for c, _ in applied}  # __ds_joined has every criterion's column
-
-        # 4. Attribute each clip to its first failing check (NULL reason: kept so far), then dedupe the survivors.
-        #    A missing value fails an active criterion (curation.filters), with the reason it is missing.
-        leading = [f"WHEN text IS NULL OR trim(text) = '' THEN {_sql_str(NO_CAPTION)}"] if spec.require_caption else []
-        reason = first_failure_sql(applied, values, leading)
-        null_reasons = {c.name: _ident(c.column + "_reason") for c, _ in applied if c.column in SIDE_TABLES.values()}
-        detail = failure_detail_sql(applied, values, "drop_reason", null_reasons)
-        detail = (f"CASE WHEN drop_reason = {_sql_str(NO_CAPTION)} THEN {_sql_str(NO_CAPTION)} || "
-                  f"coalesce(': ' || text_reason, '') ELSE {detail} END")  # fmt: skip
-        missing = "CASE drop_reason " + " ".join(
-            f"WHEN {_sql_str(c.name)} THEN {values[c.name]} IS NULL" for c, _ in applied) + " ELSE false END"
-        con.execute(f"CREATE OR REPLACE TEMP TABLE __ds_checked AS SELECT *, {reason} AS drop_reason FROM __ds_joined")
-        con.execute(f"CREATE OR REPLACE TEMP TABLE __ds_checked AS SELECT *, {detail} AS drop_detail, "
-                    f"{missing if applied else 'false'} AS __ds_missing FROM __ds_checked")
-        if spec.dedupe:
-            con.execute(
-                f"""
-                CREATE OR REPLACE TEMP TABLE __ds_checked AS
-                SELECT * EXCLUDE (rank_in_id, drop_reason, drop_detail),
-                       CASE WHEN drop_reason IS NULL AND rank_in_id > 1 THEN {_sql_str(DUPLICATE)} ELSE drop_reason END
-                       AS drop_reason,
-                       CASE WHEN drop_reason IS NULL AND rank_in_id > 1 THEN {_sql_str(DUPLICATE_DETAIL)} ELSE drop_detail END
-                       AS drop_detail
-                FROM (
-                    SELECT *,
-                           row_number() OVER (PARTITION BY id, drop_reason IS NULL
-                                              ORDER BY batch NULLS LAST, path, start_frame NULLS LAST) AS rank_in_id
-                    FROM __ds_checked
-                )
-                """
-            )
-        criteria = _criteria_report(con, spec, schemas, n)
-        skipped = [SkippedCriterion(criterion=r.criterion, column=r.column, reason=r.reason or "")
-                   for r in criteria if r.status == "skipped"]  # fmt: skip
-        checked_keys = {c.name for c, _ in applied}
-        checked_keys |= ({NO_CAPTION} if spec.require_caption else set()) | ({DUPLICATE} if spec.dedupe else set())
-        found = dict(
-            con.execute("SELECT drop_reason, count(*) FROM __ds_checked WHERE drop_reason IS NOT NULL GROUP BY 1").fetchall()
-        )
-        drop_counts = {key: int(found.get(key, 0)) for key in DROP_ORDER if key in checked_keys}
-        (kept,) = con.execute("SELECT count(*) FROM __ds_checked WHERE drop_reason IS NULL").fetchone()
-
-        # 5. Write the version under a temporary name, then rename it into place.
+        # 2. Write the version under a temporary name, then rename it into place.
         root.mkdir(parents=True, exist_ok=True)
         with scratch_sibling(final) as tmp:
             tmp.mkdir()
-            order = "ORDER BY video_id NULLS LAST, start_frame NULLS LAST, path, id"
-            csv_cols = ", ".join(_ident(c) for c in CSV_COLUMNS)
-            kept_rows = f"SELECT {csv_cols}, batch FROM __ds_checked WHERE drop_reason IS NULL {order}"
-            con.execute(f"COPY ({kept_rows}) TO {_sql_str(tmp / 'data.parquet')} (FORMAT PARQUET)")
-            con.execute(
-                f"COPY (SELECT {csv_cols} FROM __ds_checked WHERE drop_reason IS NULL {order}) "
-                f"TO {_sql_str(tmp / 'opensora.csv')} (FORMAT CSV, HEADER)"
-            )
-            con.execute(
-                "COPY (SELECT id, path, batch, drop_reason AS reason, drop_detail AS detail FROM __ds_checked "
-                "WHERE drop_reason IS NOT NULL "
-                f"ORDER BY path, id) TO {_sql_str(tmp / 'dropped.parquet')} (FORMAT PARQUET)"
-            )
-            created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            manifest = {
-                "version": version,
-                "builder": BUILDER_VERSION,
-                "spec": spec.model_dump(mode="json"),
-                "inputs": dict(sorted((str(k), str(v)) for k, v in input_versions.items())),
-                "counts": {"clips": int(n), "kept": int(kept), "dropped": int(n - kept)},
-                "drop_counts": drop_counts,
-                "applied": {c.name: f"{c.column} {c.op} {getattr(spec, c.name)}" for c, _ in applied},
-                "skipped": [s.model_dump() for s in skipped],
-                "criteria": [r.model_dump() for r in criteria],
-                "columns": list(CSV_COLUMNS),
-                "created_at": created_at,
-                "lake_snapshot": lake_snapshot,
-            }
+            _write_rows(con, tmp)
+            manifest = _manifest(version, spec, input_versions, selection, lake_snapshot)
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
             if not publish(tmp, final, exists="keep"):
                 # Another build of the same version won the race; its content is the same by construction.
@@ -478,11 +212,49 @@ def build_dataset(
                     raise FileExistsError(f"{final} exists but holds no manifest.json (not a dataset version)")
                 return load_version(root, version).model_copy(update={"reused": True})
     finally:
-        for name in ("__ds_checked", "__ds_joined"):
-            con.execute(f"DROP TABLE IF EXISTS {name}")
+        drop_selection_tables(con)
         if owned:
             con.close()
     return load_version(root, version)
+
+
+def _write_rows(con: "duckdb.DuckDBPyConnection", folder: Path) -> None:
+    """data.parquet and opensora.csv (the kept rows, in clip order) and dropped.parquet (the rest, with why)."""
+    order = "ORDER BY video_id NULLS LAST, start_frame NULLS LAST, path, id"
+    csv_cols = ", ".join(ident(c) for c in CSV_COLUMNS)
+    kept_rows = f"SELECT {csv_cols}, batch FROM {CHECKED} WHERE drop_reason IS NULL {order}"
+    con.execute(f"COPY ({kept_rows}) TO {sql_str(str(folder / 'data.parquet'))} (FORMAT PARQUET)")
+    con.execute(
+        f"COPY (SELECT {csv_cols} FROM {CHECKED} WHERE drop_reason IS NULL {order}) "
+        f"TO {sql_str(str(folder / 'opensora.csv'))} (FORMAT CSV, HEADER)"
+    )
+    con.execute(
+        f"COPY (SELECT id, path, batch, drop_reason AS reason, drop_detail AS detail FROM {CHECKED} "
+        "WHERE drop_reason IS NOT NULL "
+        f"ORDER BY path, id) TO {sql_str(str(folder / 'dropped.parquet'))} (FORMAT PARQUET)"
+    )
+
+
+def _manifest(version: str, spec: FilterSpec, input_versions: Mapping[str, str], selection: Selection,
+              lake_snapshot: int | None) -> dict[str, Any]:
+    """manifest.json of a version: what it was built from, what it kept and dropped, every criterion's state."""
+    n, kept = selection.num_clips, selection.kept
+    skipped = [SkippedCriterion(criterion=r.criterion, column=r.column, reason=r.reason or "")
+               for r in selection.criteria if r.status == "skipped"]  # fmt: skip
+    return {
+        "version": version,
+        "builder": BUILDER_VERSION,
+        "spec": spec.model_dump(mode="json"),
+        "inputs": dict(sorted((str(k), str(v)) for k, v in input_versions.items())),
+        "counts": {"clips": n, "kept": kept, "dropped": n - kept},
+        "drop_counts": selection.drop_counts,
+        "applied": {c.name: f"{c.column} {c.op} {getattr(spec, c.name)}" for c, _ in spec.active()},
+        "skipped": [s.model_dump() for s in skipped],
+        "criteria": [r.model_dump() for r in selection.criteria],
+        "columns": list(CSV_COLUMNS),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "lake_snapshot": lake_snapshot,
+    }
 
 
 # ---- UI helpers --------------------------------------------------------------------------------------------------

@@ -20,8 +20,9 @@ import polars as pl
 
 from common.files import atomic_file, copy_atomic
 
-from curation.cutting import CutConfig, KeepFramesSpec, clip_id_for, cut_clips
+from curation.cutting import CutConfig, clip_id_for, cut_clips
 from curation.datasets import CSV_COLUMNS
+from curation.kept_frames import KeepFramesSpec
 from curation.shots import Scene
 
 EXPORT_COLUMNS = tuple(c for c in CSV_COLUMNS if c not in ("virtual", "linked"))

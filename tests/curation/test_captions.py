@@ -7,12 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from curation.caption_sidecars import CaptionLookup, SidecarCaptions, SidecarError
 from curation.captions import (
     CAPTION_COLUMNS,
-    CaptionLookup,
     ClipColumns,
-    SidecarCaptions,
-    SidecarError,
     caption_clips,
     caption_counts,
     caption_table,

@@ -14,7 +14,8 @@ import pytest
 from pydantic import ValidationError
 
 from curation import datasets
-from curation.datasets import CSV_COLUMNS, DROP_ORDER, FilterSpec, build_dataset, dataset_version
+from curation.dataset_selection import DROP_ORDER
+from curation.datasets import CSV_COLUMNS, FilterSpec, build_dataset, dataset_version
 
 SPEC = FilterSpec(
     min_frames=16, max_frames=200, min_resolution=240 * 426, max_resolution=1080 * 1920,

@@ -16,7 +16,8 @@ from pathlib import Path
 import av
 import pytest
 
-from curation.captions import SidecarCaptions, SidecarError, caption_clips
+from curation.caption_sidecars import SidecarCaptions, SidecarError
+from curation.captions import caption_clips
 from curation.errors import is_input_rejection
 from curation.ingest import LINKS_MANIFEST, land_files, list_batch_files, scan_batch
 from curation.probe import ProbeError, probe_video

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from curation.cutting import CutConfig, KeepFramesSpec, cut_clips, kept_frame_indices, load_kept_frames
+from curation.cutting import CutConfig, cut_clips
+from curation.kept_frames import KeepFramesSpec, kept_frame_indices, load_kept_frames
 from curation.probe import probe_video
 from curation.shots import Scene
 from curation.video_io import iter_av_frames, iter_frames, probe_stream, read_frames, upright_yuv420p

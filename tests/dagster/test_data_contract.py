@@ -60,7 +60,7 @@ def instance():
 @pytest.fixture
 def frames(monkeypatch):
     """Kept frames without media: clip id -> what loading its frames does (frames, or an exception to raise)."""
-    from curation.cutting import PURPOSE_ALIASES, KeepFramesSpec
+    from curation.kept_frames import PURPOSE_ALIASES, KeepFramesSpec
 
     behaviour: dict[str, object] = {}
     rng = np.random.default_rng(0)
@@ -73,7 +73,7 @@ def frames(monkeypatch):
         count = len(kept[PURPOSE_ALIASES.get(purpose, purpose)])
         return [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(count)]
 
-    monkeypatch.setattr("curation.cutting.load_kept_frames", load_kept_frames)
+    monkeypatch.setattr("curation.kept_frames.load_kept_frames", load_kept_frames)
     return behaviour
 
 
