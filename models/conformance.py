@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 FP32_ATOL = 2e-5  # float32 run vs the reference's float32 run (README of the fixtures: observed <= 8.1e-7)
 _SIZE_INPUTS = ("num_frames", "height", "width", "ar", "fps")
@@ -121,11 +122,10 @@ def run_conformance(
     import torch
     from safetensors.torch import load_file
 
-    from models.attention import use_attention_backend
     from models.checkpoint_io import load_stdit2_weights
-    from models.float32_islands import ISLAND_ULPS, island_effects, island_tolerance, nudged_float32_islands
     from models.stdit2 import STDiT2, STDiT2Config
 
+    # The fixture: config, reference weights, and every case's inputs, outputs and intermediates.
     fixture_dir = Path(fixture_dir)
     meta = json.loads((fixture_dir / "meta.json").read_text())
     io = load_file(str(fixture_dir / "io.safetensors"))
@@ -137,75 +137,123 @@ def run_conformance(
         load_stdit2_weights(model, fixture_dir / "state_dict.safetensors")
         return model
 
-    model32 = None
+    model32 = None  # built once, on the first case with a float32 run
     for case in meta.get("cases") or [{"prefix": ""}]:
         prefix = case.get("prefix", "")
-
-        def get(name: str, prefix=prefix):
-            return io.get(f"{prefix}{name}")
-
-        if get("input.x") is None:
+        tensors = {k[len(prefix):]: v for k, v in io.items() if k.startswith(prefix)}  # this case's, unprefixed
+        if tensors.get("input.x") is None:
             report.rows.append(ConformanceRow(prefix, "input.x", (), math.nan, math.nan, note="missing in fixture"))
             continue
-        args = (get("input.x"), get("input.timestep"), get("input.y"))
-        kwargs = {k: get(f"input.{k}") for k in _SIZE_INPUTS}
-        kwargs["mask"] = get("input.mask")
-        runs = [("", None, "out")]
-        if get("input.x_mask") is not None:
-            runs.append(("xmask.", get("input.x_mask"), "out_xmask"))
 
-        for run_prefix, x_mask, out_name in runs:
-            inter_names = sorted(k[len(prefix):] for k in io if k.startswith(f"{prefix}{run_prefix}inter."))
-            modules = sorted({
-                m.group("module")
-                for n in inter_names
-                if (m := _INTER_RE.match(n[len(run_prefix) + len("inter."):]))
-            })
+        for run in _case_runs(prefix, tensors):
+            # Float64: outputs and intermediates, each against its own bound.
+            report.rows += _float64_rows(build_model64, tensors, run, atol, simulate_other_cpu)
 
-            def compute(run_prefix=run_prefix, x_mask=x_mask, out_name=out_name, modules=modules):
-                model = build_model64()
-                store, handles = _record(model, modules)
-                try:  # the eager backend mirrors the reference's float32 softmax, whatever OPENSORA_ATTN_BACKEND says
-                    with torch.no_grad(), use_attention_backend("eager"):
-                        out = model(*args, x_mask=x_mask, output_fp32=False, **kwargs)
-                finally:
-                    for h in handles:
-                        h.remove()
-                return {f"output.{out_name}_f64": out, f"output.{out_name}": out.to(torch.float32),
-                        **{f"{run_prefix}inter.{k}": v for k, v in store.items()}}
-
-            ours, effect = island_effects(compute)
-            if simulate_other_cpu is not None:
-                with nudged_float32_islands("random", seed=simulate_other_cpu):
-                    ours = compute()
-            expected = [f"output.{out_name}_f64", f"output.{out_name}", *inter_names]
-            for name in expected:
-                ref = get(name)
-                if ref is None:
-                    continue
-                d, note = _max_diff(ours.get(name), ref)
-                if atol is not None:
-                    tol, basis = atol, "--atol"
-                elif name not in effect:
-                    tol, basis = island_tolerance(0.0, ref), "float64"
-                else:
-                    tol = island_tolerance(effect[name], ref)
-                    basis = "float64" if effect[name] == 0 else f"{ISLAND_ULPS}x island {effect[name]:.1e}"
-                report.rows.append(ConformanceRow(prefix, name, tuple(ref.shape), d, tol, basis, note))
-
-            ref32 = get(f"output.{out_name}_fp32run")
+            # Float32: the output of a float32 copy of the model, if the reference recorded one.
+            ref32 = tensors.get(f"output.{run.out_name}_fp32run")
             if ref32 is not None:
                 if model32 is None:
                     model32 = STDiT2(config).eval()
                     model32.load_state_dict({k: v.float() for k, v in build_model64().state_dict().items()})
-                f32 = [a.float() if a is not None and a.is_floating_point() else a for a in args]
-                kw32 = {k: (v.float() if v is not None and v.is_floating_point() else v) for k, v in kwargs.items()}
-                with torch.no_grad(), use_attention_backend("sdpa"):
-                    out32 = model32(*f32, x_mask=x_mask, **kw32)
-                d, note = _max_diff(out32, ref32)
-                report.rows.append(ConformanceRow(prefix, f"output.{out_name}_fp32run", tuple(ref32.shape), d,
-                                                  fp32_atol, "float32 run", note))
+                report.rows.append(_float32_row(model32, ref32, run, fp32_atol))
     return report
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One recorded forward pass of a case: its inputs, and how its tensors are named in the fixture."""
+
+    case: str  # the case's prefix in the fixture ("" for a single case)
+    prefix: str  # "" for the run without x_mask, "xmask." for the run with it
+    out_name: str  # "out" or "out_xmask"
+    args: tuple
+    kwargs: dict
+    x_mask: Any
+
+
+def _case_runs(case: str, tensors: dict) -> list[_Run]:
+    """The runs a case recorded: without ``x_mask``, then with it if the fixture has one."""
+    args = (tensors.get("input.x"), tensors.get("input.timestep"), tensors.get("input.y"))
+    kwargs = {k: tensors.get(f"input.{k}") for k in _SIZE_INPUTS}
+    kwargs["mask"] = tensors.get("input.mask")
+    runs = [_Run(case, "", "out", args, kwargs, None)]
+    if tensors.get("input.x_mask") is not None:
+        runs.append(_Run(case, "xmask.", "out_xmask", args, kwargs, tensors.get("input.x_mask")))
+    return runs
+
+
+def _forward64(model, run: _Run, modules: Sequence[str]) -> dict:
+    """Our float64 outputs and the hooked intermediates of ``modules`` for one run, named as in the fixture."""
+    import torch
+
+    from models.attention import use_attention_backend
+
+    store, handles = _record(model, modules)
+    try:  # the eager backend mirrors the reference's float32 softmax, whatever OPENSORA_ATTN_BACKEND says
+        with torch.no_grad(), use_attention_backend("eager"):
+            out = model(*run.args, x_mask=run.x_mask, output_fp32=False, **run.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {f"output.{run.out_name}_f64": out, f"output.{run.out_name}": out.to(torch.float32),
+            **{f"{run.prefix}inter.{k}": v for k, v in store.items()}}
+
+
+def _float64_rows(build_model64, tensors: dict, run: _Run, atol: float | None,
+                  simulate_other_cpu: int | None) -> list[ConformanceRow]:
+    """One row per reference float64 output and intermediate of ``run``, each with its own bound."""
+    from models.float32_islands import island_effects, nudged_float32_islands
+
+    inter_names = sorted(k for k in tensors if k.startswith(f"{run.prefix}inter."))
+    modules = sorted({
+        m.group("module")
+        for n in inter_names
+        if (m := _INTER_RE.match(n[len(run.prefix) + len("inter."):]))
+    })
+
+    def compute():
+        return _forward64(build_model64(), run, modules)
+
+    ours, effect = island_effects(compute)
+    if simulate_other_cpu is not None:
+        with nudged_float32_islands("random", seed=simulate_other_cpu):
+            ours = compute()
+    rows = []
+    for name in [f"output.{run.out_name}_f64", f"output.{run.out_name}", *inter_names]:
+        ref = tensors.get(name)
+        if ref is None:
+            continue
+        d, note = _max_diff(ours.get(name), ref)
+        tol, basis = _tolerance(name, ref, effect, atol)
+        rows.append(ConformanceRow(run.case, name, tuple(ref.shape), d, tol, basis, note))
+    return rows
+
+
+def _tolerance(name: str, ref, effect: dict, atol: float | None) -> tuple[float, str]:
+    """The bound of one float64 tensor and where it comes from (see :func:`run_conformance`)."""
+    from models.float32_islands import ISLAND_ULPS, island_tolerance
+
+    if atol is not None:
+        return atol, "--atol"
+    if name not in effect:
+        return island_tolerance(0.0, ref), "float64"
+    basis = "float64" if effect[name] == 0 else f"{ISLAND_ULPS}x island {effect[name]:.1e}"
+    return island_tolerance(effect[name], ref), basis
+
+
+def _float32_row(model32, ref32, run: _Run, fp32_atol: float) -> ConformanceRow:
+    """The float32 model's output of ``run`` against the reference's float32 run."""
+    import torch
+
+    from models.attention import use_attention_backend
+
+    f32 = [a.float() if a is not None and a.is_floating_point() else a for a in run.args]
+    kw32 = {k: (v.float() if v is not None and v.is_floating_point() else v) for k, v in run.kwargs.items()}
+    with torch.no_grad(), use_attention_backend("sdpa"):
+        out32 = model32(*f32, x_mask=run.x_mask, **kw32)
+    d, note = _max_diff(out32, ref32)
+    return ConformanceRow(run.case, f"output.{run.out_name}_fp32run", tuple(ref32.shape), d, fp32_atol,
+                          "float32 run", note)
 
 
 DESCRIPTION = "Compare our STDiT2 with golden reference tensors (a fixture directory such as stdit2_small_a)."

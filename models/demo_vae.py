@@ -119,6 +119,11 @@ def make_demo_autoencoder(
     return small_autoencoder_kl(block_out_channels, latent_channels, norm_num_groups, sample_size=64, scaling_factor=1.0)
 
 
+# Convolution taps that average: the centre of a 3x3 kernel (a copy), and a 2x2 window.
+_CENTER_TAP = ((1, 1),)
+_AVERAGE_2X2 = ((0, 0), (0, 1), (1, 0), (1, 1))
+
+
 def box_filter_init_(model, bias: float = 10.0, shift: float = 12.0) -> None:
     """Set ``model``'s weights so that it is an 8x box-filter autoencoder: a warm start that training then sharpens.
 
@@ -130,7 +135,6 @@ def box_filter_init_(model, bias: float = 10.0, shift: float = 12.0) -> None:
     +``shift``, where SiLU is the identity to 1e-4. Requires ``norm_num_groups == 1``.
     """
     import torch
-    from torch import nn
 
     cfg = model.config
     if cfg.norm_num_groups != 1:
@@ -138,86 +142,92 @@ def box_filter_init_(model, bias: float = 10.0, shift: float = 12.0) -> None:
     rgb = cfg.in_channels
     latent = cfg.latent_channels
 
-    def zero_(module) -> None:
-        nn.init.zeros_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-    def embed_(conv, taps=((1, 1),)) -> None:  # identity on the shared channels (per tap weight 1/len(taps))
-        zero_(conv)
-        n = min(conv.in_channels, conv.out_channels)
-        for i in range(n):
-            for ky, kx in taps:
-                if conv.kernel_size == (1, 1):
-                    conv.weight[i, i, 0, 0] = 1.0
-                else:
-                    conv.weight[i, i, ky, kx] = 1.0 / len(taps)
-
-    def signal_in_(conv, n_in: int) -> None:  # ch i = x_i, ch n_in+i = -x_i, the rest alternate +-bias (center tap)
-        zero_(conv)
-        for i in range(n_in):
-            conv.weight[i, i, 1, 1] = 1.0
-            conv.weight[n_in + i, i, 1, 1] = -1.0
-        for k, c in enumerate(range(2 * n_in, conv.out_channels)):
-            conv.bias[c] = bias if k % 2 == 0 else -bias
-
-    def constants(channels: int, n_sig: int) -> int:
-        return channels - 2 * n_sig
-
-    def norm_out_(norm, carried: int, n_sig: int) -> None:  # undo the GroupNorm on the signal, add +shift
-        n_const = carried - 2 * n_sig
-        n_const -= n_const % 2  # only balanced pairs were written
-        sigma = bias * (n_const / norm.num_channels) ** 0.5
-        nn.init.zeros_(norm.weight)
-        nn.init.zeros_(norm.bias)
-        norm.weight[:n_sig] = sigma
-        norm.bias[:n_sig] = shift
-
-    def resnet_identity_(block) -> None:
-        zero_(block.conv2)
-        if block.conv_shortcut is not None:
-            embed_(block.conv_shortcut)
-
-    def mid_identity_(mid) -> None:
-        for block in mid.resnets:
-            resnet_identity_(block)
-        for attn in mid.attentions:
-            zero_(attn.to_out[0])
-
+    enc, dec = model.encoder, model.decoder
     with torch.no_grad():
-        enc, dec = model.encoder, model.decoder
-        signal_in_(enc.conv_in, rgb)
-        carried = enc.conv_in.out_channels
-        for block in enc.down_blocks:
-            for res in block.resnets:
-                resnet_identity_(res)
-                carried = min(carried, res.out_channels)
-            for down in block.downsamplers or []:
-                embed_(down.conv, taps=((0, 0), (0, 1), (1, 0), (1, 1)))  # pad is bottom/right: 2x2 average
-        mid_identity_(enc.mid_block)
-        norm_out_(enc.conv_norm_out, carried, rgb)
-        zero_(enc.conv_out)
-        for i in range(rgb):
-            enc.conv_out.weight[i, i, 1, 1] = 1.0
-            enc.conv_out.bias[i] = -shift
+        # Encoder: RGB in, each 8x8 patch's mean out in latent channels 0-2; down-sampler pad is bottom/right.
+        _box_filter_coder_(enc, enc.down_blocks, "downsamplers", _AVERAGE_2X2, rgb, rgb, bias, shift)
         enc.conv_out.bias[latent:] = -10.0  # log-variance: a nearly deterministic posterior, as a trained SD VAE's
-        embed_(model.quant_conv)
-        embed_(model.post_quant_conv)
+        _embed_(model.quant_conv)
+        _embed_(model.post_quant_conv)
 
-        signal_in_(dec.conv_in, latent)
-        carried = dec.conv_in.out_channels
-        mid_identity_(dec.mid_block)
-        for block in dec.up_blocks:
-            for res in block.resnets:
-                resnet_identity_(res)
-                carried = min(carried, res.out_channels)
-            for up in block.upsamplers or []:
-                embed_(up.conv)
-        norm_out_(dec.conv_norm_out, carried, latent)
-        zero_(dec.conv_out)
-        for i in range(rgb):
-            dec.conv_out.weight[i, i, 1, 1] = 1.0
-            dec.conv_out.bias[i] = -shift
+        # Decoder: latent in, up-samplers copy (nearest), RGB out of channels 0-2.
+        _box_filter_coder_(dec, dec.up_blocks, "upsamplers", _CENTER_TAP, latent, rgb, bias, shift)
+
+
+def _box_filter_coder_(coder, blocks, resamplers: str, taps, n_signal: int, n_out: int, bias: float, shift: float):
+    """One half (encoder or decoder) of :func:`box_filter_init_`: carry ``n_signal`` channels through unchanged.
+
+    ``conv_in`` writes the signal, its negation and +-``bias`` constants; every resnet and attention is an identity;
+    each block's ``resamplers`` convolution averages ``taps``; the output GroupNorm is undone and ``conv_out`` reads
+    the first ``n_out`` signal channels back from +``shift``.
+    """
+    _signal_in_(coder.conv_in, n_signal, bias)
+    carried = coder.conv_in.out_channels
+    _mid_identity_(coder.mid_block)
+    for block in blocks:
+        for res in block.resnets:
+            _resnet_identity_(res)
+            carried = min(carried, res.out_channels)
+        for resampler in getattr(block, resamplers) or []:
+            _embed_(resampler.conv, taps=taps)
+    _norm_out_(coder.conv_norm_out, carried, n_signal, bias, shift)
+    _zero_(coder.conv_out)
+    for i in range(n_out):
+        coder.conv_out.weight[i, i, 1, 1] = 1.0
+        coder.conv_out.bias[i] = -shift
+
+
+def _zero_(module) -> None:
+    from torch import nn
+
+    nn.init.zeros_(module.weight)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+def _embed_(conv, taps=_CENTER_TAP) -> None:
+    """Identity on the channels ``conv`` shares between input and output (per tap weight 1/len(taps))."""
+    _zero_(conv)
+    n = min(conv.in_channels, conv.out_channels)
+    for i in range(n):
+        for ky, kx in taps:
+            if conv.kernel_size == (1, 1):
+                conv.weight[i, i, 0, 0] = 1.0
+            else:
+                conv.weight[i, i, ky, kx] = 1.0 / len(taps)
+
+
+def _signal_in_(conv, n_in: int, bias: float) -> None:
+    """Channel i = x_i, channel n_in+i = -x_i, the rest alternate +-``bias`` (center tap)."""
+    _zero_(conv)
+    for i in range(n_in):
+        conv.weight[i, i, 1, 1] = 1.0
+        conv.weight[n_in + i, i, 1, 1] = -1.0
+    for k, c in enumerate(range(2 * n_in, conv.out_channels)):
+        conv.bias[c] = bias if k % 2 == 0 else -bias
+
+
+def _norm_out_(norm, carried: int, n_sig: int, bias: float, shift: float) -> None:
+    """Undo the GroupNorm on the signal channels and add +``shift``."""
+    n_const = carried - 2 * n_sig
+    n_const -= n_const % 2  # only balanced pairs were written
+    sigma = bias * (n_const / norm.num_channels) ** 0.5
+    _zero_(norm)
+    norm.weight[:n_sig] = sigma
+    norm.bias[:n_sig] = shift
+
+
+def _resnet_identity_(block) -> None:
+    _zero_(block.conv2)
+    if block.conv_shortcut is not None:
+        _embed_(block.conv_shortcut)
+
+
+def _mid_identity_(mid) -> None:
+    for block in mid.resnets:
+        _resnet_identity_(block)
+    for attn in mid.attentions:
+        _zero_(attn.to_out[0])
 
 
 def train_demo_autoencoder(

@@ -194,6 +194,19 @@ def _scheduling_message(pod: Any) -> str:
     return ""
 
 
+def _no_pipes_report_failure(spec: K8sTrainingSpec, facts: Mapping[str, Any]) -> Failure:
+    """A Job that succeeded while rank 0 never opened Dagster Pipes: a wiring bug that no retry fixes."""
+    return Failure(
+        description=(
+            f"Training Job {spec.namespace}/{spec.name} succeeded but rank 0 reported nothing through Dagster Pipes "
+            f"(no Pipes messages in pod {facts['pod0']}'s log). training/train.py must open Dagster "
+            "Pipes on RANK 0 and report the materialization."
+        ),
+        metadata={**facts, "reason": "no_pipes_report"},
+        allow_retries=False,
+    )
+
+
 class KubernetesLauncher(TrainingLauncher):
     """Launches ``python -m training.train ...`` under torchrun on ``nodes`` x ``gpus_per_node`` GPUs.
 
@@ -354,31 +367,10 @@ class KubernetesLauncher(TrainingLauncher):
                 core.create_namespaced_service(ns, service)
                 batch.create_namespaced_job(ns, job)
 
-                # 3. Pod 0 running (or already finished): its log can be followed.
-                pod0, pod0_uid = self._wait_for_pod0(core, batch, spec, started)
-                facts["pod0"] = pod0
-                context.log.info(f"Pod {pod0} started; following its log for Dagster Pipes messages")
-                follower = _PodLogFollower(reader, context, core, pod0, ns)
-                follower.start()
-
-                # 4. Poll until the Job is done (or pod 0 vanished, or the deadline passed).
-                self._wait_for_job(core, batch, spec, started, pod0, pod0_uid)
-                if not follower.join(self.log_drain_timeout_s):
-                    context.log.warning(
-                        f"Pod {pod0}'s log stream was still open {self.log_drain_timeout_s:.0f}s after the Job "
-                        "finished; Pipes messages written after that point are lost"
-                    )
-                if follower.error is not None:
-                    context.log.warning(f"Reading pod {pod0}'s log failed: {follower.error!r}")
+                # 3-4. Follow pod 0's log and poll until the Job is done.
+                self._follow_pod0_until_done(context, core, batch, spec, reader, started, facts)
             except _LaunchError as err:
-                excerpt = self._log_excerpt(core, ns, err.pods_for_logs)
-                facts["duration_s"] = round(time.monotonic() - started, 1)
-                raise Failure(
-                    description=f"Training Job {ns}/{name} {err.description}" + (f"\n\n{excerpt}" if excerpt else ""),
-                    metadata={**facts, "reason": err.reason, "pod_logs": MetadataValue.text(excerpt or "(none)")},
-                    # A missing image or Secret key fails the same way every time; anything else may pass on retry.
-                    allow_retries=err.reason != "pod_start_failed",
-                ) from None
+                raise self._launch_failure(core, spec, err, started, facts) from None
             finally:
                 # 5. Clean up whatever happened (ttlSecondsAfterFinished is the safety net if we never get here).
                 reader.close_gate()
@@ -386,18 +378,52 @@ class KubernetesLauncher(TrainingLauncher):
 
             facts["duration_s"] = round(time.monotonic() - started, 1)
             if self.require_pipes_report and not session.message_handler.received_opened_message:
-                raise Failure(
-                    description=(
-                        f"Training Job {ns}/{name} succeeded but rank 0 reported nothing through Dagster Pipes "
-                        f"(no Pipes messages in pod {facts['pod0']}'s log). training/train.py must open Dagster "
-                        "Pipes on RANK 0 and report the materialization."
-                    ),
-                    metadata={**facts, "reason": "no_pipes_report"},
-                    allow_retries=False,
-                )
+                raise _no_pipes_report_failure(spec, facts)
 
         # 6. Rank 0's results, with the launch facts attached.
         return LaunchResult(invocation=PipesClientCompletedInvocation(session, metadata=facts), metadata=facts)
+
+    def _follow_pod0_until_done(
+        self,
+        context: Any,
+        core: Any,
+        batch: Any,
+        spec: K8sTrainingSpec,
+        reader: _GatedPodLogsReader,
+        started: float,
+        facts: dict[str, Any],
+    ) -> None:
+        """Steps 3-4 of :meth:`run_job`; records pod 0's name in ``facts`` as soon as it is known."""
+        # 3. Pod 0 running (or already finished): its log can be followed.
+        pod0, pod0_uid = self._wait_for_pod0(core, batch, spec, started)
+        facts["pod0"] = pod0
+        context.log.info(f"Pod {pod0} started; following its log for Dagster Pipes messages")
+        follower = _PodLogFollower(reader, context, core, pod0, spec.namespace)
+        follower.start()
+
+        # 4. Poll until the Job is done (or pod 0 vanished, or the deadline passed).
+        self._wait_for_job(core, batch, spec, started, pod0, pod0_uid)
+        if not follower.join(self.log_drain_timeout_s):
+            context.log.warning(
+                f"Pod {pod0}'s log stream was still open {self.log_drain_timeout_s:.0f}s after the Job "
+                "finished; Pipes messages written after that point are lost"
+            )
+        if follower.error is not None:
+            context.log.warning(f"Reading pod {pod0}'s log failed: {follower.error!r}")
+
+    def _launch_failure(
+        self, core: Any, spec: K8sTrainingSpec, err: _LaunchError, started: float, facts: dict[str, Any]
+    ) -> Failure:
+        """The ``dagster.Failure`` for a launch that went wrong, quoting the logs of the pods ``err`` names."""
+        ns, name = spec.namespace, spec.name
+        excerpt = self._log_excerpt(core, ns, err.pods_for_logs)
+        facts["duration_s"] = round(time.monotonic() - started, 1)
+        return Failure(
+            description=f"Training Job {ns}/{name} {err.description}" + (f"\n\n{excerpt}" if excerpt else ""),
+            metadata={**facts, "reason": err.reason, "pod_logs": MetadataValue.text(excerpt or "(none)")},
+            # A missing image or Secret key fails the same way every time; anything else may pass on retry.
+            allow_retries=err.reason != "pod_start_failed",
+        )
 
     # ---- waiting -------------------------------------------------------------------------------------------
     def _api(self, call: Any, *args: Any, **kwargs: Any) -> Any:
