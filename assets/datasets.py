@@ -105,7 +105,7 @@ def criterion_check_results(built) -> list[AssetCheckResult]:
 )
 def curated_dataset(context: AssetExecutionContext, config: CuratedDatasetConfig, lakehouse: Lakehouse) -> MaterializeResult:
     from curation.datasets import build_dataset, histograms
-    from training.buckets import bucket_coverage
+    from training.bucket_report import bucket_coverage
 
     spec = config.spec()
     read = lakehouse.read_at_one_snapshot(list(INPUT_TABLES))  # what was read and what names it: one snapshot

@@ -218,7 +218,7 @@ def run_uncached(rows, bucket, text_encoder, vae, trainer: Trainer, steps: int) 
 
 def run_cached(rows, bucket, cache_dir: Path, trainer: Trainer, steps: int) -> Timings:
     from training.sampler import VariableVideoBatchSampler
-    from training.encoder_cache import CachedLatentDataset, cached_batch_to_device, collate_cached
+    from training.cached_data import CachedLatentDataset, cached_batch_to_device, collate_cached
 
     device = trainer.device
     sampler = VariableVideoBatchSampler(rows, bucket, FRAME_INTERVAL, seed=SEED)

@@ -259,7 +259,7 @@ def fallback_stage_config(preset: str, overrides: dict[str, Any]) -> SimpleNames
 def bucket_batch_size(bucket_preset: str, resolution: str, frames: int) -> int | None:
     """Per-GPU batch size of ``bucket_config[resolution][frames]`` in a bucket preset (None where it holds none)."""
     try:
-        from training.buckets import load_bucket_preset
+        from training.bucket_presets import load_bucket_preset
 
         config = load_bucket_preset(bucket_preset).bucket_config
     except ImportError:

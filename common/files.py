@@ -4,7 +4,7 @@ Every write goes to a hidden temporary sibling of the target (``.<name>.<pid>.<r
 same file system) and is renamed into place only when complete; on any error, Ctrl-C included, the temporary is
 removed and the target keeps what it had. Temporaries are hidden because every scan, gc and sweep in the project skips
 names that start with ``.``; the ``suffix`` lets a sweep recognise its own leftovers (``curation.ingest`` removes old
-``*.ingest-tmp``, ``training.checkpoint.clean_stale`` old ``.lease.json.*.tmp``).
+``*.ingest-tmp``, ``training.runs.clean_stale`` old ``.lease.json.*.tmp``).
 
 - :func:`temporary_sibling`: just the name; :func:`scratch_sibling`: that name, removed on exit whatever it holds.
 - :func:`publish`: rename a complete temporary to the target, replacing what is there or keeping it.

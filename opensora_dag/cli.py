@@ -21,7 +21,7 @@ LIBRARY_COMMANDS: dict[str, tuple[str, str, str]] = {
              "datautil on DuckDB/Polars: info, merge, dedupe, stats, filter; export VERSION OUT"),
     "conformance": ("models.conformance:add_arguments", "models.conformance:run",
                     "check an STDiT2 port against golden tensors: conformance DIR [--atol X] [--simulate-other-cpu SEED]"),
-    "buckets": ("training.buckets:add_arguments", "training.buckets:run",
+    "buckets": ("training.bucket_report:add_arguments", "training.bucket_report:run",
                 "bucket report of a training table: buckets DATASET [--preset stage1]"),
     "train": ("training.arguments:add_train_arguments", "training.train:run",
               "train STDiT2: train PRESET --dataset VERSION|PATH [--nproc N] [--steps N] ..."),

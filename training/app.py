@@ -4,7 +4,7 @@ Controls (the reference's): resolution 144p..720p, aspect ratio (H:W) 9:16 / 16:
 16 s, seed, sampling steps (100, 1..200), CFG scale (7.0, 0..10), an optional reference image (image to video), and
 the two buttons "Generate image" (one frame) and "Generate video".
 
-How the controls become a :class:`training.sample.SampleRequest` (:func:`build_request`):
+How the controls become a :class:`training.sample_io.SampleRequest` (:func:`build_request`):
 
 - (resolution, aspect) -> (H, W) from the reference's tables in ``training/aspect.py``: the aspect "H:W" picks the key
   nearest to H/W ("9:16" -> "0.56" -> 240p is 240x426, landscape, as in the reference).
@@ -40,7 +40,8 @@ from training.aspect import ASPECT_RATIOS, DEMO_ASPECT_RATIOS, get_closest_ratio
 if TYPE_CHECKING:
     import gradio as gr
 
-    from training.sample import SampleRequest, Sampler
+    from training.inference import Sampler
+    from training.sample_io import SampleRequest
 
 __all__ = [
     "ASPECT_CHOICES",
@@ -134,7 +135,7 @@ def build_request(
     defaults: AppDefaults = DEFAULTS,
 ) -> SampleRequest:
     """The sample request the app runs for one click; ``mode`` "image" is one frame, "video" the chosen length."""
-    from training.sample import SampleRequest
+    from training.sample_io import SampleRequest
 
     if mode not in ("image", "video"):
         raise ValueError(f"mode must be 'image' or 'video', got {mode!r}")
@@ -169,7 +170,7 @@ def build_request(
 
 
 class LazySampler:
-    """Loads :class:`training.sample.Sampler` on first use and keeps it; thread-safe (handlers run in threads)."""
+    """Loads :class:`training.inference.Sampler` on first use and keeps it; thread-safe (handlers run in threads)."""
 
     def __init__(self, checkpoint: str | Path, **load_kwargs: Any) -> None:
         self.checkpoint = checkpoint
@@ -184,7 +185,7 @@ class LazySampler:
     def get(self) -> Sampler:
         with self._lock:
             if self._sampler is None:
-                from training.sample import Sampler
+                from training.inference import Sampler
 
                 self._sampler = Sampler.from_checkpoint(self.checkpoint, **self.load_kwargs)
             return self._sampler
@@ -192,7 +193,7 @@ class LazySampler:
 
 def _describe_checkpoint(checkpoint: str | Path) -> str:
     """One line for the page header; resolving is cheap (reads state.json only) and fails early on a bad path."""
-    from training.sample import resolve_checkpoint
+    from training.sample_io import resolve_checkpoint
 
     ckpt = resolve_checkpoint(checkpoint)
     where = ckpt.step_dir or ckpt.weights_dir
@@ -233,107 +234,150 @@ def build_app(
     header = _describe_checkpoint(checkpoint)  # a wrong path fails here (before the gradio import), not on a click
     gr = _import_gradio()
 
+    # What a click runs: the model loads on the first one; samples are numbered across clicks in one folder.
     sampler = LazySampler(checkpoint, device=device, dtype=dtype, text_encoder=text_encoder, vae=vae)
     out_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="opensora-app-"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    counter = {"n": 0}
-    counter_lock = threading.Lock()
+    generate_image, generate_video = _click_handlers(gr, _Generation(gr, sampler, out_dir, defaults))
     resolutions = (TINY_RESOLUTIONS + RESOLUTIONS) if tiny_sizes else RESOLUTIONS
 
-    def run(mode: Mode, prompt, resolution, aspect_ratio, length, reference_image, seed, steps, cfg, progress):
+    # The page: controls on the left; the outputs and the two buttons on the right; one generation at a time.
+    with gr.Blocks(title="Open-Sora 1.1 (opensora-dag)", analytics_enabled=False) as app:
+        gr.Markdown(f"## Open-Sora 1.1 (opensora-dag)\nCheckpoint: {header}")
+        with gr.Row():
+            with gr.Column():
+                inputs = _add_controls(gr, resolutions, defaults)
+            with gr.Column():
+                outputs, image_button, video_button = _add_outputs(gr)
+        image_button.click(generate_image, inputs, outputs, concurrency_limit=1, concurrency_id="generate")
+        video_button.click(generate_video, inputs, outputs, concurrency_limit=1, concurrency_id="generate")
+    app.queue(default_concurrency_limit=1)
+    return app
+
+
+class _Generation:
+    """One click: the request from the controls, the sample, its file, and what the page shows."""
+
+    def __init__(self, gr: Any, sampler: LazySampler, out_dir: Path, defaults: AppDefaults) -> None:
+        self.gr = gr
+        self.sampler = sampler
+        self.out_dir = out_dir
+        self.defaults = defaults
+        self._count = 0
+        self._count_lock = threading.Lock()  # handlers run in threads
+
+    def __call__(self, mode: Mode, prompt, resolution, aspect_ratio, length, reference_image, seed, steps, cfg,
+                 progress):
+        from training.sample_io import save_sample
+
+        gr = self.gr
         try:
             request = build_request(
-                mode, prompt, resolution, aspect_ratio, length, seed, steps, cfg, reference_image, defaults=defaults
+                mode, prompt, resolution, aspect_ratio, length, seed, steps, cfg, reference_image,
+                defaults=self.defaults,
             )
         except ValueError as err:
             raise gr.Error(str(err)) from err
         start = time.perf_counter()
-        if not sampler.loaded:
-            progress(0, desc="loading the model (first generation only)")
-        try:
-            s = sampler.get()
-            video = s.generate(request, progress=lambda done, total: progress((done, total), desc="sampling"))[0]
-        except (ValueError, FileNotFoundError) as err:
-            raise gr.Error(str(err)) from err
-        from training.sample import save_sample
-
-        with counter_lock:
-            counter["n"] += 1
-            name = f"{mode}_{counter['n']:04d}_seed{request.seed}"
-        files = save_sample(video, out_dir, name, request.output_fps, gif=False)
-        h, w = request.image_size
-        info = (
-            f"{video.shape[0]} frame(s), {video.shape[2]}x{video.shape[1]} (requested {w}x{h}), "
-            f"{request.num_sampling_steps} steps, CFG {request.cfg_scale}, seed {request.seed}"
-            + (", conditioned on the reference image" if request.reference_paths else "")
-            + f", {time.perf_counter() - start:.1f} s"
-        )
+        video = self._sample(request, progress)
+        files = save_sample(video, self.out_dir, self._next_name(mode, request.seed), request.output_fps, gif=False)
+        info = _describe_result(video, request, time.perf_counter() - start)
         # Show the output component of this mode and hide the other one.
         if mode == "image":
             return gr.Video(value=None, visible=False), gr.Image(value=str(files["png"]), visible=True), info
         return gr.Video(value=str(files["mp4"]), visible=True), gr.Image(value=None, visible=False), info
 
+    def _sample(self, request: SampleRequest, progress) -> Any:
+        """The one video of ``request`` as uint8 [T, H, W, 3]; a bad request or checkpoint shows as a page error."""
+        if not self.sampler.loaded:
+            progress(0, desc="loading the model (first generation only)")
+        try:
+            sampler = self.sampler.get()
+            return sampler.generate(request, progress=lambda done, total: progress((done, total), desc="sampling"))[0]
+        except (ValueError, FileNotFoundError) as err:
+            raise self.gr.Error(str(err)) from err
+
+    def _next_name(self, mode: Mode, seed: int) -> str:
+        with self._count_lock:
+            self._count += 1
+            return f"{mode}_{self._count:04d}_seed{seed}"
+
+
+def _describe_result(video: Any, request: SampleRequest, seconds: float) -> str:
+    """The line under the output: what was sampled, as delivered (the VAE floors sizes to multiples of 8)."""
+    h, w = request.image_size
+    return (
+        f"{video.shape[0]} frame(s), {video.shape[2]}x{video.shape[1]} (requested {w}x{h}), "
+        f"{request.num_sampling_steps} steps, CFG {request.cfg_scale}, seed {request.seed}"
+        + (", conditioned on the reference image" if request.reference_paths else "")
+        + f", {seconds:.1f} s"
+    )
+
+
+def _click_handlers(gr: Any, generation: _Generation):
+    """The two buttons' handlers. Gradio passes a progress tracker to the parameter whose default is gr.Progress()."""
+
     def generate_image(prompt, resolution, aspect_ratio, length, reference_image, seed, steps, cfg,
                        progress=gr.Progress()):
-        return run("image", prompt, resolution, aspect_ratio, length, reference_image, seed, steps, cfg, progress)
+        return generation("image", prompt, resolution, aspect_ratio, length, reference_image, seed, steps, cfg,
+                          progress)
 
     def generate_video(prompt, resolution, aspect_ratio, length, reference_image, seed, steps, cfg,
                        progress=gr.Progress()):
-        return run("video", prompt, resolution, aspect_ratio, length, reference_image, seed, steps, cfg, progress)
+        return generation("video", prompt, resolution, aspect_ratio, length, reference_image, seed, steps, cfg,
+                          progress)
 
-    with gr.Blocks(title="Open-Sora 1.1 (opensora-dag)", analytics_enabled=False) as app:
-        gr.Markdown(f"## Open-Sora 1.1 (opensora-dag)\nCheckpoint: {header}")
-        with gr.Row():
-            with gr.Column():
-                prompt = gr.Textbox(label="Prompt", placeholder="Describe the video", lines=4, elem_id="prompt")
-                with gr.Row():
-                    with gr.Column():
-                        resolution = gr.Radio(
-                            choices=list(resolutions), value=defaults.resolution, label="Resolution",
-                            elem_id="resolution",
-                        )
-                        aspect_ratio = gr.Radio(
-                            choices=[(ASPECT_LABELS[k], k) for k in ASPECT_CHOICES], value=defaults.aspect_ratio,
-                            label="Aspect ratio (width:height of the video)",
-                            elem_id="aspect-ratio",
-                        )
-                    length = gr.Radio(
-                        choices=list(LENGTH_CHOICES), value=defaults.length, elem_id="length",
-                        label="Video Length (only for video generation)",
-                        info=f"{defaults.fps // defaults.frame_interval} frames per second; "
-                        "Open-Sora 1.1 was trained on 2-4 s videos, longer ones may fail",
-                    )
-                with gr.Row():
-                    seed = gr.Slider(
-                        value=defaults.seed, minimum=defaults.seed_range[0], maximum=defaults.seed_range[1], step=1,
-                        label="Seed", elem_id="seed",
-                    )
-                    sampling_steps = gr.Slider(
-                        value=defaults.sampling_steps, minimum=defaults.steps_range[0],
-                        maximum=defaults.steps_range[1], step=1, label="Sampling steps", elem_id="sampling-steps",
-                    )
-                    cfg_scale = gr.Slider(
-                        value=defaults.cfg_scale, minimum=defaults.cfg_range[0], maximum=defaults.cfg_range[1],
-                        step=0.1, label="CFG Scale", elem_id="cfg-scale",
-                    )
-                reference_image = gr.Image(
-                    label="Reference Image (optional: image to video)", type="filepath", sources=["upload"],
-                    elem_id="reference-image",
-                )
-            with gr.Column():
-                output_video = gr.Video(label="Output Video", format="mp4", elem_id="output-video")
-                output_image = gr.Image(label="Output Image", type="filepath", elem_id="output-image", visible=False)
-                info = gr.Markdown(elem_id="info")
-                with gr.Row():
-                    image_button = gr.Button("Generate image", variant="primary", elem_id="generate-image")
-                    video_button = gr.Button("Generate video", variant="primary", elem_id="generate-video")
+    return generate_image, generate_video
 
-        inputs = [prompt, resolution, aspect_ratio, length, reference_image, seed, sampling_steps, cfg_scale]
-        outputs = [output_video, output_image, info]
-        image_button.click(generate_image, inputs, outputs, concurrency_limit=1, concurrency_id="generate")
-        video_button.click(generate_video, inputs, outputs, concurrency_limit=1, concurrency_id="generate")
-    app.queue(default_concurrency_limit=1)
-    return app
+
+def _add_controls(gr: Any, resolutions: Sequence[str], defaults: AppDefaults) -> list:
+    """The left column's controls, in the order the handlers take them."""
+    prompt = gr.Textbox(label="Prompt", placeholder="Describe the video", lines=4, elem_id="prompt")
+    with gr.Row():
+        with gr.Column():
+            resolution = gr.Radio(
+                choices=list(resolutions), value=defaults.resolution, label="Resolution", elem_id="resolution",
+            )
+            aspect_ratio = gr.Radio(
+                choices=[(ASPECT_LABELS[k], k) for k in ASPECT_CHOICES], value=defaults.aspect_ratio,
+                label="Aspect ratio (width:height of the video)",
+                elem_id="aspect-ratio",
+            )
+        length = gr.Radio(
+            choices=list(LENGTH_CHOICES), value=defaults.length, elem_id="length",
+            label="Video Length (only for video generation)",
+            info=f"{defaults.fps // defaults.frame_interval} frames per second; "
+            "Open-Sora 1.1 was trained on 2-4 s videos, longer ones may fail",
+        )
+    with gr.Row():
+        seed = gr.Slider(
+            value=defaults.seed, minimum=defaults.seed_range[0], maximum=defaults.seed_range[1], step=1,
+            label="Seed", elem_id="seed",
+        )
+        sampling_steps = gr.Slider(
+            value=defaults.sampling_steps, minimum=defaults.steps_range[0],
+            maximum=defaults.steps_range[1], step=1, label="Sampling steps", elem_id="sampling-steps",
+        )
+        cfg_scale = gr.Slider(
+            value=defaults.cfg_scale, minimum=defaults.cfg_range[0], maximum=defaults.cfg_range[1],
+            step=0.1, label="CFG Scale", elem_id="cfg-scale",
+        )
+    reference_image = gr.Image(
+        label="Reference Image (optional: image to video)", type="filepath", sources=["upload"],
+        elem_id="reference-image",
+    )
+    return [prompt, resolution, aspect_ratio, length, reference_image, seed, sampling_steps, cfg_scale]
+
+
+def _add_outputs(gr: Any) -> tuple[list, Any, Any]:
+    """The right column: the output video or image (one is shown at a time), the info line, the two buttons."""
+    output_video = gr.Video(label="Output Video", format="mp4", elem_id="output-video")
+    output_image = gr.Image(label="Output Image", type="filepath", elem_id="output-image", visible=False)
+    info = gr.Markdown(elem_id="info")
+    with gr.Row():
+        image_button = gr.Button("Generate image", variant="primary", elem_id="generate-image")
+        video_button = gr.Button("Generate video", variant="primary", elem_id="generate-video")
+    return [output_video, output_image, info], image_button, video_button
 
 
 # ---------------------------------------------------------------------------------------------------------------------

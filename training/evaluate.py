@@ -53,7 +53,7 @@ SAMPLE_MEANS = ("temporal_flicker", "temporal_flicker_score", "motion", "clip_sc
 # --------------------------------------------------------------------------------------------------------------
 def checkpoint_to_evaluate(path: str | Path) -> Path:
     """A checkpoint folder (``step-*``, with ``state.json``) as given, or a run folder's newest complete checkpoint."""
-    from training.checkpoint import latest_checkpoint
+    from training.checkpoint_folders import latest_checkpoint
 
     path = Path(path)
     if not (path / "state.json").is_file():
@@ -74,7 +74,7 @@ def evaluation_shape(train_config: dict[str, Any]) -> tuple[int, tuple[int, int]
     """(num_frames, (height, width)) to sample a checkpoint at: its bucket preset's largest video resolution, at
     the most frames trained there, in the aspect ratio closest to 9:16 landscape (the reference's 240x426)."""
     from training.aspect import ASPECT_RATIOS
-    from training.buckets import load_bucket_preset
+    from training.bucket_presets import load_bucket_preset
 
     preset = load_bucket_preset((train_config.get("data") or {}).get("bucket_preset") or "stage1")
     videos = {res: [t for t, e in frames.items() if t > 1 and e.keep_prob > 0 and e.batch_size]
@@ -151,7 +151,8 @@ def validation_loss(checkpoint_dir: str | Path, device: str | torch.device = "cp
     """
     import torch
 
-    from training.buckets import Bucket, load_bucket_preset
+    from training.bucket_presets import load_bucket_preset
+    from training.buckets import Bucket
     from training.build import build_scheduler, load_encoders
     from training.checkpoint import read_state
     from training.data import load_rows, split_rows
@@ -218,7 +219,7 @@ def evaluate_checkpoint(
     """
     import torch
 
-    from training.sample import Sampler
+    from training.inference import Sampler
 
     started = time.monotonic()
     checkpoint_dir, out_dir = Path(checkpoint_dir).resolve(), Path(out_dir)
@@ -284,7 +285,7 @@ def new_report(checkpoint_dir: Path, prompt_set: PromptSet, out_dir: Path, setti
 def sample_request(sampler, prompts: list[str], settings: dict[str, Any]):
     """The SampleRequest of the evaluation settings; the scheduler and steps they leave unset are resolved (the
     checkpoint objective's sampler, its default steps) and written back into ``settings``."""
-    from training.sample import DEFAULT_SAMPLING_STEPS, SampleRequest
+    from training.sample_io import DEFAULT_SAMPLING_STEPS, SampleRequest
 
     scheduler = sampler.scheduler_name(settings["scheduler"])
     steps = settings["steps"] or DEFAULT_SAMPLING_STEPS[scheduler]
@@ -300,7 +301,7 @@ def slug(text: str, length: int = 40) -> str:
 
 def save_samples(report: EvaluationReport, prompts: Sequence[str], videos: Sequence[np.ndarray], fps: float) -> None:
     """Each video as ``samples/<index>-<prompt slug>.mp4`` + ``.gif``, recorded in the report."""
-    from training.sample import save_sample
+    from training.sample_io import save_sample
 
     (Path(report.out_dir) / "samples").mkdir(parents=True, exist_ok=True)
     for i, (prompt, video) in enumerate(zip(prompts, videos)):

@@ -8,7 +8,7 @@ a step (timesteps, noise, frame masks, caption dropout) comes from a generator s
 sampler saves its position, so a run killed at any point and resumed from its last checkpoint continues with the
 same losses as one that never stopped (bitwise on CPU).
 
-Every run trains in its own folder ``<outdir>/run-NNN`` and holds its lease while it runs (training/checkpoint.py):
+Every run trains in its own folder ``<outdir>/run-NNN`` and holds its lease while it runs (training/runs.py):
 without ``--resume`` a new run starts; ``--resume`` continues the newest run (``--resume RUN`` a named one) and is
 refused while another live process trains it. A run that cannot start as asked exits with status 2 and says why.
 
@@ -70,9 +70,9 @@ def train(
     """Train in a run folder under ``outdir``: a new ``run-NNN`` unless ``resume`` says which run to continue
     (True or "latest": the newest; "auto": the newest if unfinished and not held, else a new one; a name or path).
 
-    Raises :class:`training.checkpoint.ResumeError` (on every rank) when the run cannot be started as asked.
+    Raises :class:`training.runs.ResumeError` (on every rank) when the run cannot be started as asked.
     """
-    from training import checkpoint as ckpt
+    from training import runs
 
     # 1. Processes, seeds, the run folder and its lease (rank 0 decides and holds the lease; every rank follows)
     dist = setup_distributed()
@@ -81,15 +81,15 @@ def train(
     lease, decision = None, {}
     if dist.is_main:
         try:
-            run_dir, lease = ckpt.open_run(Path(outdir), resume, log=say)
+            run_dir, lease = runs.open_run(Path(outdir), resume, log=say)
             lease.heartbeat()
-            ckpt.clean_stale(run_dir)
+            runs.clean_stale(run_dir)
             decision = {"run_dir": str(run_dir)}
-        except ckpt.ResumeError as err:
-            decision = {"error": str(err), "busy": isinstance(err, ckpt.RunBusy)}
+        except runs.ResumeError as err:
+            decision = {"error": str(err), "busy": isinstance(err, runs.RunBusy)}
     decision = broadcast_object(decision, dist)
     if "error" in decision:
-        raise (ckpt.RunBusy if decision["busy"] else ckpt.ResumeError)(decision["error"])
+        raise (runs.RunBusy if decision["busy"] else runs.ResumeError)(decision["error"])
     run_dir = Path(decision["run_dir"])
     say(f"run folder {run_dir}")
     try:
@@ -204,7 +204,9 @@ class _Position:
 
 
 def _prepare_data(cfg: TrainConfig, dataset: str, dist: Dist, say) -> _Data:
-    from training.buckets import Bucket, bucket_report, load_bucket_preset
+    from training.bucket_presets import load_bucket_preset
+    from training.bucket_report import bucket_report
+    from training.buckets import Bucket
     from training.data import VideoTextDataset, collate, load_rows, split_rows
     from training.masks import MaskGenerator
     from training.sampler import VariableVideoBatchSampler
@@ -223,7 +225,7 @@ def _prepare_data(cfg: TrainConfig, dataset: str, dist: Dist, say) -> _Data:
     cache_dir = Path(cfg.data.encoder_cache) if cfg.data.encoder_cache else None
     manifest = None
     if cache_dir is not None:  # precomputed latents and embeddings: the encoders never load
-        from training.encoder_cache import CacheManifest, CachedLatentDataset, collate_cached, epochs_needed
+        from training.cached_data import CacheManifest, CachedLatentDataset, collate_cached, epochs_needed
 
         manifest = CacheManifest.load(cache_dir / "train")
         manifest.check_compatible(
@@ -260,14 +262,14 @@ def _resume(cfg: TrainConfig, run_dir: Path, dist: Dist, say, parts: _Parts, sam
 
     Returns where to continue, the MLflow run to continue, and the checkpoint loaded (None: the run starts at step 0).
     """
-    from training import checkpoint as ckpt
+    from training import checkpoint as ckpt, checkpoint_folders as folders, runs
 
     pos, mlflow_run_id, latest = _Position(), None, None
-    candidates = broadcast_object(ckpt.resume_candidates(run_dir, say) if dist.is_main else None, dist)
+    candidates = broadcast_object(folders.resume_candidates(run_dir, say) if dist.is_main else None, dist)
     if candidates:
         saved = ckpt.read_state(candidates[0])
         if saved["objective"] != cfg.objective:
-            raise ckpt.ResumeError(f"cannot resume from {candidates[0]}: it was trained with {saved['objective']}, the "
+            raise runs.ResumeError(f"cannot resume from {candidates[0]}: it was trained with {saved['objective']}, the "
                                    f"config says {cfg.objective}; resume with --objective {saved['objective']} or start a new run")
         ckpt.check_model_config(candidates[0], saved.get("model_config"), parts.model_config.to_dict())
     for candidate in candidates:
@@ -282,7 +284,7 @@ def _resume(cfg: TrainConfig, run_dir: Path, dist: Dist, say, parts: _Parts, sam
             break
         say(f"warning: could not load checkpoint {candidate} ({why or 'failed on another rank'}); trying the previous one")
     if candidates and latest is None:
-        raise ckpt.ResumeError(f"no checkpoint of {run_dir} can be loaded (tried {', '.join(p.name for p in candidates)}); "
+        raise runs.ResumeError(f"no checkpoint of {run_dir} can be loaded (tried {', '.join(p.name for p in candidates)}); "
                                "start a new run without --resume")
     if latest is not None:
         pos.step, pos.epoch, mlflow_run_id = state["step"], state["epoch"], state.get("mlflow_run_id")
@@ -291,7 +293,7 @@ def _resume(cfg: TrainConfig, run_dir: Path, dist: Dist, say, parts: _Parts, sam
             say(f"warning: {reshard}")
         sampler.load_state_dict(state["sampler"])
         if dist.is_main:
-            ckpt.set_aside([p for p in ckpt.list_checkpoints(run_dir) if ckpt.step_of(p) > pos.step], say)
+            folders.set_aside([p for p in folders.list_checkpoints(run_dir) if folders.step_of(p) > pos.step], say)
         say(f"resumed from {latest} at step {pos.step}")
     return pos, mlflow_run_id, latest
 
@@ -331,7 +333,7 @@ def _validate(cfg: TrainConfig, parts: _Parts, val, tracker, say, at_step: int) 
 def _encode(batch, data: _Data, parts: _Parts, dist: Dist, gen: torch.Generator) -> dict:
     """The batch as the model takes it: from the encoder cache, else through the frozen encoders."""
     if data.cache_dir is not None:
-        from training.encoder_cache import cached_batch_to_device
+        from training.cached_data import cached_batch_to_device
 
         return cached_batch_to_device(batch, dist.device, generator=gen, vae_dtype=data.manifest.noise_dtype)
     return encode_batch(batch, parts.text_encoder, parts.vae, dist.device, generator=gen)
@@ -363,13 +365,13 @@ def _log_step(cfg: TrainConfig, dist: Dist, say, tracker, window, metrics_path: 
 
 def _save_checkpoint(cfg: TrainConfig, run_dir: Path, dist: Dist, lease, data: _Data, parts: _Parts, tracker, pos: _Position) -> Path:
     """Checkpoint step ``pos.step`` with the sampler's position, unless this process has lost the run's lease."""
-    from training import checkpoint as ckpt
+    from training import checkpoint as ckpt, runs
 
     lost = None
     if lease is not None:
         try:
             lease.check()
-        except ckpt.LeaseLost as err:
+        except runs.LeaseLost as err:
             lost = str(err)
     state = {
         "step": pos.step, "epoch": pos.epoch, "sampler": data.sampler.state_dict(num_steps=pos.epoch_step),
@@ -380,7 +382,7 @@ def _save_checkpoint(cfg: TrainConfig, run_dir: Path, dist: Dist, lease, data: _
     state = broadcast_object(state, dist)  # every rank needs the same state; rank 0's run id is the one that counts
     lost = state.pop("lease_lost")
     if lost:
-        raise ckpt.LeaseLost(f"{lost}: stopping before writing step {pos.step}, so that two trainings never write "
+        raise runs.LeaseLost(f"{lost}: stopping before writing step {pos.step}, so that two trainings never write "
                              "one run folder")
     return ckpt.save_checkpoint(
         outdir=run_dir, step=pos.step, booster=parts.booster, model=parts.model, optimizer=parts.optimizer, ema=parts.ema,
@@ -391,9 +393,9 @@ def _save_checkpoint(cfg: TrainConfig, run_dir: Path, dist: Dist, lease, data: _
 
 def _finish(run_dir: Path, dist: Dist, tracker, metrics_path: Path, steps: int, final_metrics: dict[str, float], report) -> TrainResult:
     """The loss curve and final metrics in the run folder (rank 0), the MLflow run ended, the result every rank returns."""
-    from training import checkpoint as ckpt
+    from training import checkpoint_folders as folders
 
-    final = ckpt.latest_checkpoint(run_dir)
+    final = folders.latest_checkpoint(run_dir)
     if dist.is_main:
         plot_loss_curve(metrics_path, run_dir / "loss_curve.png")
         tracker.log_artifact(run_dir / "loss_curve.png")
@@ -492,7 +494,7 @@ def run(args: argparse.Namespace) -> int:
         from dagster_pipes import open_dagster_pipes
 
         pipes_cm = open_dagster_pipes()
-    from training.checkpoint import LeaseLost, ResumeError
+    from training.runs import LeaseLost, ResumeError
 
     try:
         with pipes_cm as pipes:  # an error inside reaches Dagster through pipes too

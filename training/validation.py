@@ -35,7 +35,7 @@ def build_validation_set(
         return ValidationSet([])
     sampler = VariableVideoBatchSampler(rows, bucket, frame_interval, num_replicas=1, rank=0, seed=seed, shuffle=False)
     if cache_dir is not None:
-        from training.encoder_cache import CachedLatentDataset, cached_batch_to_device, collate_cached
+        from training.cached_data import CachedLatentDataset, cached_batch_to_device, collate_cached
 
         dataset, collate_fn = CachedLatentDataset(rows, cache_dir), collate_cached
         encode = lambda b: cached_batch_to_device(b, dist.device)  # noqa: E731

@@ -8,7 +8,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from training.buckets import BUCKET_PRESETS, Bucket, bucket_seed, load_bucket_preset
+from training.bucket_presets import BUCKET_PRESETS, load_bucket_preset
+from training.buckets import Bucket, bucket_seed
 from training.sampler import VariableVideoBatchSampler
 
 STAGES = ("stage1", "stage2", "stage3")

@@ -9,15 +9,9 @@ import pandas as pd
 import polars as pl
 import pytest
 
-from training.buckets import (
-    Bucket,
-    DropReason,
-    bucket_report,
-    bucket_seed,
-    load_bucket_preset,
-    read_metadata,
-    validate_bucket_config,
-)
+from training.bucket_presets import load_bucket_preset, validate_bucket_config
+from training.bucket_report import bucket_report
+from training.buckets import Bucket, DropReason, bucket_seed, read_metadata
 
 STAGE1 = {
     "144p": {1: (0.5, 48), 16: (1.0, 6), 32: (1.0, 3), 96: (1.0, 1)},

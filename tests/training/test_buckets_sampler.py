@@ -7,7 +7,8 @@ import random
 import polars as pl
 import pytest
 
-from training.buckets import Bucket, bucket_report
+from training.bucket_report import bucket_report
+from training.buckets import Bucket
 from training.sampler import SampleIndex, VariableVideoBatchSampler
 
 # Small batch sizes so a few hundred rows make many batches; keep_prob < 1 so epochs regroup.

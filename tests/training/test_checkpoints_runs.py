@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from tests.training.conftest import REPO, train_command
-from training import checkpoint as ckpt
+from training import checkpoint as ckpt, checkpoint_folders as folders, runs
 
 
 def run_env(home: Path, **extra: str) -> dict:
@@ -100,24 +100,24 @@ class Payload:
 # --------------------------------------------------------------------------------------------------------------
 def test_every_run_gets_its_own_folder_and_resume_picks_one(tmp_path):
     root = tmp_path / "checkpoints" / "demo-cpu"
-    first, lease = ckpt.open_run(root, None, log=lambda _: None)
+    first, lease = runs.open_run(root, None, log=lambda _: None)
     lease.release()
-    second, lease = ckpt.open_run(root, None, log=lambda _: None)
+    second, lease = runs.open_run(root, None, log=lambda _: None)
     lease.release()
     assert (first.name, second.name) == ("run-001", "run-002")
-    newest, lease = ckpt.open_run(root, "latest", log=lambda _: None)
+    newest, lease = runs.open_run(root, "latest", log=lambda _: None)
     lease.release()
     assert newest == second
     for name in ("run-001", "1", str(first)):
-        named, lease = ckpt.open_run(root, name, log=lambda _: None)
+        named, lease = runs.open_run(root, name, log=lambda _: None)
         lease.release()
         assert named == first
-    with pytest.raises(ckpt.ResumeError, match="run-001, run-002"):
-        ckpt.open_run(root, "run-007", log=lambda _: None)
+    with pytest.raises(runs.ResumeError, match="run-001, run-002"):
+        runs.open_run(root, "run-007", log=lambda _: None)
     # the layout before run folders (step-* directly in --outdir) keeps resuming in place
     legacy = tmp_path / "legacy"
     save(legacy, 4)
-    resumed, lease = ckpt.open_run(legacy, "latest", log=lambda _: None)
+    resumed, lease = runs.open_run(legacy, "latest", log=lambda _: None)
     lease.release()
     assert resumed == legacy
 
@@ -146,20 +146,20 @@ def test_train_without_resume_never_writes_into_an_older_run(tiny_dataset, tmp_p
 # --------------------------------------------------------------------------------------------------------------
 def test_a_second_live_run_is_refused_or_gets_a_new_folder(tmp_path):
     root = tmp_path / "runs"
-    run, holder = ckpt.open_run(root, None, log=lambda _: None, ttl_s=1.0)
+    run, holder = runs.open_run(root, None, log=lambda _: None, ttl_s=1.0)
     holder.heartbeat()
     try:
-        with pytest.raises(ckpt.RunBusy, match=f"host {socket.gethostname()} pid {os.getpid()}"):
-            ckpt.open_run(root, "latest", log=lambda _: None)
-        with pytest.raises(ckpt.RunBusy):
-            ckpt.RunLease(run).acquire()
+        with pytest.raises(runs.RunBusy, match=f"host {socket.gethostname()} pid {os.getpid()}"):
+            runs.open_run(root, "latest", log=lambda _: None)
+        with pytest.raises(runs.RunBusy):
+            runs.RunLease(run).acquire()
         said = []
-        other, lease = ckpt.open_run(root, "auto", log=said.append)  # what the Dagster asset asks for
+        other, lease = runs.open_run(root, "auto", log=said.append)  # what the Dagster asset asks for
         lease.release()
         assert other.name == "run-002" and "starting a new run" in said[-1]
     finally:
         holder.release()
-    again, lease = ckpt.open_run(root, "run-001", log=lambda _: None)
+    again, lease = runs.open_run(root, "run-001", log=lambda _: None)
     lease.release()
     assert again == run
 
@@ -168,16 +168,16 @@ def test_only_one_of_many_racing_processes_gets_the_lease(tmp_path):
     run = tmp_path / "run-001"
     run.mkdir()
     # a stale lease from another machine, so every contender also races the takeover
-    (run / ckpt.LEASE_FILE).write_text(json.dumps({"host": "elsewhere", "pid": 1, "pidns": "", "token": "old",
+    (run / runs.LEASE_FILE).write_text(json.dumps({"host": "elsewhere", "pid": 1, "pidns": "", "token": "old",
                                                    "renewed": time.time() - 1000, "ttl_s": 5}))
     start, won, refused = threading.Barrier(8), [], []
 
     def contend():
-        lease = ckpt.RunLease(run, ttl_s=2, log=lambda _: None)
+        lease = runs.RunLease(run, ttl_s=2, log=lambda _: None)
         start.wait()
         try:
             won.append(lease.acquire().heartbeat())  # as train() does: renewed from the moment it is held
-        except ckpt.RunBusy:
+        except runs.RunBusy:
             refused.append(lease)
 
     threads = [threading.Thread(target=contend) for _ in range(8)]
@@ -186,39 +186,39 @@ def test_only_one_of_many_racing_processes_gets_the_lease(tmp_path):
     for t in threads:
         t.join()
     assert len(won) == 1 and len(refused) == 7
-    assert json.loads((run / ckpt.LEASE_FILE).read_text())["token"] == won[0].token
+    assert json.loads((run / runs.LEASE_FILE).read_text())["token"] == won[0].token
     won[0].release()
 
 
 def test_an_expired_lease_is_taken_over_with_a_warning_and_its_holder_stops(tmp_path):
     run = tmp_path / "run-001"
-    stalled = ckpt.RunLease(run, ttl_s=0.5, log=lambda _: None).acquire()
-    data = json.loads((run / ckpt.LEASE_FILE).read_text())
+    stalled = runs.RunLease(run, ttl_s=0.5, log=lambda _: None).acquire()
+    data = json.loads((run / runs.LEASE_FILE).read_text())
     data.update(host="node-7", renewed=time.time() - 5)  # as seen from another machine: not renewed for 5 s
-    (run / ckpt.LEASE_FILE).write_text(json.dumps(data))
+    (run / runs.LEASE_FILE).write_text(json.dumps(data))
     said = []
-    taker = ckpt.RunLease(run, ttl_s=30, log=said.append).acquire()
+    taker = runs.RunLease(run, ttl_s=30, log=said.append).acquire()
     assert "took over the lease" in said[0] and "node-7" in said[0] and "presumed dead" in said[0]
     assert stalled.renew() is False and "node-7" not in stalled.lost
-    with pytest.raises(ckpt.LeaseLost, match="taken over"):
+    with pytest.raises(runs.LeaseLost, match="taken over"):
         stalled.check()
     stalled.release()  # must not remove the new holder's lease
-    assert json.loads((run / ckpt.LEASE_FILE).read_text())["token"] == taker.token
+    assert json.loads((run / runs.LEASE_FILE).read_text())["token"] == taker.token
     taker.release()
-    assert not (run / ckpt.LEASE_FILE).exists()
+    assert not (run / runs.LEASE_FILE).exists()
 
 
 def test_a_sigkilled_holder_on_this_host_is_taken_over_at_once(tmp_path):
     run = tmp_path / "run-001"
-    code = f"from training.checkpoint import RunLease; RunLease({str(run)!r}, ttl_s=2).acquire().heartbeat(); print('held', flush=True)"
+    code = f"from training.runs import RunLease; RunLease({str(run)!r}, ttl_s=2).acquire().heartbeat(); print('held', flush=True)"
     proc = subprocess.Popen([sys.executable, "-c", code + "; import time; time.sleep(600)"], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
-    with pytest.raises(ckpt.RunBusy):
-        ckpt.RunLease(run).acquire()
+    with pytest.raises(runs.RunBusy):
+        runs.RunLease(run).acquire()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     said = []
-    lease = ckpt.RunLease(run, log=said.append).acquire(watch=False)  # at once: the holder's process is gone
+    lease = runs.RunLease(run, log=said.append).acquire(watch=False)  # at once: the holder's process is gone
     assert f"process {proc.pid} on this host is gone" in said[0]
     lease.release()
 
@@ -227,11 +227,11 @@ def test_a_holder_that_stops_renewing_is_taken_over_after_one_expiry_time(tmp_pa
     """A relaunched Kubernetes run whose old pod was killed: the lease looks fresh, but nobody renews it."""
     run = tmp_path / "run-001"
     run.mkdir()
-    (run / ckpt.LEASE_FILE).write_text(json.dumps({"host": "old-pod-0", "pid": 1, "pidns": "", "token": "old",
+    (run / runs.LEASE_FILE).write_text(json.dumps({"host": "old-pod-0", "pid": 1, "pidns": "", "token": "old",
                                                    "renewed": time.time(), "ttl_s": 1.0}))
     said = []
     began = time.monotonic()
-    lease = ckpt.RunLease(run, log=said.append).acquire()
+    lease = runs.RunLease(run, log=said.append).acquire()
     assert 0.9 < time.monotonic() - began < 10
     assert "watching its lease" in said[0] and "did not renew its lease" in said[1] and "old-pod-0" in said[1]
     lease.release()
@@ -239,13 +239,13 @@ def test_a_holder_that_stops_renewing_is_taken_over_after_one_expiry_time(tmp_pa
 
 def test_the_heartbeat_keeps_a_lease_alive(tmp_path):
     run = tmp_path / "run-001"
-    lease = ckpt.RunLease(run, ttl_s=1.0, log=lambda _: None).acquire().heartbeat()
+    lease = runs.RunLease(run, ttl_s=1.0, log=lambda _: None).acquire().heartbeat()
     time.sleep(2.5)  # over two expiry periods: without renewals it would be free
-    with pytest.raises(ckpt.RunBusy):
-        ckpt.RunLease(run, ttl_s=1.0).acquire()
+    with pytest.raises(runs.RunBusy):
+        runs.RunLease(run, ttl_s=1.0).acquire()
     lease.check()
     lease.release()
-    ckpt.RunLease(run, ttl_s=1.0).acquire().release()
+    runs.RunLease(run, ttl_s=1.0).acquire().release()
 
 
 def test_resuming_a_run_that_is_training_is_refused(tiny_dataset, tmp_path):
@@ -255,7 +255,7 @@ def test_resuming_a_run_that_is_training_is_refused(tiny_dataset, tmp_path):
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while not (outdir / "run-001" / ckpt.LEASE_FILE).exists():
+        while not (outdir / "run-001" / runs.LEASE_FILE).exists():
             assert first.poll() is None and time.monotonic() < deadline, "the first run never took its lease"
             time.sleep(0.1)
         second = subprocess.run(train_command(tiny_dataset, outdir, 1000, 1000) + ["--resume"], env=env, cwd=REPO,
@@ -275,20 +275,20 @@ def test_resuming_a_run_that_is_training_is_refused(tiny_dataset, tmp_path):
 def test_a_checkpoint_is_complete_only_with_its_marker_and_sizes(tmp_path):
     run = tmp_path / "run-001"
     good = save(run, 2)
-    assert ckpt.check_complete(good) is None
-    marker = json.loads((good / ckpt.MARKER).read_text())
+    assert folders.check_complete(good) is None
+    marker = json.loads((good / folders.MARKER).read_text())
     assert {"state.json", "optimizer/optimizer.pt", "rng-rank0.json", "ema/model.safetensors"} <= set(marker["files"])
     half = save(run, 4)
     torn = save(run, 6, keep_last=3)
-    (half / ckpt.MARKER).unlink()  # killed after the rename, before the marker
+    (half / folders.MARKER).unlink()  # killed after the rename, before the marker
     weights = torn / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])  # a file cut short
-    assert "not finished" in ckpt.check_complete(half)
-    assert "model/model.safetensors has" in ckpt.check_complete(torn)
+    assert "not finished" in folders.check_complete(half)
+    assert "model/model.safetensors has" in folders.check_complete(torn)
     said = []
-    assert ckpt.resume_candidates(run, said.append) == [good]
+    assert folders.resume_candidates(run, said.append) == [good]
     assert len(said) == 2 and all(line.startswith("warning: skipping checkpoint") for line in said)
-    assert ckpt.latest_checkpoint(run) == good
+    assert folders.latest_checkpoint(run) == good
 
 
 def test_keep_last_never_deletes_the_last_complete_checkpoint(tmp_path):
@@ -296,15 +296,15 @@ def test_keep_last_never_deletes_the_last_complete_checkpoint(tmp_path):
     save(run, 2)
     save(run, 4)
     newest = save(run, 6, keep_last=2)
-    (newest / ckpt.MARKER).unlink()
-    ckpt.prune(run, keep_last=1)
-    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-00000004", "step-00000006"]
-    assert ckpt.latest_checkpoint(run).name == "step-00000004"
+    (newest / folders.MARKER).unlink()
+    folders.prune(run, keep_last=1)
+    assert [p.name for p in folders.list_checkpoints(run)] == ["step-00000004", "step-00000006"]
+    assert folders.latest_checkpoint(run).name == "step-00000004"
 
 
 def test_a_changed_model_config_names_the_differing_keys():
     saved = {"hidden_size": 48, "depth": 1, "patch_size": [1, 2, 2], "grad_checkpointing": False}
-    with pytest.raises(ckpt.ResumeError, match=r"depth: 1 -> 2; hidden_size: 48 -> 96"):
+    with pytest.raises(runs.ResumeError, match=r"depth: 1 -> 2; hidden_size: 48 -> 96"):
         ckpt.check_model_config(Path("step-4"), saved, {**saved, "depth": 2, "hidden_size": 96})
     ckpt.check_model_config(Path("step-4"), saved, {**saved, "patch_size": (1, 2, 2), "grad_checkpointing": True})
 
@@ -344,7 +344,7 @@ def test_a_corrupt_last_checkpoint_falls_back_and_other_changes_are_handled(tiny
     assert f"resumed from {run / 'step-00000002'} at step 2" in said
     assert losses(run) == want, "steps 3-4 trained again from step 2 give the same losses"
     assert (run / "unusable-step-00000004").is_dir()
-    assert ckpt.latest_checkpoint(run).name == "step-00000004"
+    assert folders.latest_checkpoint(run).name == "step-00000004"
 
     wider = subprocess.run(train_command(tiny_dataset, outdir, 5, 5) + ["--nproc", "2", "--resume"], env=env, cwd=REPO,
                            capture_output=True, text=True)
@@ -399,7 +399,7 @@ def test_checkpoints_from_before_format_2_still_load(tmp_path):
 
     legacy = tmp_path / "ckpt"
     saved = save(legacy, 4)
-    (saved / ckpt.MARKER).unlink()
+    (saved / folders.MARKER).unlink()
     state = json.loads((saved / "state.json").read_text())
     del state["format"]
     (saved / "state.json").write_text(json.dumps(state))
@@ -407,7 +407,7 @@ def test_checkpoints_from_before_format_2_still_load(tmp_path):
     random.seed(5), np.random.seed(5), torch.manual_seed(5)
     torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}, saved / "rng-rank0.pt")
     expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
-    assert ckpt.resume_candidates(legacy) == [saved]
+    assert folders.resume_candidates(legacy) == [saved]
     assert load(saved)["step"] == 4
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
 

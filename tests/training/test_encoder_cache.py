@@ -8,14 +8,14 @@ import torch
 
 from training.buckets import Bucket, assign_rows
 from training.sampler import SampleIndex, VariableVideoBatchSampler
-from training.encoder_cache import (
+from training.cached_data import (
     CacheManifest,
     CachedLatentDataset,
     EncoderCacheError,
-    build_encoder_cache,
     cached_batch_to_device,
     collate_cached,
 )
+from training.encoder_cache import build_encoder_cache
 
 SEED = 42
 FRAME_INTERVAL = 2
@@ -258,10 +258,11 @@ def test_build_is_atomic(clips, bucket, encoders, cache, tmp_path):
 def test_build_training_cache_from_a_run_config(tiny_dataset, tmp_path, monkeypatch):
     """The run-level builder: train/ holds every epoch the run's steps reach, val/ the held-out rows at epoch 0."""
     from tests.training.conftest import TINY_OVERRIDES
-    from training.buckets import load_bucket_preset
+    from training.bucket_presets import load_bucket_preset
     from training.config import load_train_config
     from training.data import load_rows, split_rows
-    from training.encoder_cache import build_training_cache, epochs_needed
+    from training.cached_data import epochs_needed
+    from training.encoder_cache import build_training_cache
 
     monkeypatch.setenv("OPENSORA_HOME", str(tmp_path / "home"))  # where the demo's tiny encoders are built
     cfg = load_train_config("demo-cpu", [*TINY_OVERRIDES, "steps=12"])

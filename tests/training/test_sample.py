@@ -17,14 +17,9 @@ import torch
 from models.checkpoint_io import save_stdit2_hf_dir
 from models.stdit2 import build_stdit2
 from models.tiny import build_tiny_t5, build_tiny_vae
-from training.sample import (
-    SampleRequest,
-    Sampler,
-    load_reference_video,
-    main,
-    resolve_checkpoint,
-    save_sample,
-)
+from training.inference import Sampler
+from training.sample import main
+from training.sample_io import SampleRequest, load_reference_video, resolve_checkpoint, save_sample
 
 H, W = 32, 48  # pixels; latent 4 x 6
 STEPS = 4
