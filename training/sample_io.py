@@ -31,7 +31,7 @@ __all__ = [
     "encoder_path",
     "load_reference_video",
     "prompt_conditions",
-    "referencereference_frames_needed",
+    "reference_frames_needed",
     "resolve_checkpoint",
     "save_sample",
     "to_uint8_video",
