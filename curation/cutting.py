@@ -28,7 +28,8 @@ from typing import Any
 from curation.kept_frames import MANIFEST, KeepFramesSpec, KeptFrameWriter
 from curation.shots import Scene
 from curation.virtual_clips import clip_source_frames, frame_index, iter_source_frames
-from curation.video_io import even_size_for_short_side, open_writer, probe_stream, stored_size, upright_yuv420p
+from curation.video_io import probe_stream, stored_size, upright_yuv420p
+from curation.video_writer import even_size_for_short_side, open_writer
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from curation.video_io import open_writer
+from curation.video_writer import open_writer
 
 # Distinct backgrounds (RGB) so that consecutive shots differ strongly: a hard cut, never a fade.
 PALETTE = [
@@ -141,7 +141,7 @@ def render_frame(shot: Shot, index: int, width: int, height: int) -> np.ndarray:
 def write_synthetic_video(
     path: Path, shots: list[Shot], *, width: int = 320, height: int = 192, fps: int = 24, crf: int = 18
 ) -> SyntheticVideo:
-    """Encode ``shots`` back to back as one H.264 mp4 (``video_io``'s writer, PyAV's slice threads)."""
+    """Encode ``shots`` back to back as one H.264 mp4 (``video_writer``, PyAV's slice threads)."""
     path = Path(path)
     # Slice threads and bilinear RGB->YUV: the encoder settings these files have always been written with.
     with open_writer(path, fps, width, height, crf, "veryfast", thread_type="SLICE", interpolation=None) as writer:

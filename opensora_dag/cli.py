@@ -17,7 +17,7 @@ from pathlib import Path
 # name -> (what adds its arguments, what runs it, help); both "module:function". The arguments are added when the tree
 # is built (those modules import no torch); the module that runs a command is imported only when it runs.
 LIBRARY_COMMANDS: dict[str, tuple[str, str, str]] = {
-    "data": ("curation.datautil:add_arguments", "curation.datautil:run",
+    "data": ("curation.datautil_cli:add_arguments", "curation.datautil_cli:run",
              "datautil on DuckDB/Polars: info, merge, dedupe, stats, filter; export VERSION OUT"),
     "conformance": ("models.conformance:add_arguments", "models.conformance:run",
                     "check an STDiT2 port against golden tensors: conformance DIR [--atol X] [--simulate-other-cpu SEED]"),

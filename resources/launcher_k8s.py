@@ -46,7 +46,6 @@ from pydantic import Field
 from resources.launcher import TrainingLauncher
 from training.k8s import (
     CONTAINER_NAME,
-    DEFAULT_K8S_VERSION,
     GPU_RESOURCE,
     INDEX_ANNOTATION,
     JOB_LABEL,
@@ -54,8 +53,8 @@ from training.k8s import (
     Toleration,
     build_headless_service,
     build_indexed_job,
-    validate_manifest,
 )
+from training.k8s_validation import DEFAULT_K8S_VERSION, validate_manifest
 
 # API answers worth retrying (throttling, API server restarts) rather than failing a running training.
 TRANSIENT_API_STATUS = frozenset({429, 500, 502, 503, 504})

@@ -68,7 +68,7 @@ def build_encoder_cache(
     """Encode every sample the sampler would use in epochs ``0 .. epochs-1`` and every caption; return the manifest.
 
     Args:
-        rows: the training table, in the order the sampler gets it (``train_rows`` in ``training.train``).
+        rows: the training table, in the order the sampler gets it (``train_rows`` of ``training.run_setup.prepare_data``).
         bucket, frame_interval, seed: as given to ``VariableVideoBatchSampler`` and ``VideoTextDataset``.
         text_encoder: a ``models.text_encoder.T5TextEncoder`` (anything with ``encode(texts)``, ``output_dim``,
             ``model_max_length``).

@@ -280,7 +280,7 @@ def save_sample(
         out["png"] = save_dir / f"{name}.png"
         Image.fromarray(video[0]).save(out["png"])
     else:
-        from curation.video_io import open_writer
+        from curation.video_writer import open_writer
 
         h, w = video.shape[1] // 2 * 2, video.shape[2] // 2 * 2
         if h == 0 or w == 0:

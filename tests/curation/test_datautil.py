@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from curation import datautil
+from curation import datautil, datautil_cli
 from curation.datautil import DatautilError
 
 FORMATS = ["csv", "parquet"]
@@ -212,7 +212,7 @@ def test_filter_missing_column_is_a_user_error(tmp_path: Path):
 def test_main_filter_writes_output(tmp_path: Path, capsys):
     src = write(sample_table(), tmp_path / "in.parquet")
     out = tmp_path / "sub" / "out.csv"
-    code = datautil.main(["filter", str(src), "-o", str(out), "--fmin", "20", "--aesmin", "5"])
+    code = datautil_cli.main(["filter", str(src), "-o", str(out), "--fmin", "20", "--aesmin", "5"])
     assert code == 0
     assert read(out)["id"].to_list() == ["12345", "0003", "0005"]
     assert "6 -> 3 rows" in capsys.readouterr().out
@@ -220,14 +220,14 @@ def test_main_filter_writes_output(tmp_path: Path, capsys):
 
 def test_main_accepts_leading_data_word(tmp_path: Path, capsys):
     src = write(sample_table(), tmp_path / "in.csv")
-    assert datautil.main(["data", "info", str(src)]) == 0
+    assert datautil_cli.main(["data", "info", str(src)]) == 0
     out = capsys.readouterr().out
     assert "num_frames" in out and "6 rows" in out
-    assert datautil.main(["stats", str(src), "-o", str(tmp_path / "s.csv")]) == 0
+    assert datautil_cli.main(["stats", str(src), "-o", str(tmp_path / "s.csv")]) == 0
     assert pl.read_csv(tmp_path / "s.csv")["column"][0] == "num_frames"
-    assert datautil.main(["dedupe", str(src), "-o", str(tmp_path / "d.parquet"), "--subset", "path"]) == 0
+    assert datautil_cli.main(["dedupe", str(src), "-o", str(tmp_path / "d.parquet"), "--subset", "path"]) == 0
     assert pl.read_parquet(tmp_path / "d.parquet").height == 5
-    assert datautil.main(["merge", str(src), str(src), "-o", str(tmp_path / "m.csv")]) == 0
+    assert datautil_cli.main(["merge", str(src), str(src), "-o", str(tmp_path / "m.csv")]) == 0
     assert pl.read_csv(tmp_path / "m.csv").height == 12
 
 
@@ -245,16 +245,16 @@ def test_main_accepts_leading_data_word(tmp_path: Path, capsys):
 def test_main_bad_input_exits_2(tmp_path: Path, capsys, argv, message):
     src = write(sample_table().drop("flow"), tmp_path / "in.csv")
     (tmp_path / "broken.parquet").write_bytes(b"not a parquet file")
-    code = datautil.main([a.format(src=src, tmp=tmp_path) for a in argv])
+    code = datautil_cli.main([a.format(src=src, tmp=tmp_path) for a in argv])
     assert code == 2
     assert message in capsys.readouterr().err
 
 
 def test_main_usage_errors_exit_2(capsys):
-    assert datautil.main([]) == 2
-    assert datautil.main(["filter", "x.csv"]) == 2  # -o is required
-    assert datautil.main(["filter", "x.csv", "-o", "y.csv", "--fmin", "many"]) == 2
-    assert datautil.main(["--help"]) == 0
+    assert datautil_cli.main([]) == 2
+    assert datautil_cli.main(["filter", "x.csv"]) == 2  # -o is required
+    assert datautil_cli.main(["filter", "x.csv", "-o", "y.csv", "--fmin", "many"]) == 2
+    assert datautil_cli.main(["--help"]) == 0
     assert "info" in capsys.readouterr().out
 
 
@@ -262,7 +262,7 @@ def test_filter_takes_output_as_positional_argument(tmp_path):
     """`data filter INPUT OUTPUT --fmin ...`, the reference's form; -o still works; both at once is an error."""
     import polars as pl
 
-    from curation.datautil import main
+    from curation.datautil_cli import main
 
     src = tmp_path / "in.csv"
     pl.DataFrame({"path": ["a", "b", "c"], "text": ["x", "y", "z"], "num_frames": [10, 50, 90]}).write_csv(src)
@@ -323,5 +323,5 @@ def test_filter_reports_drops_per_flag_with_missing_values(tmp_path: Path, capsy
         ("b.mp4", "aesmin", "no aes value"),
         ("e.mp4", "aesmin", "aes 4.9 fails >= 5.0"),
     ]
-    assert datautil.main(["filter", str(src), str(tmp_path / "o.csv"), "--aesmin", "5"]) == 0
+    assert datautil_cli.main(["filter", str(src), str(tmp_path / "o.csv"), "--aesmin", "5"]) == 0
     assert "6 -> 3 rows (3 dropped: aesmin 3 (1 without a value))" in capsys.readouterr().out

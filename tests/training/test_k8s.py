@@ -13,22 +13,18 @@ import pytest
 from kubernetes_validate.utils import latest_version
 
 from training.k8s import (
-    DEFAULT_K8S_VERSION,
     GPU_RESOURCE,
     JOB_LABEL,
     RANK0_PREFIX,
     K8sTrainingSpec,
-    ManifestError,
     build_headless_service,
     build_indexed_job,
     entrypoint_script,
-    model_problems,
     render_manifests,
-    schema_problems,
     simulate_torchrun_command,
     torchrun_command,
-    validate_manifest,
 )
+from training.k8s_validation import DEFAULT_K8S_VERSION, ManifestError, model_problems, schema_problems, validate_manifest
 
 TRAIN_ARGS = ["stage1", "--dataset", "v3", "--steps", "100", "--outdir", "/data/checkpoints/run1"]
 PIPES_ENV = {"DAGSTER_PIPES_CONTEXT": "ctx-blob", "DAGSTER_PIPES_MESSAGES": "msg-blob"}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from training.k8s import validate_manifest
+from training.k8s_validation import validate_manifest
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 INSTANCE_YAML = DEPLOY / "dagster.k8s.yaml"
