@@ -216,12 +216,12 @@ def read_simple_yaml(text: str) -> dict[str, Any]:
 
 # TrainConfig's defaults (training/config.py) for the fields a preset may leave out; used only by the fallback reader.
 _FALLBACK_DEFAULTS: dict[str, Any] = {
-    "objective": "iddpm", "rflow_timestep_shift": True, "seed": 42, "precision": "bf16", "plugin": "auto",
+    "objective": "iddpm", "rflow_timestep_shift": True, "seed": 42, "precision": "bf16", "plugin": "auto", "steps": 1000,
     "model": {"preset": "STDiT2-XL/2", "overrides": {}, "from_pretrained": None, "grad_checkpointing": False, "qk_norm_legacy": True},
     "encoders": {"model_max_length": 200},
     "data": {"bucket_preset": "stage1", "mask_ratios": None},
     "optim": {"lr": 2e-5, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8, "grad_clip": 1.0, "ema_decay": 0.9999,
-              "warmup_steps": 0},
+              "warmup_steps": 0, "decay_fraction": 0.0},
 }
 
 

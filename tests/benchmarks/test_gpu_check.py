@@ -165,7 +165,8 @@ def test_fallback_config_matches_train_config(preset):
     for section in ("model", "encoders", "data", "optim"):
         used = {"model": ("preset", "overrides", "grad_checkpointing", "qk_norm_legacy", "from_pretrained"),
                 "encoders": ("model_max_length",), "data": ("mask_ratios", "bucket_preset"),
-                "optim": ("lr", "weight_decay", "betas", "eps", "grad_clip", "ema_decay", "warmup_steps")}[section]
+                "optim": ("lr", "weight_decay", "betas", "eps", "grad_clip", "ema_decay", "warmup_steps",
+                          "decay_fraction")}[section]
         assert all(hasattr(getattr(got, section), name) for name in used), section
 
 
