@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 
@@ -34,6 +35,10 @@ def content_key(x: torch.Tensor | str, *context: object) -> bytes:
     return digest.digest()
 
 
+def _nbytes(value: tuple[torch.Tensor, ...]) -> int:
+    return sum(t.numel() * t.element_size() for t in value)
+
+
 class EncoderMemo:
     """Least-recently-used map from content keys to tuples of tensors, bounded in bytes."""
 
@@ -42,8 +47,6 @@ class EncoderMemo:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         self.max_bytes = int(max_bytes)
         self.bytes = 0
-        self.hits = 0
-        self.misses = 0
         self._entries: OrderedDict[bytes, tuple[torch.Tensor, ...]] = OrderedDict()
 
     def __len__(self) -> int:
@@ -51,28 +54,27 @@ class EncoderMemo:
 
     def get(self, key: bytes) -> tuple[torch.Tensor, ...] | None:
         value = self._entries.get(key)
-        if value is None:
-            self.misses += 1
-            return None
-        self._entries.move_to_end(key)
-        self.hits += 1
+        if value is not None:
+            self._entries.move_to_end(key)
         return value
 
     def put(self, key: bytes, value: tuple[torch.Tensor, ...]) -> None:
         value = tuple(t.detach().clone() for t in value)  # never a view that pins a whole batch
-        size = sum(t.numel() * t.element_size() for t in value)
-        if size > self.max_bytes:
+        if _nbytes(value) > self.max_bytes:
             return
         old = self._entries.pop(key, None)
         if old is not None:
-            self.bytes -= sum(t.numel() * t.element_size() for t in old)
+            self.bytes -= _nbytes(old)
         self._entries[key] = value
-        self.bytes += size
+        self.bytes += _nbytes(value)
         while self.bytes > self.max_bytes:
             _, evicted = self._entries.popitem(last=False)
-            self.bytes -= sum(t.numel() * t.element_size() for t in evicted)
+            self.bytes -= _nbytes(evicted)
 
-    @property
-    def hit_rate(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 0.0
+    def get_or_compute(self, key: bytes, compute: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+        """The stored value of ``key``, or ``compute()`` stored under it."""
+        value = self.get(key)
+        if value is None:
+            value = compute()
+            self.put(key, value)
+        return value

@@ -242,15 +242,12 @@ class T5TextEncoder:
         # Each caption is padded to model_max_length and attends only to itself, so a memoized row is the row a
         # fresh batch would give (up to float rounding); new captions are encoded one at a time so that their bits
         # never depend on the batch they came in (see VideoAutoencoderKL._posterior).
-        rows = []
-        for text in texts:
-            key = content_key(text, self.model_max_length, self.clean_caption)
-            row = self.memo.get(key)
-            if row is None:
-                hidden, mask = self._encode([text])
-                row = (hidden[0], mask[0])
-                self.memo.put(key, row)
-            rows.append(row)
+        def encode_one(text: str) -> tuple[torch.Tensor, torch.Tensor]:
+            hidden, mask = self._encode([text])
+            return hidden[0], mask[0]
+
+        rows = [self.memo.get_or_compute(content_key(t, self.model_max_length, self.clean_caption),
+                                         lambda t=t: encode_one(t)) for t in texts]
         return {"y": torch.stack([h for h, _ in rows])[:, None], "mask": torch.stack([m for _, m in rows])}
 
     def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -120,15 +120,11 @@ class VideoAutoencoderKL(nn.Module):
         if self.memo is None:
             parts = [self.module.encode(frames[part]).latent_dist for part in self._chunks(frames.shape[0])]
             return torch.cat([p.mean for p in parts]), torch.cat([p.std for p in parts])
-        entries = []
-        for frame in frames:
-            key = content_key(frame)
-            entry = self.memo.get(key)
-            if entry is None:
-                posterior = self.module.encode(frame[None]).latent_dist
-                entry = (posterior.mean[0], posterior.std[0])
-                self.memo.put(key, entry)
-            entries.append(entry)
+        def encode_one(frame: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            posterior = self.module.encode(frame[None]).latent_dist
+            return posterior.mean[0], posterior.std[0]
+
+        entries = [self.memo.get_or_compute(content_key(f), lambda f=f: encode_one(f)) for f in frames]
         return torch.stack([m for m, _ in entries]), torch.stack([s for _, s in entries])
 
     def encode_mode(self, x: torch.Tensor) -> torch.Tensor:

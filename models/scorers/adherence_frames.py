@@ -230,14 +230,21 @@ def _prototype_groups() -> np.ndarray:
     return groups
 
 
+def _outline(mask: np.ndarray) -> np.ndarray | None:
+    """The largest external contour of a blob's mask (through its boundary pixels' centres), or None."""
+    import cv2
+
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    return max(contours, key=cv2.contourArea) if contours else None
+
+
 def solidity(mask: np.ndarray) -> float:
     """Area of a blob's outline over the area of its convex hull (1 for a convex shape)."""
     import cv2
 
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    if not contours:
+    contour = _outline(mask)
+    if contour is None:
         return 0.0
-    contour = max(contours, key=cv2.contourArea)
     hull = float(cv2.contourArea(cv2.convexHull(contour)))
     return float(cv2.contourArea(contour)) / hull if hull > 0 else 0.0
 
@@ -293,10 +300,9 @@ def shape_features(mask: np.ndarray) -> dict[str, float] | None:
     outline polygon through the boundary pixels' centres, so a raster square fills its rectangle exactly."""
     import cv2
 
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    if not contours:
+    contour = _outline(mask)
+    if contour is None:
         return None
-    contour = max(contours, key=cv2.contourArea)
     area = float(cv2.contourArea(contour))
     if area <= 0:
         return None
