@@ -16,11 +16,10 @@ Stages
              at full size), then ONE ffmpeg process per clip: -ss start -i in -t dur -r 30 -vf scale, libx264 with
              ffmpeg's defaults (crf 23, preset medium), as the reference's cut script. The output size is ours (never
              upscaled; the reference's scale expression would enlarge the sub-720p samples, only making it slower).
-  virtual    ours through the CLI to training-ready clips, processes started by the benchmark:
-             ``opensora-dag --home FRESH ingest BATCH --batch sample`` then
-             ``opensora-dag --home FRESH materialize --select 'key:raw_videos or key:scenes or key:clips' --batch
-             sample`` (probe + frozen sources, shot detection and kept scorer frames in the worker pool, the clips
-             asset check). Clips are frame ranges of their frozen sources; nothing is encoded.
+  virtual    ours through the CLI to training-ready clips, one process started by the benchmark:
+             ``opensora-dag --home FRESH curate BATCH --batch sample`` (ingest, then materialize raw_videos, scenes
+             and clips: probe + frozen sources, shot detection with the kept scorer frames in the worker pool, the
+             clips asset check). Clips are frame ranges of their frozen sources; nothing is encoded.
   files      the same with ``--set clips.encode_files=true``: every clip also encoded to an H.264 file (30 fps, shorter
              side <= 720, crf 18 veryfast) at curation time. This stands for "ours with clip files": ``data export``
              encodes the same files with the same settings in a pool, but needs a dataset version (captions, scores,
@@ -150,12 +149,12 @@ STEP_DONE = re.compile(r'STEP_SUCCESS - Finished execution of step "([^"]+)" in 
 
 
 def run_cli(home: Path, batch_dir: Path, settings: list[str], log: Path) -> dict[str, float]:
-    """``ingest`` + ``materialize`` on a fresh home; returns the wall seconds of each command and Dagster step."""
+    """``curate`` (ingest + materialize) on a fresh home; returns the wall seconds of the command and each Dagster step."""
     shutil.rmtree(home, ignore_errors=True)
     sets = [arg for s in settings for arg in ("--set", s)]
     commands = {
-        "ingest": [*cli_command(), "--home", str(home), "ingest", str(batch_dir), "--batch", BATCH],
-        "materialize": [*cli_command(), "--home", str(home), "materialize", "--select", SELECT, "--batch", BATCH, *sets],
+        "curate": [*cli_command(), "--home", str(home), "curate", str(batch_dir), "--batch", BATCH, "--select", SELECT,
+                   *sets],
     }
     seconds: dict[str, float] = {}
     with log.open("w") as out:

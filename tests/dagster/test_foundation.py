@@ -144,6 +144,23 @@ def test_cli_ingest_registers_partition(home, tiny_videos, tmp_path):
     assert "cam_1" in DagsterInstance.get().get_dynamic_partitions("video_batches")
 
 
+def test_cli_curate_ingests_and_materializes_training_ready_clips_in_one_command(home, tiny_videos, tmp_path):
+    source = tmp_path / "drop"
+    fill_batch(tmp_path, "drop", tiny_videos[:2])
+    env = {**os.environ, "OPENSORA_HOME": str(home)}
+    bad = subprocess.run(CLI + ["curate", str(source), "--set", "clips"], env=env, cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "ASSET.FIELD=VALUE" in bad.stderr
+    assert not (home / "landing" / "drop").exists()  # a bad --set is refused before anything lands
+
+    out = subprocess.run(CLI + ["curate", str(source)], env=env, cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "batch 'drop' registered" in out.stdout and "ok     batch drop: clips, raw_videos, scenes" in out.stdout
+    lake = Lakehouse(home=str(home))
+    assert len(lake.read_partition("raw_videos", "drop")) == 2
+    clips = lake.read_partition("clips", "drop")
+    assert len(clips) > 0 and clips["virtual"].all()
+
+
 def test_code_location_loads_with_dagster_cli(home):
     home.mkdir(parents=True, exist_ok=True)
     out = subprocess.run(
