@@ -254,6 +254,10 @@ class ScenesConfig(PoolConfig):
     adaptive_threshold: float = 3.0
     content_threshold: float = Field(27.0, description="ContentDetector threshold (15 finds cuts between similar colours).")
     transnet_threshold: float = 0.5
+    keep_clip_frames: bool = Field(
+        True, description="With the adaptive detector on a local data path: while detecting, also keep the scorer "
+        "frames of the clips the clips asset makes with its default settings, so it decodes nothing. Clips cut with "
+        "other settings keep their own frames in the clips asset, as they do without this.")
 
 
 SCENE_SCHEMA = {"video_id": pl.String, "scene_index": pl.Int64, "start_frame": pl.Int64, "end_frame": pl.Int64,
@@ -270,25 +274,34 @@ SCENE_SCHEMA = {"video_id": pl.String, "scene_index": pl.Int64, "start_frame": p
 )
 def scenes(context: AssetExecutionContext, config: ScenesConfig, lakehouse: Lakehouse) -> MaterializeResult:
     from curation.batch_tasks import detect_video
+    from curation.shot_frames import KeepInPass
     from curation.shots import SceneDetectConfig
 
     batch = batch_key(context.partition_key)  # a key, never a path: refused before any I/O
     videos = lakehouse.read_partition("raw_videos", batch).to_dicts()
     cfg = SceneDetectConfig(detector=config.detector, adaptive_threshold=config.adaptive_threshold,
                             content_threshold=config.content_threshold, transnet_threshold=config.transnet_threshold)
-    done, failed = run_isolated(context, "scenes", videos, partial(detect_video, cfg), lambda v: v["path"],
+    # Kept frames are immutable media named by clip id, where the clips asset looks for them (on S3 it keeps them).
+    keep = None
+    if config.keep_clip_frames and not lakehouse.storage.remote:
+        keep = KeepInPass(frames_root=str(lakehouse.media_dir / "frames"))
+    done, failed = run_isolated(context, "scenes", videos, partial(detect_video, cfg, keep), lambda v: v["path"],
                                 config.max_component_error_share, pool=config)
     quarantined = quarantine_rows("scenes", failed, lambda v: v["path"])
     rows = [
         {"video_id": v["id"], "scene_index": k, "start_frame": s.start_frame, "end_frame": s.end_frame,
          "start_s": s.start_s, "end_s": s.end_s, "detector": config.detector}
-        for v, found in done for k, s in enumerate(found)
+        for v, found in done for k, s in enumerate(found.scenes)
     ]
+    for v, found in done:
+        for reason in found.left_to_clips:
+            context.log.info(f"scenes: {v['path']}: {reason}")
     frame = pl.DataFrame(rows, schema=SCENE_SCHEMA)
     written = save_batch(context, lakehouse, "scenes", batch, frame, "scenes", quarantined)
     return MaterializeResult(metadata={
         **written,
         "num_scenes": len(frame), "num_videos": len(done), "num_quarantined": len(quarantined),
+        "clips_with_frames_kept": sum(found.clips_kept for _, found in done),
         "detector": config.detector, "preview": markdown_table(frame),
     })
 

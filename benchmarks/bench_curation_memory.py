@@ -6,8 +6,10 @@ Two synthetic videos (``curation.samples.write_synthetic_video``, a 10 s cycle o
 so a cut every 3-4 s; small frames so that the long one is quick to write) go through the per-video work of the
 curation worker pool, each stage in a fresh process, as a pool worker runs it (``curation.batch_tasks``):
 
-  scenes    detect_video: shot detection (AdaptiveDetector, the default; ``--transnet`` adds TransNetV2)
-  virtual   clip_video with virtual clips: plan the ranges, decode and keep the scorer frames
+  scenes    detect_video: shot detection (AdaptiveDetector, the default; ``--transnet`` adds TransNetV2) and, in the
+            same pass, the scorer frames of the virtual clips (the scenes asset's default, ``keep_clip_frames``)
+  virtual   clip_video with virtual clips into fresh folders: plan the ranges, decode and keep the scorer frames
+            (what the clips asset does for clips whose frames the scenes pass did not keep)
   files     clip_video with clip files (``encode_files``): every clip encoded to H.264, scorer frames kept
 
 The figure is the process's peak resident set (VmHWM, reset after the imports so that their transient peak does not
@@ -80,6 +82,7 @@ def child(stage: str, video: Path, work: Path) -> None:
     """One stage of one video in this fresh process; prints its memory and time as JSON."""
     import curation.batch_tasks as tasks
     from curation.batch_tasks import PRELOAD, ClipJob
+    from curation.shot_frames import KeepInPass
     from curation.shots import Scene, SceneDetectConfig
 
     for module in PRELOAD:  # what the pool's forkserver has imported before it forks a worker
@@ -95,7 +98,9 @@ def child(stage: str, video: Path, work: Path) -> None:
     scenes_file = work / f"{video.stem}.scenes.json"
     t0 = time.perf_counter()
     if stage.startswith("scenes"):
-        scenes = tasks.detect_video(SceneDetectConfig(detector=detector), row)
+        kept = work / f"{video.stem}_{stage}_kept"
+        shutil.rmtree(kept, ignore_errors=True)
+        scenes = tasks.detect_video(SceneDetectConfig(detector=detector), KeepInPass(frames_root=str(kept)), row).scenes
         if detector == "adaptive":
             scenes_file.write_text(json.dumps([asdict(s) for s in scenes]))
         detail = {"scenes": len(scenes)}

@@ -13,18 +13,20 @@ from pathlib import Path
 from typing import Any
 
 from curation.cutting import CutConfig, CutResult
+from curation.shot_frames import KeepInPass, ShotPass
 from curation.shots import Scene, SceneDetectConfig
 
-PRELOAD = ("curation.batch_tasks", "curation.shots", "curation.virtual_clips", "curation.cutting", "cv2", "av")
+PRELOAD = ("curation.batch_tasks", "curation.shots", "curation.shot_frames", "curation.virtual_clips", "curation.cutting",
+           "cv2", "av")
 """Modules the pool's forkserver imports once, so each worker starts in milliseconds."""
 
 
-def detect_video(config: SceneDetectConfig, video: dict[str, Any]) -> list[Scene]:
-    """The shots of one video (``scenes`` asset)."""
-    from curation.shots import detect_scenes
+def detect_video(config: SceneDetectConfig, keep: KeepInPass | None, video: dict[str, Any]) -> ShotPass:
+    """The shots of one video (``scenes`` asset) and, with ``keep``, its clips' scorer frames from the same pass."""
+    from curation.shot_frames import detect_and_keep
     from curation.sources import decodable_source
 
-    return detect_scenes(decodable_source(video), video_id=video["id"], config=config)
+    return detect_and_keep(decodable_source(video), video["id"], config, keep)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from typing import Any
 from curation.kept_frames import MANIFEST, KeepFramesSpec, KeptFrameWriter
 from curation.shots import Scene
 from curation.virtual_clips import clip_source_frames, frame_index, iter_source_frames
-from curation.video_io import probe_stream, stored_size, upright_yuv420p
+from curation.video_io import probe_stream, scaler_threads, stored_size, upright_yuv420p
 from curation.video_writer import even_size_for_short_side, open_writer
 
 
@@ -132,30 +132,50 @@ def clip_id_for(video_id: str, start_frame: int, end_frame: int, cfg: CutConfig,
     return f"{video_id}_{start_frame:06d}-{end_frame:06d}_{key}"
 
 
+def clip_rates(fps: float | Fraction, cfg: CutConfig) -> tuple[Fraction, Fraction]:
+    """(source rate, output rate) as the plan holds them: exact fractions, so frame counts never drift."""
+    fps_q = Fraction(fps).limit_denominator(1001000)
+    return fps_q, (Fraction(cfg.target_fps).limit_denominator(1001) if cfg.target_fps else fps_q)
+
+
+def shortest_clip(fps_q: Fraction, cfg: CutConfig) -> int:
+    """The fewest source frames a scene needs to become a clip (``min_seconds``)."""
+    if cfg.min_seconds is None:
+        return 1
+    return max(1, math.ceil(Fraction(cfg.min_seconds).limit_denominator(1000) * fps_q))
+
+
+def clip_end(start: int, scene_end: int, fps_q: Fraction, cfg: CutConfig) -> int:
+    """Where the clip of a scene starting at ``start`` ends: the scene's end, or after its first ``max_seconds``
+    (rounded to whole source frames, as the reference's FrameTimecode)."""
+    if cfg.max_seconds is None:
+        return scene_end
+    return min(scene_end, start + round(float(fps_q) * cfg.max_seconds))
+
+
+def output_frames(start: int, end: int, fps_q: Fraction, target: Fraction) -> int:
+    """Output frames of the clip over source frames ``[start, end)``: its duration times the output rate, halves up."""
+    ratio = target / fps_q  # floor(n * p/q + 1/2) in integers: the pass calls this for every frame
+    return max(1, (2 * (end - start) * ratio.numerator + ratio.denominator) // (2 * ratio.denominator))
+
+
 def plan_clips(
     video_id: str, scenes: Sequence[Scene], fps: float | Fraction, cfg: CutConfig, *, virtual: bool = False
 ) -> tuple[list[ClipPlan], list[DroppedScene]]:
     """Decide which scenes become clips (and over which frames) without touching the video."""
-    fps_q = Fraction(fps).limit_denominator(1001000)
-    target = Fraction(cfg.target_fps).limit_denominator(1001) if cfg.target_fps else fps_q
+    fps_q, target = clip_rates(fps, cfg)
     plans: list[ClipPlan] = []
     dropped: list[DroppedScene] = []
     for scene in sorted(scenes, key=lambda s: s.start_frame):
         n_src = scene.end_frame - scene.start_frame
-        duration = Fraction(n_src) / fps_q
         if n_src <= 0:
             dropped.append(DroppedScene(scene.index, scene.start_frame, scene.end_frame, "empty scene"))
             continue
-        if cfg.min_seconds is not None and duration < Fraction(cfg.min_seconds).limit_denominator(1000):
-            reason = f"shorter than min_seconds: {float(duration):.3f}s < {cfg.min_seconds}s"
+        if n_src < shortest_clip(fps_q, cfg):
+            reason = f"shorter than min_seconds: {float(Fraction(n_src) / fps_q):.3f}s < {cfg.min_seconds}s"
             dropped.append(DroppedScene(scene.index, scene.start_frame, scene.end_frame, reason))
             continue
-        end = scene.end_frame
-        if cfg.max_seconds is not None:
-            # Keep the first max_seconds, rounded to whole source frames (as the reference's FrameTimecode).
-            end = min(end, scene.start_frame + round(float(fps_q) * cfg.max_seconds))
-        duration = Fraction(end - scene.start_frame) / fps_q
-        num_out = max(1, math.floor(duration * target + Fraction(1, 2)))
+        end = clip_end(scene.start_frame, scene.end_frame, fps_q, cfg)
         plans.append(
             ClipPlan(
                 clip_id=clip_id_for(video_id, scene.start_frame, end, cfg, virtual=virtual),
@@ -164,7 +184,7 @@ def plan_clips(
                 end_frame=end,
                 start_s=float(scene.start_frame / fps_q),
                 end_s=float(end / fps_q),
-                num_frames=num_out,
+                num_frames=output_frames(scene.start_frame, end, fps_q, target),
             )
         )
     for a, b in zip(plans, plans[1:]):
@@ -174,7 +194,7 @@ def plan_clips(
 
 
 @dataclass(frozen=True)
-class _ClipFormat:
+class ClipFormat:
     """What every clip of one source looks like: its size (upright, as it plays), rate and the source's rotation."""
 
     width: int
@@ -183,7 +203,7 @@ class _ClipFormat:
     rate: Fraction
 
     @classmethod
-    def of(cls, width: int, height: int, rotation: int, fps: Fraction, cfg: CutConfig) -> "_ClipFormat":
+    def of(cls, width: int, height: int, rotation: int, fps: Fraction, cfg: CutConfig) -> "ClipFormat":
         out_w, out_h = even_size_for_short_side(width, height, cfg.short_side)
         rate = Fraction(cfg.target_fps).limit_denominator(1001) if cfg.target_fps else fps.limit_denominator(1001000)
         return cls(out_w, out_h, rotation, rate)
@@ -194,7 +214,7 @@ class _ClipFormat:
 
         reformatter = VideoReformatter()
         scale_w, scale_h = stored_size(self.width, self.height, self.rotation)
-        threads = 1 if self.width * self.height <= 640 * 360 else 0
+        threads = scaler_threads(self.width, self.height)
 
         def scale(frame):
             # Scale in YUV straight to the clip size (the frame itself when no scaling is needed), then turn upright.
@@ -222,7 +242,7 @@ class _OpenClip:
     ``finish`` writes the held frame up to the clip's planned length.
     """
 
-    def __init__(self, plan: ClipPlan, path: Path, fmt: _ClipFormat, cfg: CutConfig, kept: KeptFrameWriter,
+    def __init__(self, plan: ClipPlan, path: Path, fmt: ClipFormat, cfg: CutConfig, kept: KeptFrameWriter,
                  t0: Fraction):  # fmt: skip
         self.plan, self.rate, self.kept, self.t0 = plan, fmt.rate, kept, t0
         self._stack = contextlib.ExitStack()
@@ -280,7 +300,7 @@ def cut_clips(
     result = CutResult(dropped=dropped)
     if not plans:
         return result
-    fmt = _ClipFormat.of(info.width, info.height, info.rotation, info.fps, cfg)
+    fmt = ClipFormat.of(info.width, info.height, info.rotation, info.fps, cfg)
 
     def clip_result(plan: ClipPlan, num_frames: int) -> ClipResult:
         return fmt.clip_result(plan, num_frames, video_id=video_id, path=str(out_dir / f"{plan.clip_id}.mp4"),
@@ -319,7 +339,7 @@ def _already_cut(out_dir: Path, frames_root: Path, plan: ClipPlan, keep: KeepFra
 
 def _encode_clips(
     video_path: str | Path, plans: list[ClipPlan], out_dir: Path, frames_root: Path, cfg: CutConfig,
-    keep: KeepFramesSpec, fmt: _ClipFormat,
+    keep: KeepFramesSpec, fmt: ClipFormat,
 ) -> tuple[list[tuple[ClipPlan, int]], int]:
     """Encode ``plans`` (in order, not overlapping) from one decode pass of the source.
 
@@ -380,7 +400,7 @@ def keep_virtual_frames(
     index = frame_index(source)
     plans, dropped = plan_clips(video_id, scenes, index.fps, cfg, virtual=True)
     result = CutResult(dropped=list(dropped))
-    fmt = _ClipFormat.of(index.width, index.height, index.rotation, index.fps, cfg)
+    fmt = ClipFormat.of(index.width, index.height, index.rotation, index.fps, cfg)
 
     # 1. Every clip the source holds; the frames each new one keeps, by the source frame that shows them.
     needs: dict[int, list[tuple[KeptFrameWriter, int]]] = {}  # source frame -> (clip's writer, clip frame)
@@ -415,6 +435,6 @@ def keep_virtual_frames(
 
 
 __all__ = [
-    "CUT_PRESETS", "ClipPlan", "ClipResult", "CutConfig", "CutResult", "DroppedScene", "clip_id_for", "cut_clips",
-    "keep_virtual_frames", "plan_clips",
+    "CUT_PRESETS", "ClipPlan", "ClipResult", "CutConfig", "CutResult", "DroppedScene", "clip_end", "clip_id_for",
+    "clip_rates", "cut_clips", "keep_virtual_frames", "output_frames", "plan_clips", "shortest_clip",
 ]  # fmt: skip

@@ -56,6 +56,12 @@ class KeepFramesSpec:
     def full_resolution(self, purpose: str) -> bool:
         return purpose in ("flow", "ocr")
 
+    def images(self, frame, *, full: bool, small: bool) -> tuple:
+        """(clip-size BGR image or None, small BGR image or None) of a clip frame (an av.VideoFrame at clip size):
+        the pixels every kept file of that frame is written from."""
+        bgr = frame.to_ndarray(format="bgr24")  # OpenCV writes BGR: convert once, no channel flip copy
+        return (bgr if full else None), (resize_short_side(bgr, self.small_short_side) if small else None)
+
 
 class KeptFrameWriter:
     """Saves the scorer frames of one clip into ``frames_dir`` and writes its manifest."""
@@ -77,19 +83,16 @@ class KeptFrameWriter:
     def offer(self, k: int, frame) -> None:
         """Save clip frame ``k`` (an av.VideoFrame at clip size) for every purpose that wants it."""
         purposes = self.wanted.get(k)
-        if not purposes:
-            return
+        if purposes:
+            self.save(k, *self.spec.images(frame, full=True, small=any(not self.spec.full_resolution(p) for p in purposes)))
+
+    def save(self, k: int, full, small) -> None:
+        """Write clip frame ``k`` for every purpose that wants it, from the images ``KeepFramesSpec.images`` made."""
         import cv2
 
-        bgr = frame.to_ndarray(format="bgr24")  # OpenCV writes BGR: convert once, no channel flip copy
-        small = None
         params = [cv2.IMWRITE_JPEG_QUALITY, self.spec.jpeg_quality] if self.spec.image_format == "jpg" else []
-        for purpose in sorted(purposes):
-            if self.spec.full_resolution(purpose):
-                image = bgr
-            else:
-                small = resize_short_side(bgr, self.spec.small_short_side) if small is None else small
-                image = small
+        for purpose in sorted(self.wanted.get(k, ())):
+            image = full if self.spec.full_resolution(purpose) else small
             target = self.dir / self.file_name(purpose, k)
             if not cv2.imwrite(str(target), image, params):
                 raise OSError(f"could not write {target}")

@@ -152,29 +152,38 @@ def detect_scenes(
 
 
 def hsv_frame_scores(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
-    """PySceneDetect's content score of every frame: mean |delta| of H, S and V against the previous frame.
+    """PySceneDetect's content score of every frame (``HsvScorer``), decoded at ``size`` (None: full size).
+
+    FAST_BILINEAR in swscale samples like cv2.INTER_LINEAR does when shrinking (no wide anti-alias filter) and is
+    the cheapest scaler.
+    """
+    scorer = HsvScorer()
+    frames = iter_frames(path, size=size, format="bgr24", interpolation="FAST_BILINEAR")
+    return np.asarray([scorer.score(frame) for _index, _t, frame in frames], dtype=np.float64)
+
+
+class HsvScorer:
+    """PySceneDetect's content score, one BGR frame at a time: mean |delta| of H, S and V against the previous frame.
 
     Bit-identical to ``ContentDetector`` with its default weights (1, 1, 1, 0: no edges): frames in BGR,
     ``cv2.COLOR_BGR2HSV``, each component the exact integer L1 distance divided by the pixel count, the
     score their plain mean. The first frame scores 0. One ``absdiff`` + ``sumElems`` per frame replaces
     PySceneDetect's six int32 array copies, which is most of its per-frame cost on small frames.
-    FAST_BILINEAR in swscale samples like cv2.INTER_LINEAR does when shrinking (no wide anti-alias filter)
-    and is the cheapest scaler.
     """
-    import cv2
 
-    scores: list[float] = []
-    previous = None
-    for _index, _t, frame in iter_frames(path, size=size, format="bgr24", interpolation="FAST_BILINEAR"):
-        hsv = cv2.cvtColor(frame, cv2.COLOR_BGR2HSV)
+    def __init__(self) -> None:
+        self.previous = None
+
+    def score(self, bgr: np.ndarray) -> float:
+        import cv2
+
+        hsv = cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV)
+        previous, self.previous = self.previous, hsv
         if previous is None:
-            scores.append(0.0)
-        else:
-            num_pixels = float(hsv.shape[0] * hsv.shape[1])
-            d_hue, d_sat, d_lum, _ = cv2.sumElems(cv2.absdiff(hsv, previous))
-            scores.append((d_hue / num_pixels + d_sat / num_pixels + d_lum / num_pixels + 0.0) / 3.0)
-        previous = hsv
-    return np.asarray(scores, dtype=np.float64)
+            return 0.0
+        num_pixels = float(hsv.shape[0] * hsv.shape[1])
+        d_hue, d_sat, d_lum, _ = cv2.sumElems(cv2.absdiff(hsv, previous))
+        return (d_hue / num_pixels + d_sat / num_pixels + d_lum / num_pixels + 0.0) / 3.0
 
 
 def adaptive_cuts(
@@ -185,29 +194,50 @@ def adaptive_cuts(
     window_width: int = 2,
     min_content_val: float = 15.0,
 ) -> list[int]:
-    """AdaptiveDetector's decision on a whole score sequence.
+    """AdaptiveDetector's decision on a whole score sequence (``AdaptiveCutter``, fed every score)."""
+    cutter = AdaptiveCutter(adaptive_threshold=adaptive_threshold, min_scene_len=min_scene_len,
+                            window_width=window_width, min_content_val=min_content_val)
+    return [t for value in scores if (t := cutter.push(float(value))) is not None]
+
+
+class AdaptiveCutter:
+    """AdaptiveDetector's decision, streamed: ``push`` each frame's score, get back the frame it made a cut, if any.
 
     Frame ``t`` is a cut when its score is at least ``adaptive_threshold`` times the mean score of the
     ``window_width`` frames on either side (255 when that mean is ~0), the score itself is at least
     ``min_content_val``, and at least ``min_scene_len`` frames passed since the previous cut (or the first
-    frame). The last ``window_width`` frames have no right-hand window and are never cuts.
+    frame). Frame ``t`` is decided once frame ``t + window_width`` is pushed, never later and never again, so every
+    frame up to ``pushed - 1 - window_width`` is final. The last ``window_width`` frames are never cuts.
     """
-    values = [float(v) for v in scores]
-    cuts: list[int] = []
-    last_cut = 0
-    w = window_width
-    for t in range(w, len(values) - w):
-        around = values[t - w : t] + values[t + 1 : t + w + 1]
+
+    def __init__(self, *, adaptive_threshold: float = 3.0, min_scene_len: int = 15, window_width: int = 2,
+                 min_content_val: float = 15.0):  # fmt: skip
+        self.threshold, self.min_scene_len, self.w, self.min_content_val = (
+            adaptive_threshold, min_scene_len, window_width, min_content_val)
+        self.window: list[float] = []  # the last 2 * w + 1 scores
+        self.pushed = 0
+        self.last_cut = 0
+
+    def push(self, value: float) -> int | None:
+        w = self.w
+        self.window.append(value)
+        self.pushed += 1
+        if len(self.window) > 2 * w + 1:
+            del self.window[0]
+        t = self.pushed - 1 - w  # the frame whose window is now complete
+        if t < w:
+            return None
+        around = self.window[:w] + self.window[w + 1 :]
         mean_around = sum(around) / (2.0 * w)
-        target = values[t]
+        target = self.window[w]
         if abs(mean_around) < 0.00001:
-            ratio = 255.0 if target >= min_content_val else 0.0
+            ratio = 255.0 if target >= self.min_content_val else 0.0
         else:
             ratio = min(target / mean_around, 255.0)
-        if ratio >= adaptive_threshold and target >= min_content_val and t - last_cut >= min_scene_len:
-            cuts.append(t)
-            last_cut = t
-    return cuts
+        if ratio >= self.threshold and target >= self.min_content_val and t - self.last_cut >= self.min_scene_len:
+            self.last_cut = t
+            return t
+        return None
 
 
 def content_cuts(scores: np.ndarray, *, threshold: float = 27.0, min_scene_len: int = 15) -> list[int]:
@@ -367,6 +397,8 @@ def scenes_agree(a: list[Scene], b: list[Scene], tolerance: int = 0) -> bool:
 
 __all__ = [
     "SCENE_DETECT_PRESETS",
+    "AdaptiveCutter",
+    "HsvScorer",
     "Scene",
     "SceneDetectConfig",
     "adaptive_cuts",

@@ -293,15 +293,15 @@ def iter_frames(
     from av.video.reformatter import VideoReformatter
 
     reformatter = VideoReformatter()  # one swscale context reused for the whole video
-    scaler_threads = None
+    swscale_threads = None
     for index, t, frame, info in iter_av_frames(path, stop=stop, threads=threads):
         if index < start:
             continue
-        if scaler_threads is None:
+        if swscale_threads is None:
             width, height = stored_size(*size, info.rotation) if size is not None else (None, None)
-            scaler_threads = _scaler_threads(width or frame.width, height or frame.height)
+            swscale_threads = scaler_threads(width or frame.width, height or frame.height)
         out = reformatter.reformat(
-            frame, width=width, height=height, format=format, interpolation=interpolation, threads=scaler_threads
+            frame, width=width, height=height, format=format, interpolation=interpolation, threads=swscale_threads
         )
         yield index, float(t), _upright(out.to_ndarray(), info.rotation, format)
 
@@ -312,7 +312,7 @@ def _upright(image: np.ndarray, rotation: int, format: str) -> np.ndarray:
     return upright_array(image, rotation)
 
 
-def _scaler_threads(width: int, height: int) -> int:
+def scaler_threads(width: int, height: int) -> int:
     """swscale threads: one for small outputs (thread hand-off costs more than it saves), auto above."""
     return 1 if width * height <= 640 * 360 else 0
 

@@ -46,6 +46,15 @@ def test_scenes_are_the_true_shots(curated):
         assert abs(start - true_start) <= 1 and abs(end - true_end) <= 1
 
 
+def test_the_scenes_pass_keeps_every_clips_scorer_frames(curated):
+    from dagster import AssetKey
+
+    lake, _, instance = curated
+    event = instance.get_latest_materialization_event(AssetKey("scenes"))
+    assert event.asset_materialization.metadata["clips_with_frames_kept"].value == 3  # the clips asset decodes nothing
+    assert len(list((lake.media_dir / "frames").glob("*/kept.json"))) == 3
+
+
 def test_clips_scores_and_captions(curated):
     lake, _, _ = curated
     rows = lake.query(
