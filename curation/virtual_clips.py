@@ -222,39 +222,55 @@ def read_clip_frames(row: Mapping, indices: Sequence[int] | None = None, size: t
 
 
 
-def range_problems(rows: Sequence[Mapping]) -> dict[str, str]:
+def range_problems(rows: Sequence[Mapping], workers: int | None = None) -> dict[str, str]:
     """Virtual clips whose source does not hold their range or does not decode there: ``{clip id: reason}``.
 
     Per source, one frame index says whether every range lies within the source's frames, and one seeking pass
-    decodes each clip's first frame: a check that costs a keyframe's worth of decoding per clip, not the clip."""
+    decodes each clip's first frame: a check that costs a keyframe's worth of decoding per clip, not the clip. The
+    sources are checked in ``curation.pool`` worker processes (``workers``: None = one per core, 1 = here)."""
+    from curation.pool import run_pool
+
+    by_source: dict[tuple, list[dict]] = {}
+    for row in rows:
+        by_source.setdefault((row["path"], row.get("video_id"), bool(row.get("linked"))), []).append(dict(row))
+    problems: dict[str, str] = {}
+    groups = list(by_source.values())
+    for outcome in run_pool(source_range_problems, groups, workers=workers if len(groups) > 1 else 1,
+                            preload=("curation.virtual_clips", "av")):
+        if outcome.ok:
+            problems.update(outcome.result)
+        else:  # the worker died on this source (or our code broke): its clips are not known to be good
+            problems.update({r["id"]: f"source {r['path']} could not be checked: {outcome.error.detail}"
+                             for r in outcome.item})
+    return problems
+
+
+def source_range_problems(group: Sequence[Mapping]) -> dict[str, str]:
+    """``range_problems`` of the clips of ONE source."""
     from curation.sources import decodable_source
 
-    by_source: dict[tuple, list[Mapping]] = {}
-    for row in rows:
-        by_source.setdefault((row["path"], row.get("video_id"), bool(row.get("linked"))), []).append(row)
+    path, video_id, linked = group[0]["path"], group[0].get("video_id"), bool(group[0].get("linked"))
+    try:
+        source = decodable_source({"source": path, "video_id": video_id, "linked": linked})
+        index = frame_index(source)
+    except Exception as err:  # the source is gone, changed or unreadable: every clip of it is a problem
+        return {r["id"]: f"source {path}: {type(err).__name__}: {err}" for r in group}
     problems: dict[str, str] = {}
-    for (path, video_id, linked), group in by_source.items():
-        try:
-            source = decodable_source({"source": path, "video_id": video_id, "linked": linked})
-            index = frame_index(source)
-        except Exception as err:  # the source is gone, changed or unreadable: every clip of it is a problem
-            problems.update({r["id"]: f"source {path}: {type(err).__name__}: {err}" for r in group})
-            continue
-        first_frames: dict[int, list[str]] = {}
-        for row in group:
-            start, end = int(row["start_frame"]), int(row["end_frame"])
-            if not 0 <= start < end <= index.num_frames:
-                problems[row["id"]] = f"range {start}..{end} is outside the {index.num_frames} frames of {path}"
-            else:
-                first_frames.setdefault(start, []).append(row["id"])
-        try:
-            decoded = {i for i, _frame in iter_source_frames(source, sorted(first_frames))}
-        except Exception as err:  # a decode failure inside the source: its clips are the problem
-            decoded = set()
-            reason = f"{path} does not decode: {type(err).__name__}: {err}"
+    first_frames: dict[int, list[str]] = {}
+    for row in group:
+        start, end = int(row["start_frame"]), int(row["end_frame"])
+        if not 0 <= start < end <= index.num_frames:
+            problems[row["id"]] = f"range {start}..{end} is outside the {index.num_frames} frames of {path}"
         else:
-            reason = f"first frame does not decode from {path}"
-        for start, ids in first_frames.items():
-            if start not in decoded:
-                problems.update({clip_id: reason for clip_id in ids})
+            first_frames.setdefault(start, []).append(row["id"])
+    try:
+        decoded = {i for i, _frame in iter_source_frames(source, sorted(first_frames))}
+    except Exception as err:  # a decode failure inside the source: its clips are the problem
+        decoded = set()
+        reason = f"{path} does not decode: {type(err).__name__}: {err}"
+    else:
+        reason = f"first frame does not decode from {path}"
+    for start, ids in first_frames.items():
+        if start not in decoded:
+            problems.update({clip_id: reason for clip_id in ids})
     return problems
