@@ -181,6 +181,7 @@ class _OpenClip:
         self.k = 0  # the next output frame
         self.held_frames: dict[int, object] = {}  # output frame -> the clip-size av.VideoFrame it shows
         self.frame_bytes = 0  # of one clip-size frame (all are the same size), once one is held
+        self.distinct = 0  # distinct frames held (several output frames can show one source frame)
         self.over_budget = False
         self.pushes = 0
         self.last_positions = _positions(tracker.spec, self.max_len)
@@ -211,12 +212,13 @@ class _OpenClip:
         scaled = self.tracker.scale(self.held)
         for k in shown:
             self.held_frames[k] = scaled
+        self.distinct += 1
         if not self.frame_bytes:
             self.frame_bytes = sum(plane.buffer_size for plane in scaled.planes)
-        if self._held_bytes() > self.tracker.keep.buffer_mb * 2**20:
+        if self.distinct * self.frame_bytes > self.tracker.keep.buffer_mb * 2**20:
             self._prune(ranges)
-            if self._held_bytes() > self.tracker.keep.buffer_mb * 2**20:
-                self.over_budget, self.held_frames = True, {}
+            if self.distinct * self.frame_bytes > self.tracker.keep.buffer_mb * 2**20:
+                self.over_budget, self.held_frames, self.distinct = True, {}, 0
 
     def close(self, num: int) -> None:
         """The clip has ``num`` output frames: the held frame shows the rest of them."""
@@ -232,9 +234,7 @@ class _OpenClip:
         """Drop held frames no length the clip can still have keeps."""
         for k in [k for k in self.held_frames if not any(a <= k <= b for a, b in ranges)]:
             del self.held_frames[k]
-
-    def _held_bytes(self) -> int:
-        return len({id(frame) for frame in self.held_frames.values()}) * self.frame_bytes
+        self.distinct = len({id(frame) for frame in self.held_frames.values()})
 
 
 def _positions(spec: KeepFramesSpec, length: int) -> list[int]:

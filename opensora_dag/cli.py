@@ -321,7 +321,9 @@ def cmd_demo(args) -> int:
     return run_demo(_lakehouse(args))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command tree; with ``command``, a library command's arguments are added only when it is that one
+    (adding them imports its module: a few hundred ms that ``ingest`` or ``curate`` need not pay)."""
     parser = argparse.ArgumentParser(prog="opensora-dag", description=__doc__.splitlines()[0])
     parser.add_argument("--home", help="data root (default: $OPENSORA_HOME or ./.opensora)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -375,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, (add_arguments, run, help_text) in LIBRARY_COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        if command is not None and name != command:
+            continue  # listed in the help, arguments not needed
         added = _function(add_arguments)(p)
         p.set_defaults(func=functools.partial(_run_library_command, run))
         if name == "data":  # the table tools' ops, plus export (its own func, which needs the lake)
@@ -382,8 +386,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def named_command(argv: list[str]) -> str:
+    """The subcommand word of a command line ("" when there is none yet, e.g. ``--help``)."""
+    words = iter(argv)
+    for word in words:
+        if word == "--home":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(named_command(argv)).parse_args(argv)
     if args.home:  # one home for everything this process opens: the lake, the Dagster instance, MLflow, scratch
         import os
 

@@ -38,6 +38,15 @@ def test_building_the_tree_imports_no_torch():
     assert out.stdout.strip() == "False"
 
 
+def test_a_command_line_builds_only_its_own_library_command():
+    code = ("import sys; from opensora_dag.cli import build_parser, named_command; "
+            "args = build_parser(named_command(['--home', 'h', 'ingest', 'x'])).parse_args(['--home', 'h', 'ingest', 'x']); "
+            "print(args.command, 'training.arguments' in sys.modules, 'models.conformance' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.split() == ["ingest", "False", "False"]
+    assert subprocess.run(CLI + ["--help"], capture_output=True, text=True, cwd=REPO).stdout.count("encoder-cache") >= 1
+
+
 def test_data_ops_and_export_share_one_subcommand():
     from opensora_dag.cli import build_parser, cmd_data_export
 
