@@ -141,7 +141,7 @@ def progress_log(context: AssetExecutionContext, stage: str, describe: Callable[
 
 def run_isolated(
     context: AssetExecutionContext, stage: str, items: list[T], work: Callable[[T], Any], describe: Callable[[T], str],
-    max_error_share: float | None = None, pool: PoolConfig | None = None,
+    max_error_share: float | None = None, pool: PoolConfig | None = None, cost: Callable[[T], float] | None = None,
 ) -> tuple[list[tuple[T, Any]], list[tuple[T, str]]]:
     """Apply ``work`` to each item with a done/total progress log (``progress_log``); returns (item, result) and (item, reason) pairs.
 
@@ -169,7 +169,7 @@ def run_isolated(
 
     done, failed, component = [], [], []
     progress = progress_log(context, stage, describe)
-    for outcome in run_pool(work, items, progress=progress, preload=PRELOAD, **options):
+    for outcome in run_pool(work, items, progress=progress, preload=PRELOAD, cost=cost, **options):
         item, err = outcome.item, outcome.error
         if err is None:
             done.append((item, outcome.result))
@@ -196,6 +196,11 @@ def run_isolated(
                         f"(allowed up to {share:.0%}): {summary}")
     context.add_asset_metadata({**counts, "component_errors": MetadataValue.md(summary)})
     return done, failed
+
+
+def decode_cost(video: dict) -> float:
+    """Pixels to decode: what a video's per-video work costs, roughly (its ``raw_videos`` row)."""
+    return float(video.get("num_frames") or 0) * float(video.get("resolution") or 0)
 
 
 def quarantine_rows(stage: str, failed: list[tuple[Any, str]], describe: Callable[[Any], str]) -> list[dict]:
@@ -304,7 +309,7 @@ def scenes(context: AssetExecutionContext, config: ScenesConfig, lakehouse: Lake
     if config.keep_clip_frames and not lakehouse.storage.remote:
         keep = KeepInPass(frames_root=str(lakehouse.media_dir / "frames"))
     done, failed = run_isolated(context, "scenes", videos, partial(detect_video, cfg, keep), lambda v: v["path"],
-                                config.max_component_error_share, pool=config)
+                                config.max_component_error_share, pool=config, cost=decode_cost)
     quarantined = quarantine_rows("scenes", failed, lambda v: v["path"])
     rows = [
         {"video_id": v["id"], "scene_index": k, "start_frame": s.start_frame, "end_frame": s.end_frame,
@@ -382,7 +387,7 @@ def clips(context: AssetExecutionContext, config: ClipsConfig, lakehouse: Lakeho
     items = [(v, scenes_of(v)) for v in videos.to_dicts() if v["id"] in detected]
     try:
         done, failed = run_isolated(context, "clips", items, partial(clip_video, job), lambda item: item[0]["path"],
-                                    config.max_component_error_share, pool=config)
+                                    config.max_component_error_share, pool=config, cost=lambda item: decode_cost(item[0]))
         if scratch is not None:
             done = [(item, publish_clips(storage, result)) for item, result in done]
     finally:

@@ -114,10 +114,21 @@ def usable_cpus() -> int:
     return max(1, min(count, -(-int(quota) // int(period))))
 
 
+def start_forkserver(preload: Sequence[str] = ()) -> None:
+    """Start the forkserver the pools fork their workers from, now: it imports ``preload`` (PyAV, OpenCV, ...) in its
+    own process while the caller goes on importing (Dagster, the lake), instead of when the first pool starts."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["curation.pool", *preload])
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()
+
+
 def run_pool(task: Callable[[Any], Any], items: Iterable[Any], *, workers: int | None = None,
              time_limit_s: float | None = None, memory_limit_mb: float | None = None,
              progress: Callable[[int, int, Any, Outcome], None] | None = None,
-             preload: Sequence[str] = (), worker_env: Mapping[str, str] | None = None) -> list[Outcome]:
+             preload: Sequence[str] = (), worker_env: Mapping[str, str] | None = None,
+             cost: Callable[[Any], float] | None = None) -> list[Outcome]:
     """Run ``task(item)`` for each item; one :class:`Outcome` per item, in the order of ``items``.
 
     ``task`` must be a module-level function and items and results picklable. ``workers``: None = one per usable
@@ -125,7 +136,8 @@ def run_pool(task: Callable[[Any], Any], items: Iterable[Any], *, workers: int |
     forkserver imports once so workers start fast (only effective before the process's forkserver first starts).
     ``progress(done, total, item, outcome)`` is called in the parent as each item finishes. ``worker_env``: environment
     variables set in each worker process before it takes an item (not in the in-process path); workers that fill the
-    cores decode with one thread each unless ``$OPENSORA_DECODE_THREADS`` is set.
+    cores decode and encode with one thread each unless ``$OPENSORA_VIDEO_THREADS`` is set. ``cost(item)``: an estimate of an
+    item's work; the costliest items are handed out first, so that no worker is left with a long one at the end.
     """
     items = list(items)
     if workers is not None and workers < 1:
@@ -140,7 +152,8 @@ def run_pool(task: Callable[[Any], Any], items: Iterable[Any], *, workers: int |
     ctx.set_forkserver_preload(["curation.pool", *preload])
     blob = pickle.dumps(task)  # unpickled inside the worker, so an import failure is reported, not a silent exit
     env = {**_decoder_env(count), **(worker_env or {})}
-    pending, pool, done = deque(range(len(items))), [], 0
+    order = sorted(range(len(items)), key=lambda i: -cost(items[i])) if cost is not None else range(len(items))
+    pending, pool, done = deque(order), [], 0
     try:
         for _ in range(count):
             pool.append(_Worker(ctx, blob, env))
@@ -167,13 +180,13 @@ def run_pool(task: Callable[[Any], Any], items: Iterable[Any], *, workers: int |
 
 
 def _decoder_env(workers: int) -> dict[str, str]:
-    """One decoder thread per worker when the workers fill the cores (``curation.video_io.decode_threads``: a worker
+    """One codec thread per worker when the workers fill the cores (``curation.video_io.video_threads``: a worker
     then has a core to itself, and FFmpeg's frame threads would only add hand-offs), unless the environment says."""
-    from curation.video_io import DECODE_THREADS_ENV
+    from curation.video_io import VIDEO_THREADS_ENV
 
-    if os.environ.get(DECODE_THREADS_ENV, "").strip() or workers < usable_cpus():
+    if os.environ.get(VIDEO_THREADS_ENV, "").strip() or workers < usable_cpus():
         return {}
-    return {DECODE_THREADS_ENV: "1"}
+    return {VIDEO_THREADS_ENV: "1"}
 
 
 def _run_inline(task, items: list, progress) -> list[Outcome]:
@@ -321,4 +334,4 @@ def _worker_main(conn, blob: bytes, env: dict[str, str]) -> None:
                                                 traceback.format_exc())))
 
 
-__all__ = ["Outcome", "PoolBroken", "RejectedTaskError", "TaskError", "WorkerLost", "run_pool"]
+__all__ = ["Outcome", "PoolBroken", "RejectedTaskError", "TaskError", "WorkerLost", "run_pool", "start_forkserver"]

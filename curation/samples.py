@@ -144,7 +144,8 @@ def write_synthetic_video(
     """Encode ``shots`` back to back as one H.264 mp4 (``video_writer``, PyAV's slice threads)."""
     path = Path(path)
     # Slice threads and bilinear RGB->YUV: the encoder settings these files have always been written with.
-    with open_writer(path, fps, width, height, crf, "veryfast", thread_type="SLICE", interpolation=None) as writer:
+    # Fixed threads: the sample files are the same bytes whatever $OPENSORA_VIDEO_THREADS says.
+    with open_writer(path, fps, width, height, crf, "veryfast", threads=0, thread_type="SLICE", interpolation=None) as writer:
         for shot in shots:
             for i in range(shot.num_frames):
                 writer.write(render_frame(shot, i, width, height))

@@ -120,27 +120,27 @@ def open_container(path: str | Path) -> av.container.InputContainer:
     return av.open(str(path), mode="r", metadata_errors="replace")
 
 
-DECODE_THREADS_ENV = "OPENSORA_DECODE_THREADS"
+VIDEO_THREADS_ENV = "OPENSORA_VIDEO_THREADS"
 
 
-def decode_threads() -> int:
-    """Decoder threads per video: ``$OPENSORA_DECODE_THREADS``, else 0 (FFmpeg picks from the number of cores).
+def video_threads() -> int:
+    """Codec threads per video (decoders and the clip encoder): ``$OPENSORA_VIDEO_THREADS``, else 0 (FFmpeg picks
+    from the number of cores).
 
     The curation pool sets 1 in its workers when there are as many workers as cores: each worker then has a core to
-    itself, and one decoding thread does the same work in about 10 % less CPU than frame threads handing frames
-    around."""
+    itself, and one thread does the same work in 10-20 % less CPU than frame threads handing frames around."""
     import os
 
-    raw = os.environ.get(DECODE_THREADS_ENV, "").strip()
+    raw = os.environ.get(VIDEO_THREADS_ENV, "").strip()
     if not raw:
         return 0
     if not raw.isdigit():
-        raise ValueError(f"{DECODE_THREADS_ENV}={raw!r} is not a whole number of threads (0: as many as FFmpeg likes)")
+        raise ValueError(f"{VIDEO_THREADS_ENV}={raw!r} is not a whole number of threads (0: as many as FFmpeg likes)")
     return int(raw)
 
 
 def open_video(path: str | Path, *, threads: bool = True) -> tuple[av.container.InputContainer, av.VideoStream]:
-    """Open ``path`` and return (container, first video stream), with ``decode_threads()`` decoder threads unless
+    """Open ``path`` and return (container, first video stream), with ``video_threads()`` decoder threads unless
     ``threads`` is False (one)."""
     container = open_container(path)
     if not container.streams.video:
@@ -150,7 +150,7 @@ def open_video(path: str | Path, *, threads: bool = True) -> tuple[av.container.
     if stream.codec_context is None:
         container.close()
         raise UndecodableVideo(f"{path}: no decoder for the video stream's codec (FFmpeg does not know it)")
-    count = decode_threads() if threads else 1
+    count = video_threads() if threads else 1
     if count != 1:
         # Frame + slice threads; thread_count 0 lets FFmpeg pick from the number of cores.
         stream.thread_type = "AUTO"

@@ -96,7 +96,7 @@ def open_writer(
     crf: int = 18,
     preset: str = "veryfast",
     *,
-    threads: int = 0,
+    threads: int | None = None,
     thread_type: str = "AUTO",
     interpolation: str | None = "BICUBIC",
 ) -> Iterator[VideoWriter]:
@@ -106,14 +106,17 @@ def open_writer(
     crash never leaves a half-written clip that a re-run would mistake for a finished one. On an exception
     the partial file is removed and the exception propagates.
 
-    thread_type: the encoder's FFmpeg threading, ``"AUTO"`` (frame threads, as the ffmpeg CLI) or ``"SLICE"``
-    (PyAV's default; the synthetic sample videos are encoded that way). x264's output depends on it.
+    threads: encoder threads, None = ``curation.video_io.video_threads()`` (one in a curation pool worker that has a
+    core to itself, else as many as FFmpeg likes). thread_type: the encoder's FFmpeg threading, ``"AUTO"`` (frame
+    threads, as the ffmpeg CLI) or ``"SLICE"`` (PyAV's default; the synthetic sample videos are encoded that way).
+    x264's output depends on both (its pixels stay within the codec's tolerance).
     interpolation: the swscale filter that turns RGB (or other sizes) into the writer's yuv420p frames; None is
     swscale's BILINEAR, which is what PyAV's encoder applies to frames it converts itself.
     """
     import av
 
     from common.files import atomic_file
+    from curation.video_io import video_threads
 
     if width % 2 or height % 2:
         raise ValueError(f"H.264 yuv420p needs even dimensions, got {width}x{height}")
@@ -126,7 +129,7 @@ def open_writer(
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             # Frame threads by default, as the ffmpeg CLI uses (PyAV defaults to slice threads, which scale worse).
             stream.codec_context.thread_type = thread_type
-            stream.codec_context.thread_count = threads
+            stream.codec_context.thread_count = video_threads() if threads is None else threads
             stream.options = {"crf": str(crf), "preset": preset}
             writer = VideoWriter(container, stream, rate, interpolation=interpolation)
             yield writer

@@ -131,6 +131,14 @@ def _register_ingested(lake, folder: str, batch: str, target) -> int:
     return 0
 
 
+def _start_curation_workers() -> None:
+    """The curation pool's forkserver imports PyAV and OpenCV on the other core while this process imports Dagster."""
+    from curation.batch_tasks import PRELOAD
+    from curation.pool import start_forkserver
+
+    start_forkserver(PRELOAD)
+
+
 def cmd_materialize(args) -> int:
     from resources.batch_keys import InvalidBatchKey, validate_batch_key
 
@@ -171,6 +179,7 @@ def cmd_curate(args) -> int:
         parse_settings(args.settings)  # a bad --set is refused before anything lands
     except ValueError as err:
         return _refuse(str(err))
+    _start_curation_workers()
     code, batch = _ingest(args)
     if code:
         return code

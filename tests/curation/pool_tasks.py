@@ -54,3 +54,12 @@ def allocate_on_bad(item):
 
 def unpicklable_result(item):
     return lambda: item
+
+
+def record_start(item):
+    """Append the item's value to its file as it starts, then work a little: the order items were handed out."""
+    path, value = item
+    with open(path, "a") as f:
+        f.write(f"{value}\n")
+    time.sleep(0.2)
+    return value

@@ -108,6 +108,15 @@ def test_unpicklable_result_is_a_component_error():
     assert "could not be sent back" in str(outcome.error)
 
 
+def test_the_costliest_items_are_handed_out_first(tmp_path):
+    log = tmp_path / "starts.txt"
+    items = [(str(log), v) for v in (1, 5, 2, 9, 3)]
+    outcomes = run_pool(pool_tasks.record_start, items, workers=2, cost=lambda item: item[1])
+    assert [o.result for o in outcomes] == [1, 5, 2, 9, 3]  # outcomes stay in the order of the items
+    started = [int(line) for line in log.read_text().split()]
+    assert sorted(started[:2]) == [5, 9] and sorted(started) == [1, 2, 3, 5, 9]
+
+
 @pytest.mark.parametrize("workers", [2, 1])
 def test_progress_called_once_per_item(workers):
     calls = []
