@@ -65,3 +65,19 @@ def test_a_worker_killed_on_one_video_quarantines_only_that_video(tmp_path):
     quarantine = lake.query("SELECT path, stage, reason FROM quarantine WHERE stage = 'scenes'").to_dicts()
     assert len(quarantine) == 1 and quarantine[0]["path"].endswith("victim.mp4")
     assert "signal 9 (SIGKILL)" in quarantine[0]["reason"], quarantine[0]["reason"]
+
+
+def test_progress_is_logged_for_the_first_and_last_video_and_every_few_seconds_between(monkeypatch):
+    """Each log line is an event in the run's event log (~6 ms each in SQLite): one per video cost seconds."""
+    from types import SimpleNamespace
+
+    import assets.curation as curation_assets
+
+    lines: list[str] = []
+    context = SimpleNamespace(log=SimpleNamespace(info=lines.append))
+    clock = iter([0.0, 0.1, 0.2, 2.5, 2.6, 2.7])
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    progress = curation_assets.progress_log(context, "scenes", str)
+    for done in range(1, 7):
+        progress(done, 6, f"v{done}.mp4")
+    assert lines == ["scenes: 1/6 v1.mp4", "scenes: 4/6 v4.mp4", "scenes: 6/6 v6.mp4"]
