@@ -8,9 +8,10 @@ new shot starts at them.
 
 A clip keeps frames at fixed positions from its start (flow, OCR) and at fractions of its length (aesthetic 10/50/90 %,
 the middle frame), and its length is known only when the next cut (or the ``max_seconds`` cap) comes. While a clip
-is open, the frames that can still turn out to be one of those are held, as the images they would be written from;
-the others are dropped as the pass goes. What is held is bounded by ``max_seconds`` whatever the video's length
-(at worst about 160 frames at the small scorer size, 336 px on the shorter side) and capped by ``buffer_mb``.
+is open, the frames that can still turn out to be one of those are held (as decoded: no copy, no conversion; once
+the clip runs short of memory, scaled down to the clip), and the others are dropped as the pass goes; only the few a
+clip keeps are converted and written. What is held is bounded by ``max_seconds`` whatever the video's length (at
+worst about 160 frames) and capped by ``buffer_mb``.
 
 When the pass closes a clip it writes exactly what ``curation.cutting.keep_virtual_frames`` would (same clip id, same
 clip frame numbers, same scaling, same pixels: the tests compare them), so the clips asset finds the frames there and
@@ -158,13 +159,30 @@ class _ClipTracker:
             return
         images = {}  # one conversion per distinct frame (several output frames can show the same source frame)
         for k, purposes in sorted(writer.wanted.items()):
-            frame = clip.held_frames[k]
+            held = clip.held_frames[k]
             small = any(not self.spec.full_resolution(p) for p in purposes)
-            if id(frame) not in images or (small and images[id(frame)][1] is None):
-                images[id(frame)] = self.spec.images(frame, full=True, small=small)
-            writer.save(k, *images[id(frame)])
+            if id(held) not in images or (small and images[id(held)][1] is None):
+                images[id(held)] = self.spec.images(held.clip_frame(self.scale), full=True, small=small)
+            writer.save(k, *images[id(held)])
         writer.finish(clip_id, num)  # the manifest last: a killed run leaves no half-kept clip
         self.kept += 1
+
+
+class _Held:
+    """A source frame that output frames of the open clip may keep: as decoded (holding it costs nothing) until the
+    clip runs short of memory, then scaled to the clip (for a source larger than the clip, much smaller)."""
+
+    __slots__ = ("frame", "scaled", "nbytes")
+
+    def __init__(self, frame, scaled: bool):
+        self.frame, self.scaled = frame, scaled
+        self.nbytes = sum(plane.buffer_size for plane in frame.planes)
+
+    def clip_frame(self, scale):
+        """The frame at clip size and upright, as ``curation.cutting`` would write it."""
+        if not self.scaled:
+            self.__init__(scale(self.frame), True)
+        return self.frame
 
 
 class _OpenClip:
@@ -179,9 +197,9 @@ class _OpenClip:
         self.min_len, self.max_len = lengths  # the fewest and most output frames the clip can end up with
         self.held = None  # the source frame on screen (av.VideoFrame)
         self.k = 0  # the next output frame
-        self.held_frames: dict[int, object] = {}  # output frame -> the clip-size av.VideoFrame it shows
-        self.frame_bytes = 0  # of one clip-size frame (all are the same size), once one is held
-        self.distinct = 0  # distinct frames held (several output frames can show one source frame)
+        self.held_frames: dict[int, _Held] = {}  # output frame -> the source frame it shows
+        self.bytes = 0  # of the distinct held frames
+        self.scale_on_hold = False  # set once the clip ran short of memory holding decoded frames
         self.over_budget = False
         self.pushes = 0
         self.last_positions = _positions(tracker.spec, self.max_len)
@@ -199,9 +217,8 @@ class _OpenClip:
         self.held = frame
 
     def emit(self, ranges: list[tuple[int, int]], *, num: int) -> None:
-        """Output frames up to ``num`` (exclusive) show the held source frame. If any is inside ``ranges``, the frame
-        is held, scaled to the clip (for a source no larger than the clip, the decoded frame itself: no copy); it
-        becomes images only if the clip keeps it."""
+        """Output frames up to ``num`` (exclusive) show the held source frame. If any is inside ``ranges`` the frame is
+        held (``_Held``); it becomes images only if the clip keeps it."""
         shown = []
         while self.k < min(num, self.max_len):
             if any(a <= self.k <= b for a, b in ranges):
@@ -209,16 +226,22 @@ class _OpenClip:
             self.k += 1
         if not shown or self.over_budget:
             return
-        scaled = self.tracker.scale(self.held)
+        held = _Held(self.held, False)
+        if self.scale_on_hold:
+            held.clip_frame(self.tracker.scale)
         for k in shown:
-            self.held_frames[k] = scaled
-        self.distinct += 1
-        if not self.frame_bytes:
-            self.frame_bytes = sum(plane.buffer_size for plane in scaled.planes)
-        if self.distinct * self.frame_bytes > self.tracker.keep.buffer_mb * 2**20:
+            self.held_frames[k] = held
+        self.bytes += held.nbytes
+        budget = self.tracker.keep.buffer_mb * 2**20
+        if self.bytes > budget:
             self._prune(ranges)
-            if self.distinct * self.frame_bytes > self.tracker.keep.buffer_mb * 2**20:
-                self.over_budget, self.held_frames, self.distinct = True, {}, 0
+        if self.bytes > budget and not self.scale_on_hold:  # hold clip-size frames from now on
+            self.scale_on_hold = True
+            for held in {id(h): h for h in self.held_frames.values()}.values():
+                held.clip_frame(self.tracker.scale)
+            self._prune(ranges)
+        if self.bytes > budget:
+            self.over_budget, self.held_frames, self.bytes = True, {}, 0
 
     def close(self, num: int) -> None:
         """The clip has ``num`` output frames: the held frame shows the rest of them."""
@@ -234,7 +257,7 @@ class _OpenClip:
         """Drop held frames no length the clip can still have keeps."""
         for k in [k for k in self.held_frames if not any(a <= k <= b for a, b in ranges)]:
             del self.held_frames[k]
-        self.distinct = len({id(frame) for frame in self.held_frames.values()})
+        self.bytes = sum(h.nbytes for h in {id(h): h for h in self.held_frames.values()}.values())
 
 
 def _positions(spec: KeepFramesSpec, length: int) -> list[int]:

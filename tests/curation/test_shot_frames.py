@@ -22,11 +22,11 @@ def files_under(root: Path) -> dict[str, Path]:
     return {str(p.relative_to(root)): p for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def assert_one_pass_equals_two(path: Path, tmp_path: Path, cut: CutConfig | None = None) -> int:
+def assert_one_pass_equals_two(path: Path, tmp_path: Path, cut: CutConfig | None = None, buffer_mb: float = 256.0) -> int:
     """Shots and kept files of the one pass equal detect_scenes + keep_virtual_frames; returns the clips kept."""
     cut = cut or CutConfig()
     one, two = tmp_path / f"{path.stem}_one", tmp_path / f"{path.stem}_two"
-    found = detect_and_keep(path, "vid", SceneDetectConfig(), KeepInPass(frames_root=str(one), cut=cut))
+    found = detect_and_keep(path, "vid", SceneDetectConfig(), KeepInPass(frames_root=str(one), cut=cut, buffer_mb=buffer_mb))
     scenes = detect_scenes(path, video_id="vid")
     assert found.scenes == scenes
     result = keep_virtual_frames(path, "vid", scenes, two, cut)
@@ -56,6 +56,14 @@ def test_one_pass_on_long_scenes_capped_at_max_seconds(tmp_path, monkeypatch, fp
     # 20 s without a cut: the clip is the first 15 s, its 10/50/90 % frames held while its end was unknown.
     path = write_stamped(tmp_path / "long.mp4", 20 * fps, fps=fps, gop=250, pts_step=pts_step)
     assert assert_one_pass_equals_two(path, tmp_path) == 1
+
+
+@pytest.mark.parametrize("buffer_mb", [256.0, 2.5], ids=["decoded-frames-held", "scaled-once-short-of-memory"])
+def test_one_pass_scales_a_source_larger_than_its_clips(tmp_path, buffer_mb):
+    # 192x112 source, clips of shorter side 64: held frames are scaled only when kept, or (2.5 MB: ~160 decoded
+    # frames do not fit, scaled ones do) all scaled once the clip runs short of memory. Either way the same pixels.
+    path = write_stamped(tmp_path / "long.mp4", 20 * 24, fps=24, gop=250)
+    assert assert_one_pass_equals_two(path, tmp_path, CutConfig(short_side=64), buffer_mb=buffer_mb) == 1
 
 
 def test_one_pass_short_clips_without_min_seconds(tmp_path):
