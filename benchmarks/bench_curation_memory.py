@@ -89,7 +89,7 @@ def child(stage: str, video: Path, work: Path) -> None:
         __import__(module)
     detector = "transnetv2" if stage == "scenes_transnet" else "adaptive"
     if detector == "transnetv2":
-        from curation.shots import load_transnetv2
+        from curation.transnet import load_transnetv2
 
         load_transnetv2()  # the model is loaded once per worker, not per video: part of the baseline
     baseline = current_mb()

@@ -15,8 +15,8 @@ from curation.shots import (
     detect_scenes,
     pyscenedetect_size,
     scenes_agree,
-    transitions_to_cuts,
 )
+from curation.transnet import transitions_to_cuts
 from curation.video_io import iter_frames, read_frames
 
 
@@ -218,7 +218,7 @@ def test_transnet_streams_the_same_windows_as_the_whole_video_at_once():
     frame array, as TransNetV2's own inference does (written out here as the reference)."""
     import torch
 
-    from curation.shots import load_transnetv2, transnet_predictions
+    from curation.transnet import load_transnetv2, transnet_predictions
 
     rng = np.random.default_rng(3)
     frames = rng.integers(0, 255, size=(137, 27, 48, 3), dtype=np.uint8)
