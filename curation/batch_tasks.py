@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from curation.cutting import CutConfig, CutResult
+from curation.clip_plan import CutConfig, CutResult
 from curation.shot_frames import KeepInPass, ShotPass
 from curation.shots import Scene, SceneDetectConfig
 
-PRELOAD = ("curation.batch_tasks", "curation.shots", "curation.shot_frames", "curation.virtual_clips", "curation.cutting",
-           "cv2", "av")
+PRELOAD = ("curation.batch_tasks", "curation.shots", "curation.shot_frames", "curation.clip_plan", "curation.virtual_clips",
+           "curation.cutting", "cv2", "av")
 """Modules the pool's forkserver imports once, so each worker starts in milliseconds."""
 
 

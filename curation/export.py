@@ -20,7 +20,8 @@ import polars as pl
 
 from common.files import atomic_file, copy_atomic
 
-from curation.cutting import CutConfig, clip_id_for, cut_clips
+from curation.clip_plan import CutConfig, clip_id_for
+from curation.cutting import cut_clips
 from curation.datasets import CSV_COLUMNS
 from curation.kept_frames import KeepFramesSpec
 from curation.shots import Scene

@@ -26,7 +26,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from curation.cutting import ClipFormat, CutConfig, clip_end, clip_id_for, clip_rates, output_frames, shortest_clip
+from curation.clip_plan import ClipFormat, CutConfig, clip_end, clip_id_for, clip_rates, output_frames, shortest_clip
 from curation.kept_frames import MANIFEST, KeepFramesSpec, KeptFrameWriter
 from curation.shots import AdaptiveCutter, HsvScorer, Scene, SceneDetectConfig, cuts_to_scenes, detect_scenes, pyscenedetect_size
 from curation.video_io import StreamInfo, iter_av_frames, scaler_threads, stored_size

