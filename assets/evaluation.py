@@ -199,10 +199,10 @@ def model_evaluation(
         context.log.warning(f"{name}: {reason}")
 
     # 3. MLflow: compare with the registered best (by CLIP score with CLIP weights, else prompt adherence, else
-    #    val_loss: report.ranked_by), then register if better, then log to the training run
+    #    val_loss: report.ranked_by) and register if better, in one decision; then log to the training run
     uri = tracking.uri(lakehouse.root)
-    passed, best_before = registry.compare_to_best(report.ranking_value, uri, model_name, cohort=report.cohort)
     decision = registry.register_if_best(report, uri, model_name, run_id=report.mlflow_run_id)
+    passed, best_before = decision.not_worse, decision.best_before
     context.log.info(f"registry: {decision.reason}" + (f" -> {model_name} v{decision.version}" if decision.version else ""))
     logged_run = log_to_mlflow(report, uri, run_id=report.mlflow_run_id)
 

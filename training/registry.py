@@ -34,6 +34,7 @@ class RegistryDecision:
     version: str | None  # the model version registered now (None when not the best)
     reason: str = ""
     ranked_by: str = "val_loss"
+    not_worse: bool = False  # the value is no worse than ``best_before`` (the check's verdict: ``passes``)
 
     @property
     def best_val_loss_before(self) -> float | None:
@@ -49,6 +50,12 @@ def is_better(value: float, best: float, metric: str, rel_tol: float) -> bool:
 def not_worse(value: float, best: float, metric: str, rel_tol: float) -> bool:
     margin = rel_tol * max(abs(best), 1e-12)
     return value >= best - margin if RANKING_METRICS[metric] else value <= best + margin
+
+
+def passes(value: float | None, best: float | None, metric: str, rel_tol: float) -> bool:
+    """No worse than the best comparable value, or nothing comparable yet; a missing value never passes (a checkpoint
+    that could not be scored is not shown to be no worse)."""
+    return value is not None and (best is None or not_worse(value, best, metric, rel_tol))
 
 
 def registry_model_name(base: str, state: dict[str, Any]) -> str:
@@ -99,16 +106,13 @@ def compare_to_best(value: float | None, tracking_uri: str, model_name: str = DE
                     rel_tol: float = VAL_LOSS_REL_TOL, cohort: dict[str, str] | None = None) -> tuple[bool, float | None]:
     """(passed, best comparable value registered) for the cohort's ranking metric (``cohort["ranked_by"]``,
     default val_loss): passes when nothing comparable is registered yet or ``value`` is no worse than the best
-    (within ``rel_tol``: re-evaluating the same weights is never "worse" because of float noise).
-
-    A missing value never passes: a checkpoint that could not be scored is not shown to be no worse.
+    (within ``rel_tol``: re-evaluating the same weights is never "worse" because of float noise). ``register_if_best``
+    returns the same verdict in its decision (``not_worse``), from the same query.
     """
     metric = (cohort or {}).get("ranked_by", "val_loss")
     best = best_version(tracking_uri, model_name, cohort)
     best_value = float(best.tags[metric]) if best is not None and metric in best.tags else None
-    if value is None:
-        return False, best_value
-    return (best_value is None or not_worse(value, best_value, metric, rel_tol)), best_value
+    return passes(value, best_value, metric, rel_tol), best_value
 
 
 def register_if_best(report: EvaluationReport, tracking_uri: str, model_name: str = DEFAULT_MODEL_NAME,
@@ -133,7 +137,7 @@ def register_if_best(report: EvaluationReport, tracking_uri: str, model_name: st
     best = float(current.tags[metric]) if current is not None and metric in current.tags else None
 
     def decision(reason: str, version: str | None = None) -> RegistryDecision:
-        return RegistryDecision(version is not None, best, version, reason, metric)
+        return RegistryDecision(version is not None, best, version, reason, metric, passes(value, best, metric, rel_tol))
 
     if value is None:
         return decision(f"no {metric}: {report.skipped.get(metric, 'not computed')}")

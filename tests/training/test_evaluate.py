@@ -272,6 +272,7 @@ def test_register_if_best_moves_the_alias_only_on_improvement(tmp_path, tracking
     assert first.is_best and first.version == "1"
     worse = registry.register_if_best(fake_report(tmp_path, "step-00000002", 1.2), tracking_uri, name)
     assert not worse.is_best and worse.version is None and worse.best_val_loss_before == 1.0
+    assert first.not_worse and not worse.not_worse  # the check's verdict, from the same query as the decision
     unvalidated = registry.register_if_best(fake_report(tmp_path, "step-00000003", None), tracking_uri, name)
     assert not unvalidated.is_best and "no val_loss" in unvalidated.reason
     better = registry.register_if_best(fake_report(tmp_path, "step-00000004", 0.9), tracking_uri, name)
