@@ -17,11 +17,11 @@ from models.scorers.captioner import (
     REFERENCE_PROMPT,
     REFERENCE_PROMPT_3_FRAMES,
     VLMCaptioner,
-    build_tiny_vlm,
     frame_points,
     resize_like_reference,
     select_frames,
 )
+from models.scorers.tiny_vlm import build_tiny_vlm
 
 
 def frames(seed: int, n: int, h: int, w: int) -> list[np.ndarray]:
