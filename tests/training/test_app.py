@@ -25,11 +25,11 @@ from urllib.parse import urlparse
 
 import pytest
 
-from training.app import (
+from training.app import build_parser
+from training.app_controls import (
     ASPECT_CHOICES,
     LENGTH_CHOICES,
     RESOLUTIONS,
-    build_parser,
     build_request,
     image_size_for,
     num_frames_for,
@@ -67,7 +67,7 @@ def test_image_size_follows_reference_tables():
 
 
 def test_aspect_choices_are_labelled_by_the_shape_they_produce():
-    from training.app import ASPECT_LABELS
+    from training.app_controls import ASPECT_LABELS
 
     for value, label in ASPECT_LABELS.items():
         h, w = image_size_for("240p", value)
