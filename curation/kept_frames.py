@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.files import write_text_atomic
+from common.files import write_bytes_atomic, write_text_atomic
 
 from curation.video_io import resize_short_side
 
@@ -87,15 +87,20 @@ class KeptFrameWriter:
             self.save(k, *self.spec.images(frame, full=True, small=any(not self.spec.full_resolution(p) for p in purposes)))
 
     def save(self, k: int, full, small) -> None:
-        """Write clip frame ``k`` for every purpose that wants it, from the images ``KeepFramesSpec.images`` made."""
+        """Write clip frame ``k`` for every purpose that wants it, from the images ``KeepFramesSpec.images`` made.
+
+        Each file is encoded in memory and renamed into place: a reader of a folder another run is still (re)writing
+        never sees half an image."""
         import cv2
 
         params = [cv2.IMWRITE_JPEG_QUALITY, self.spec.jpeg_quality] if self.spec.image_format == "jpg" else []
         for purpose in sorted(self.wanted.get(k, ())):
             image = full if self.spec.full_resolution(purpose) else small
             target = self.dir / self.file_name(purpose, k)
-            if not cv2.imwrite(str(target), image, params):
-                raise OSError(f"could not write {target}")
+            ok, encoded = cv2.imencode(f".{self.spec.image_format}", image, params)
+            if not ok:
+                raise OSError(f"could not encode {target}")
+            write_bytes_atomic(target, encoded.tobytes(), suffix=".part")
 
     def finish(self, clip_id: str, num_frames: int) -> None:
         if not self.wanted:
