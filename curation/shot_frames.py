@@ -112,7 +112,7 @@ class _ClipTracker:
         if self.timed and (pts is None or (self.last_pts is not None and pts <= self.last_pts)):
             # The clips asset maps clip frames by the source's packet timestamps; without strictly increasing ones
             # the decode order cannot stand in for them.
-            self.timed = False
+            self.timed, self.clip = False, None
             self.left.append(f"timestamps missing or out of order at frame {j}: frames left to the clips asset")
         self.last_pts = pts
         clip = self.clip

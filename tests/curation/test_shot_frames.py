@@ -95,3 +95,24 @@ def test_other_detectors_detect_only(tmp_path):
     found = detect_and_keep(path, "vid", SceneDetectConfig(detector="content"), KeepInPass(frames_root=str(tmp_path / "k")))
     assert found.scenes == detect_scenes(path, "content", video_id="vid") and found.clips_kept == 0
     assert not (tmp_path / "k").exists()
+
+
+@pytest.mark.parametrize("bad_pts", [None, 0], ids=["missing", "going-back"])
+def test_a_frame_without_a_usable_timestamp_leaves_the_clips_to_the_clips_asset(tmp_path, bad_pts):
+    """Clip frames are mapped by timestamps: from a frame whose timestamp is missing or goes back, the pass keeps
+    nothing more (it used to do arithmetic on None) and says why; the shots themselves are unaffected."""
+    import av
+    import numpy as np
+
+    from curation import shot_frames
+    from curation.video_io import StreamInfo
+
+    info = StreamInfo(width=64, height=48, fps=Fraction(24), time_base=Fraction(1, 24), start_pts=0, declared_frames=0)
+    tracker = shot_frames._ClipTracker("vid", info, KeepInPass(frames_root=str(tmp_path / "kept")))
+    for j in range(3 * 24):
+        frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), j, np.uint8), format="rgb24").reformat(format="yuv420p")
+        frame.pts = bad_pts if j == 30 else j
+        tracker.push(j, frame, is_cut=False)
+    tracker.close(3 * 24)
+    assert tracker.kept == 0 and "timestamps missing or out of order at frame 30" in tracker.left[0]
+    assert not list((tmp_path / "kept").rglob(MANIFEST))
