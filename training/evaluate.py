@@ -211,11 +211,10 @@ def evaluate_checkpoint(
 ) -> EvaluationReport:
     """Sample every prompt once from the checkpoint's EMA weights, score the samples, and compute the validation loss.
 
-    ``scheduler`` defaults to the checkpoint objective's sampler (:data:`PREVIEW_SCHEDULERS` gives the fast ones),
-    ``steps`` to that sampler's default. Prompt ``i`` is sampled with seed ``seed + i``. Previews (mp4 + gif, at
-    ``fps / frame_interval``) and ``report.json`` are written under ``out_dir``. ``baseline_step0`` also samples
-    the untrained model (:func:`untrained_model`) when the prompt set has measurable prompts, and reports its
-    adherence as ``prompt_adherence_step0`` (the cost: sampling the set twice).
+    ``scheduler`` defaults to the checkpoint objective's sampler (fast ones: :data:`PREVIEW_SCHEDULERS`), ``steps`` to
+    its default; prompt ``i`` uses seed ``seed + i``. Previews (mp4 + gif, at ``fps / frame_interval``) and
+    ``report.json`` go under ``out_dir``. ``baseline_step0`` also samples the untrained model (:func:`untrained_model`)
+    if the set has measurable prompts and reports its adherence as ``prompt_adherence_step0`` (sampling the set twice).
     """
     import torch
 
@@ -252,9 +251,8 @@ def evaluate_checkpoint(
                        aesthetic_mlp=aesthetic_mlp, vbench_dir=vbench_dir, device=device)
     average_over_samples(report)
 
-    # 5. Validation loss of the fp32 EMA weights on the held-out split. The sampler's model and encoders are reused
-    #    when they are fp32 (CPU); a bf16 sampler (CUDA) is released first and fp32 copies are loaded, so the number
-    #    does not depend on the device that sampled.
+    # 5. Validation loss of the fp32 EMA weights on the held-out split, whatever device sampled: an fp32 (CPU)
+    #    sampler's model and encoders are reused; a bf16 (CUDA) sampler is released first and fp32 copies loaded.
     log("validation loss on the held-out split")
     shared = (sampler.model, sampler.text_encoder, sampler.vae) if sampler.dtype == torch.float32 else (None, None, None)
     del sampler
