@@ -33,7 +33,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from models.schedulers.iddpm import NoiseFn, linear_betas
+from models.schedulers.diffusion_math import linear_betas
+from models.schedulers.iddpm import NoiseFn
 
 
 class DPMSolver:

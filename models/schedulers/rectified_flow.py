@@ -33,7 +33,8 @@ from typing import Any, Literal
 
 import torch
 
-from models.schedulers.iddpm import NoiseFn, mean_flat
+from models.schedulers.diffusion_math import mean_flat
+from models.schedulers.iddpm import NoiseFn
 
 
 class RectifiedFlow:

@@ -18,8 +18,8 @@ import math
 import pytest
 import torch
 
+from models.schedulers.diffusion_math import linear_betas
 from models.schedulers.dpm_solver import DPMSolver
-from models.schedulers.iddpm import linear_betas
 
 MU, SIGMA = 1.5, 0.5
 

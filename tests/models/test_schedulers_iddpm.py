@@ -21,7 +21,8 @@ import torch
 
 from models.float32_islands import island_effects, island_tolerance, nudged_float32_islands
 from models.mask_strategy import apply_mask_strategy
-from models.schedulers.iddpm import IDDPM, guided_model_output, linear_betas, space_timesteps
+from models.schedulers.diffusion_math import linear_betas, space_timesteps
+from models.schedulers.iddpm import IDDPM, guided_model_output
 
 SIZE_KEYS = ("height", "width", "num_frames", "ar", "fps")
 
