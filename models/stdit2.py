@@ -574,6 +574,24 @@ class STDiT2(nn.Module):
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, self.out_channels, T * pt, H * ph, W * pw)
         return x[:, :, :Tx, :Hx, :Wx]
 
+    def _embed_caption(
+        self, y: torch.Tensor, mask: torch.Tensor | None, force_drop_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Project the caption and pack every sample's kept (non-padding) tokens into one sequence.
+
+        y: [B, 1, L, caption_channels]; mask: [B or B/k, L] (None keeps all L tokens). Returns [1, sum(L_b), C] and
+        the per-sample lengths L_b, from which forward builds the cross-attention's block-diagonal mask.
+        """
+        y = self.y_embedder(y, self.training, force_drop_ids)  # [B, 1, L, C]
+        C = y.shape[-1]
+        if mask is None:
+            return y.squeeze(1).reshape(1, -1, C), [y.shape[2]] * y.shape[0]
+        mask = mask.reshape(mask.shape[0], -1)
+        if mask.shape[0] != y.shape[0]:
+            mask = mask.repeat(y.shape[0] // mask.shape[0], 1)
+        keep = mask.to(y.device) != 0  # [B, L]
+        return y.squeeze(1)[keep].view(1, -1, C), keep.sum(dim=1).tolist()
+
     def forward(
         self,
         x: torch.Tensor,
@@ -635,17 +653,7 @@ class STDiT2(nn.Module):
             t0_spc_mod, t0_tmp_mod = self.t_block(t0_spc), self.t_block_temp(t0 + fl)
 
         # 4. Caption: project, then drop padding tokens (kept per sample as a block-diagonal mask)
-        y = self.y_embedder(y, self.training, force_drop_ids)  # [B, 1, L, C]
-        if mask is not None:
-            mask = mask.reshape(mask.shape[0], -1)
-            if mask.shape[0] != y.shape[0]:
-                mask = mask.repeat(y.shape[0] // mask.shape[0], 1)
-            keep = mask.to(y.device) != 0  # [B, L]
-            y_lens = keep.sum(dim=1).tolist()
-            y = y.squeeze(1)[keep].view(1, -1, C)  # [1, sum(L_b), C]
-        else:
-            y_lens = [y.shape[2]] * y.shape[0]
-            y = y.squeeze(1).reshape(1, -1, C)
+        y, y_lens = self._embed_caption(y, mask, force_drop_ids)  # [1, sum(L_b), C]
         cross_mask = BlockDiagonalMask.from_seqlens([T * S] * B, y_lens)
 
         # 5. Blocks

@@ -51,9 +51,8 @@ from training.k8s import (
     JOB_LABEL,
     K8sTrainingSpec,
     Toleration,
-    build_headless_service,
-    build_indexed_job,
 )
+from training.k8s_manifests import build_headless_service, build_indexed_job
 from training.k8s_validation import DEFAULT_K8S_VERSION, validate_manifest
 
 # API answers worth retrying (throttling, API server restarts) rather than failing a running training.

@@ -17,13 +17,11 @@ from training.k8s import (
     JOB_LABEL,
     RANK0_PREFIX,
     K8sTrainingSpec,
-    build_headless_service,
-    build_indexed_job,
     entrypoint_script,
-    render_manifests,
     simulate_torchrun_command,
     torchrun_command,
 )
+from training.k8s_manifests import build_headless_service, build_indexed_job, render_manifests
 from training.k8s_validation import DEFAULT_K8S_VERSION, ManifestError, model_problems, schema_problems, validate_manifest
 
 TRAIN_ARGS = ["stage1", "--dataset", "v3", "--steps", "100", "--outdir", "/data/checkpoints/run1"]
