@@ -113,14 +113,8 @@ def _build_tiny_llava_next(spec: TinyVLMSpec):
         projection_dim=spec.hidden_size,
     )
     text = MistralConfig(  # LLaVA-1.6-Mistral-7B is the reference's captioner; same text family here
-        vocab_size=len(tokenizer),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=1,
+        **_tiny_text_fields(spec, tokenizer),
         head_dim=spec.hidden_size // spec.num_heads,
-        max_position_embeddings=spec.max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -134,6 +128,13 @@ def _build_tiny_llava_next(spec: TinyVLMSpec):
         vision_feature_layer=-2,
     )
     return LlavaNextForConditionalGeneration(config), processor
+
+
+def _tiny_text_fields(spec: TinyVLMSpec, tokenizer) -> dict:
+    """The language model's size, the same for every family: one key-value head, the spec's widths and depth."""
+    return dict(vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+                num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads, num_key_value_heads=1,
+                max_position_embeddings=spec.max_position_embeddings)
 
 
 def _build_tiny_qwen2_vl(spec: TinyVLMSpec):
@@ -174,13 +175,7 @@ def _build_tiny_qwen2_vl(spec: TinyVLMSpec):
             temporal_patch_size=2,
         ),
         text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=spec.hidden_size,
-            intermediate_size=spec.intermediate_size,
-            num_hidden_layers=spec.num_layers,
-            num_attention_heads=spec.num_heads,
-            num_key_value_heads=1,
-            max_position_embeddings=spec.max_position_embeddings,
+            **_tiny_text_fields(spec, tokenizer),
             # M-RoPE splits head_dim / 2 rotary pairs into (temporal, height, width) sections.
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [head_dim // 8, head_dim // 8, head_dim // 4]},
             bos_token_id=ids["<|endoftext|>"],
