@@ -143,7 +143,8 @@ def run_isolated(
     context: AssetExecutionContext, stage: str, items: list[T], work: Callable[[T], Any], describe: Callable[[T], str],
     max_error_share: float | None = None, pool: PoolConfig | None = None, cost: Callable[[T], float] | None = None,
 ) -> tuple[list[tuple[T, Any]], list[tuple[T, str]]]:
-    """Apply ``work`` to each item with a done/total progress log (``progress_log``); returns (item, result) and (item, reason) pairs.
+    """Apply ``work`` to each item with a done/total progress log (``progress_log``); returns (item, result) and
+    (item, reason) pairs.
 
     ``pool``: run the items in ``curation.pool`` worker processes (``work`` must then be picklable: a module-level
     function or a ``functools.partial`` of one); a worker that crashes, is killed or exceeds a limit costs only its
@@ -387,7 +388,8 @@ def clips(context: AssetExecutionContext, config: ClipsConfig, lakehouse: Lakeho
     items = [(v, scenes_of(v)) for v in videos.to_dicts() if v["id"] in detected]
     try:
         done, failed = run_isolated(context, "clips", items, partial(clip_video, job), lambda item: item[0]["path"],
-                                    config.max_component_error_share, pool=config, cost=lambda item: decode_cost(item[0]))
+                                    config.max_component_error_share, pool=config,
+                                    cost=lambda item: decode_cost(item[0]))
         if scratch is not None:
             done = [(item, publish_clips(storage, result)) for item, result in done]
     finally:

@@ -155,7 +155,8 @@ STEP_DONE = re.compile(r'STEP_SUCCESS - Finished execution of step "([^"]+)" in 
 
 
 def run_cli(home: Path, batch_dir: Path, settings: list[str], log: Path) -> dict[str, float]:
-    """``curate`` (ingest + materialize) on a fresh home; returns the wall seconds of the command and each Dagster step."""
+    """``curate`` (ingest + materialize) on a fresh home; returns the wall seconds of the command and of each Dagster
+    step."""
     shutil.rmtree(home, ignore_errors=True)
     sets = [arg for s in settings for arg in ("--set", s)]
     commands = {

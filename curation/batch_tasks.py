@@ -16,8 +16,8 @@ from curation.clip_plan import CutConfig, CutResult
 from curation.shot_frames import KeepInPass, ShotPass
 from curation.shots import Scene, SceneDetectConfig
 
-PRELOAD = ("curation.batch_tasks", "curation.shots", "curation.shot_frames", "curation.clip_plan", "curation.virtual_clips",
-           "curation.cutting", "cv2", "av")
+PRELOAD = ("curation.batch_tasks", "curation.shots", "curation.shot_frames", "curation.clip_plan",
+           "curation.virtual_clips", "curation.cutting", "cv2", "av")
 """Modules the pool's forkserver imports once, so each worker starts in milliseconds."""
 
 

@@ -84,7 +84,8 @@ class KeptFrameWriter:
         """Save clip frame ``k`` (an av.VideoFrame at clip size) for every purpose that wants it."""
         purposes = self.wanted.get(k)
         if purposes:
-            self.save(k, *self.spec.images(frame, full=True, small=any(not self.spec.full_resolution(p) for p in purposes)))
+            small = any(not self.spec.full_resolution(p) for p in purposes)
+            self.save(k, *self.spec.images(frame, full=True, small=small))
 
     def save(self, k: int, full, small) -> None:
         """Write clip frame ``k`` for every purpose that wants it, from the images ``KeepFramesSpec.images`` made.

@@ -136,8 +136,9 @@ def run_pool(task: Callable[[Any], Any], items: Iterable[Any], *, workers: int |
     forkserver imports once so workers start fast (only effective before the process's forkserver first starts).
     ``progress(done, total, item, outcome)`` is called in the parent as each item finishes. ``worker_env``: environment
     variables set in each worker process before it takes an item (not in the in-process path); workers that fill the
-    cores decode and encode with one thread each unless ``$OPENSORA_VIDEO_THREADS`` is set. ``cost(item)``: an estimate of an
-    item's work; the costliest items are handed out first, so that no worker is left with a long one at the end.
+    cores decode and encode with one thread each unless ``$OPENSORA_VIDEO_THREADS`` is set. ``cost(item)``: an
+    estimate of an item's work; the costliest items are handed out first, so that no worker is left with a long one
+    at the end.
     """
     items = list(items)
     if workers is not None and workers < 1:
@@ -151,7 +152,7 @@ def run_pool(task: Callable[[Any], Any], items: Iterable[Any], *, workers: int |
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["curation.pool", *preload])
     blob = pickle.dumps(task)  # unpickled inside the worker, so an import failure is reported, not a silent exit
-    env = {**_decoder_env(count), **(worker_env or {})}
+    env = {**_codec_env(count), **(worker_env or {})}
     order = sorted(range(len(items)), key=lambda i: -cost(items[i])) if cost is not None else range(len(items))
     pending, pool, done = deque(order), [], 0
     try:
@@ -179,7 +180,7 @@ def run_pool(task: Callable[[Any], Any], items: Iterable[Any], *, workers: int |
     return outcomes  # type: ignore[return-value]
 
 
-def _decoder_env(workers: int) -> dict[str, str]:
+def _codec_env(workers: int) -> dict[str, str]:
     """One codec thread per worker when the workers fill the cores (``curation.video_io.video_threads``: a worker
     then has a core to itself, and FFmpeg's frame threads would only add hand-offs), unless the environment says."""
     from curation.video_io import VIDEO_THREADS_ENV
@@ -210,7 +211,8 @@ class _Worker:
 
     def __init__(self, ctx, blob: bytes, env: dict[str, str]):
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_worker_main, args=(child, blob, env), name="curation-pool-worker", daemon=True)
+        self.process = ctx.Process(target=_worker_main, args=(child, blob, env), name="curation-pool-worker",
+                                   daemon=True)
         self.process.start()
         child.close()  # so the parent sees EOF on its end once the worker is gone
         self.ready, self.index, self.started, self._ps, self.stopped = False, None, None, None, False

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from curation.clip_plan import ClipFormat, CutConfig, clip_end, clip_id_for, clip_rates, output_frames, shortest_clip
 from curation.kept_frames import MANIFEST, KeepFramesSpec, KeptFrameWriter
-from curation.shots import AdaptiveCutter, HsvScorer, Scene, SceneDetectConfig, cuts_to_scenes, detect_scenes, pyscenedetect_size
+from curation.shots import (AdaptiveCutter, HsvScorer, Scene, SceneDetectConfig, cuts_to_scenes, detect_scenes,
+                            pyscenedetect_size)
 from curation.video_io import StreamInfo, iter_av_frames, scaler_threads, stored_size
 
 
@@ -135,7 +136,7 @@ class _ClipTracker:
         if cut.max_seconds is None or cap_end < shortest:
             self.left.append("max_seconds is unset or below min_seconds: clips' frames left to the clips asset")
             return None
-        lengths = (output_frames(start, shortest, self.fps_q, self.rate), output_frames(start, cap_end, self.fps_q, self.rate))
+        lengths = tuple(output_frames(start, end, self.fps_q, self.rate) for end in (shortest, cap_end))
         return _OpenClip(self, start, pts0, shortest, cap_end, lengths)
 
     def _close(self, end: int) -> None:
@@ -193,7 +194,8 @@ class _OpenClip:
 
     def __init__(self, tracker: _ClipTracker, start: int, pts0: int, shortest_end: int, cap_end: int,
                  lengths: tuple[int, int]):  # fmt: skip
-        self.tracker, self.start, self.pts0, self.shortest_end, self.cap_end = tracker, start, pts0, shortest_end, cap_end
+        self.tracker, self.start, self.pts0 = tracker, start, pts0
+        self.shortest_end, self.cap_end = shortest_end, cap_end
         self.min_len, self.max_len = lengths  # the fewest and most output frames the clip can end up with
         self.held = None  # the source frame on screen (av.VideoFrame)
         self.k = 0  # the next output frame
