@@ -28,9 +28,9 @@ from pathlib import Path
 
 from curation.clip_plan import ClipFormat, CutConfig, clip_end, clip_id_for, clip_rates, output_frames, shortest_clip
 from curation.kept_frames import MANIFEST, KeepFramesSpec, KeptFrameWriter
-from curation.shots import (AdaptiveCutter, HsvScorer, Scene, SceneDetectConfig, cuts_to_scenes, detect_scenes,
-                            pyscenedetect_size)
-from curation.video_io import StreamInfo, iter_av_frames, scaler_threads, stored_size
+from curation.shots import (AdaptiveCutter, AnalysisFrames, HsvScorer, Scene, SceneDetectConfig, cuts_to_scenes,
+                            detect_scenes, pyscenedetect_size)
+from curation.video_io import StreamInfo, iter_av_frames
 
 
 @dataclass(frozen=True)
@@ -58,25 +58,18 @@ def detect_and_keep(path: str | Path, video_id: str, config: SceneDetectConfig, 
     virtual clips they become, in one decode pass."""
     if keep is None or config.detector != "adaptive":
         return ShotPass(detect_scenes(path, video_id=video_id, config=config))
-    from av.video.reformatter import VideoReformatter
-
     cutter = AdaptiveCutter(adaptive_threshold=config.adaptive_threshold, min_scene_len=config.min_scene_len,
                             window_width=config.window_width, min_content_val=config.min_content_val)
-    scorer, analysis = HsvScorer(), VideoReformatter()
+    scorer = HsvScorer()
     cuts: list[int] = []
     behind: deque = deque()  # decoded frames whose cut decision is not final yet
     tracker: _ClipTracker | None = None
     num_frames = 0
     for index, _t, frame, info in iter_av_frames(path):
         if tracker is None:  # the first frame: upright size and rotation are known now
-            size = pyscenedetect_size(info.width, info.height) if config.downscale else None
-            width, height = stored_size(*size, info.rotation) if size is not None else (None, None)
-            threads = scaler_threads(width or frame.width, height or frame.height)
+            analysis = AnalysisFrames(info, pyscenedetect_size(info.width, info.height) if config.downscale else None)
             tracker = _ClipTracker(video_id, info, keep)
-        # The detector's frame: as curation.shots.hsv_frame_scores scales it (the score does not depend on rotation).
-        small = analysis.reformat(frame, width=width, height=height, format="bgr24", interpolation="FAST_BILINEAR",
-                                  threads=threads)  # fmt: skip
-        cut = cutter.push(scorer.score(small.to_ndarray()))
+        cut = cutter.push(scorer.score(analysis(frame)))  # the frame curation.shots.hsv_frame_scores scores
         if cut is not None:
             cuts.append(cut)
         behind.append((index, frame))
@@ -175,14 +168,18 @@ class _Held:
 
     __slots__ = ("frame", "scaled", "nbytes")
 
-    def __init__(self, frame, scaled: bool):
-        self.frame, self.scaled = frame, scaled
-        self.nbytes = sum(plane.buffer_size for plane in frame.planes)
+    def __init__(self, frame):
+        self.scaled = False
+        self._hold(frame)
+
+    def _hold(self, frame) -> None:
+        self.frame, self.nbytes = frame, sum(plane.buffer_size for plane in frame.planes)
 
     def clip_frame(self, scale):
         """The frame at clip size and upright, as ``curation.cutting`` would write it."""
         if not self.scaled:
-            self.__init__(scale(self.frame), True)
+            self._hold(scale(self.frame))
+            self.scaled = True
         return self.frame
 
 
@@ -228,7 +225,7 @@ class _OpenClip:
             self.k += 1
         if not shown or self.over_budget:
             return
-        held = _Held(self.held, False)
+        held = _Held(self.held)
         if self.scale_on_hold:
             held.clip_frame(self.tracker.scale)
         for k in shown:

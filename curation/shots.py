@@ -28,7 +28,7 @@ from typing import Literal
 
 import numpy as np
 
-from curation.video_io import iter_frames, probe_stream
+from curation.video_io import StreamInfo, iter_av_frames, probe_stream, scaler_threads, stored_size
 
 DetectorName = Literal["adaptive", "content", "transnetv2"]
 
@@ -152,14 +152,34 @@ def detect_scenes(
 
 
 def hsv_frame_scores(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
-    """PySceneDetect's content score of every frame (``HsvScorer``), decoded at ``size`` (None: full size).
+    """PySceneDetect's content score (``HsvScorer``) of every frame, looked at as ``AnalysisFrames`` shows it."""
+    scorer, analysis, scores = HsvScorer(), None, []
+    for _index, _t, frame, info in iter_av_frames(path):
+        if analysis is None:  # the first frame: its rotation is known now
+            analysis = AnalysisFrames(info, size)
+        scores.append(scorer.score(analysis(frame)))
+    return np.asarray(scores, dtype=np.float64)
+
+
+class AnalysisFrames:
+    """The frame the PySceneDetect detectors look at: BGR at ``size`` (upright (width, height); None: full size).
 
     FAST_BILINEAR in swscale samples like cv2.INTER_LINEAR does when shrinking (no wide anti-alias filter) and is
-    the cheapest scaler.
+    the cheapest scaler. The frame stays as stored: an HSV difference summed over the frame does not depend on its
+    rotation, so turning it upright would only cost a copy.
     """
-    scorer = HsvScorer()
-    frames = iter_frames(path, size=size, format="bgr24", interpolation="FAST_BILINEAR")
-    return np.asarray([scorer.score(frame) for _index, _t, frame in frames], dtype=np.float64)
+
+    def __init__(self, info: StreamInfo, size: tuple[int, int] | None):
+        from av.video.reformatter import VideoReformatter
+
+        self.width, self.height = stored_size(*size, info.rotation) if size is not None else (None, None)
+        stored_width, stored_height = info.stored_size
+        self.threads = scaler_threads(self.width or stored_width, self.height or stored_height)
+        self.reformatter = VideoReformatter()  # one swscale context for the whole video
+
+    def __call__(self, frame) -> np.ndarray:
+        return self.reformatter.reformat(frame, width=self.width, height=self.height, format="bgr24",
+                                         interpolation="FAST_BILINEAR", threads=self.threads).to_ndarray()
 
 
 class HsvScorer:
@@ -304,6 +324,7 @@ def scenes_agree(a: list[Scene], b: list[Scene], tolerance: int = 0) -> bool:
 __all__ = [
     "SCENE_DETECT_PRESETS",
     "AdaptiveCutter",
+    "AnalysisFrames",
     "HsvScorer",
     "Scene",
     "SceneDetectConfig",
