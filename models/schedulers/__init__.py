@@ -4,7 +4,7 @@
 - :class:`~models.schedulers.dpm_solver.DPMSolver`: DPM-Solver++ multistep, fast previews of an IDDPM model.
 - :class:`~models.schedulers.rectified_flow.RectifiedFlow`: Open-Sora 1.2-style rectified flow.
 
-Every ``sample`` has the same signature:
+Every scheduler subclasses :class:`~models.schedulers.guided.GuidedSampler`, so every ``sample`` has one signature:
 ``sample(model, z, y, y_null, mask=None, model_kwargs=None, masks=None, progress=False, generator=None, noise_fn=None)``.
 The classes are imported on first access so that importing this package does not import torch.
 """

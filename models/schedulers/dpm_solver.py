@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 from models.schedulers.diffusion_math import linear_betas
-from models.schedulers.iddpm import NoiseFn
+from models.schedulers.guided import GuidedBatch, GuidedSampler
 
 
-class DPMSolver:
+class DPMSolver(GuidedSampler):
     """Multistep DPM-Solver++ sampler.
 
     Args:
@@ -124,49 +124,24 @@ class DPMSolver:
         alpha, sigma, _ = self._coeffs(t)
         return (x - sigma * eps) / alpha
 
-    @torch.no_grad()
-    def sample(
-        self,
-        model: Callable[..., torch.Tensor],
-        z: torch.Tensor,
-        y: torch.Tensor,
-        y_null: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-        masks: torch.Tensor | None = None,
-        progress: bool = False,
-        generator: torch.Generator | None = None,
-        noise_fn: NoiseFn | None = None,
-    ) -> torch.Tensor:
-        """Solve the probability-flow ODE from z (t=1) to t=1/N; returns [n, C, T, H, W].
+    def _sample(self, model: Callable[..., torch.Tensor], batch: GuidedBatch) -> torch.Tensor:
+        """Solve the probability-flow ODE from z (t=1) to t=1/N (see :meth:`GuidedSampler.sample`).
 
-        Same arguments as :meth:`models.schedulers.iddpm.IDDPM.sample`. The solver is deterministic, so
-        ``generator`` and ``noise_fn`` are unused. Frame masks are not supported: ``masks`` must be None or
-        all ones (nothing conditioned).
+        The solver is deterministic, so ``generator`` and ``noise_fn`` are unused. Frame masks are not
+        supported: ``masks`` must be None or all ones (nothing conditioned).
         """
-        if masks is not None and not bool(torch.all(masks == 1)):
+        if batch.masks is not None and not bool(torch.all(batch.masks == 1)):
             raise ValueError(
                 "DPMSolver does not support mask strategies (reference frames / edit ratios); use IDDPM or RectifiedFlow"
             )
-        n = z.shape[0]
-        if y.shape[0] != n or y_null.shape[0] != n:
-            raise ValueError(f"z has {n} rows but y has {y.shape[0]} and y_null {y_null.shape[0]}")
-        kwargs = dict(model_kwargs or {})
-        if mask is not None:
-            kwargs["mask"] = mask
-        y_all = torch.cat([y, y_null], dim=0)
+        y_all, kwargs = batch.y_all, batch.kwargs
 
         ts = self.time_grid()
         steps = self.num_sampling_steps
-        x = z
+        x = batch.z
         hist_t = [ts[0]]
         hist_x0 = [self._data_prediction(model, x, ts[0], y_all, kwargs)]
-        step_iter = range(1, steps + 1)
-        if progress:
-            from tqdm.auto import tqdm
-
-            step_iter = tqdm(step_iter)
-        for step in step_iter:
+        for step in batch.steps(range(1, steps + 1)):
             order = min(self.order, step)  # no history on the first step
             if self.lower_order_final and steps < 10 and step == steps:
                 order = 1

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from models.mask_strategy import edit_ratio_to_step_index
+from models.schedulers.guided import GuidedBatch, GuidedSampler
 from models.schedulers.diffusion_math import (
     discretized_gaussian_log_likelihood,
     extract,
@@ -35,10 +36,6 @@ from models.schedulers.diffusion_math import (
     normal_kl,
     space_timesteps,
 )
-
-NoiseFn = Callable[[torch.Tensor], torch.Tensor]
-"""Returns a standard-normal tensor shaped like its argument (injectable so tests can replay draws)."""
-
 
 # 1. Sampling records -----------------------------------------------------------------------------------------
 
@@ -88,7 +85,7 @@ def guided_model_output(
 # 2. The diffusion object --------------------------------------------------------------------------------------
 
 
-class IDDPM:
+class IDDPM(GuidedSampler):
     """Gaussian diffusion with respacing, learned-range variance and epsilon prediction.
 
     Args:
@@ -256,94 +253,42 @@ class IDDPM:
 
     # -- sampling --
 
-    def sample_steps(
-        self,
-        model: Callable[..., torch.Tensor],
-        z: torch.Tensor,
-        y: torch.Tensor,
-        y_null: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-        masks: torch.Tensor | None = None,
-        progress: bool = False,
-        generator: torch.Generator | None = None,
-        noise_fn: NoiseFn | None = None,
-    ) -> Iterator[SampleStep]:
+    def sample_steps(self, model: Callable[..., torch.Tensor], batch: GuidedBatch) -> Iterator[SampleStep]:
         """The sampling loop, one :class:`SampleStep` per step over the doubled batch (see :meth:`sample`)."""
-        n = z.shape[0]
-        if y.shape[0] != n or y_null.shape[0] != n:
-            raise ValueError(f"z has {n} rows but y has {y.shape[0]} and y_null {y_null.shape[0]}")
-        if noise_fn is None:
-
-            def noise_fn(like: torch.Tensor) -> torch.Tensor:
-                return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
-
-        kwargs = dict(model_kwargs or {})
-        if mask is not None:
-            kwargs["mask"] = mask  # [n, L]: the model repeats it for the null half
-        y_all = torch.cat([y, y_null], dim=0)
+        n, z = batch.n, batch.z
         x = torch.cat([z, z], dim=0)  # [2n, C, T, H, W]
+        kwargs = dict(batch.kwargs)
         mask_t = None
-        if masks is not None:
-            if masks.shape != (n, z.shape[2]):
-                raise ValueError(f"masks must be [B, T] = {(n, z.shape[2])}, got {tuple(masks.shape)}")
-            mask_t = edit_ratio_to_step_index(masks, self.num_timesteps).to(z.device)
+        if batch.masks is not None:
+            mask_t = edit_ratio_to_step_index(batch.masks, self.num_timesteps).to(z.device)
             mask_t = torch.cat([mask_t, mask_t], dim=0)  # [2n, T]
 
-        indices = list(range(self.num_timesteps))[::-1]
-        if progress:
-            from tqdm.auto import tqdm
-
-            indices = tqdm(indices)
-        for i in indices:
+        for i in batch.steps(list(range(self.num_timesteps))[::-1]):
             t = torch.full((2 * n,), i, dtype=torch.int64, device=z.device)
             x_in = x
             if mask_t is not None:
                 # Frames released at this step are re-noised from the reference to this step's level.
-                x_noise = self.q_sample(x, t, noise_fn(x))
+                x_noise = self.q_sample(x, t, batch.noise_fn(x))
                 x = torch.where((mask_t == i)[:, None, :, None, None], x_noise, x)
                 kwargs["x_mask"] = mask_t > i
             timestep = self.timestep_map.to(z.device)[t]
-            out = guided_model_output(model, x, timestep, y_all, self.cfg_scale, self.cfg_channel, **kwargs)
+            out = guided_model_output(model, x, timestep, batch.y_all, self.cfg_scale, self.cfg_channel, **kwargs)
             pmv = self.p_mean_variance(out, x, t)
             nonzero = float(i != 0)
-            sample = pmv["mean"] + nonzero * torch.exp(0.5 * pmv["log_variance"]) * noise_fn(x)
+            sample = pmv["mean"] + nonzero * torch.exp(0.5 * pmv["log_variance"]) * batch.noise_fn(x)
             if mask_t is not None:
                 # Frames not yet released go back to the reference.
                 sample = torch.where((mask_t < i)[:, None, :, None, None], x_in, sample)
             yield SampleStep(i, int(self.timestep_map[i]), x_in, sample, pmv["pred_xstart"])
             x = sample
 
-    @torch.no_grad()
-    def sample(
-        self,
-        model: Callable[..., torch.Tensor],
-        z: torch.Tensor,
-        y: torch.Tensor,
-        y_null: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-        masks: torch.Tensor | None = None,
-        progress: bool = False,
-        generator: torch.Generator | None = None,
-        noise_fn: NoiseFn | None = None,
-    ) -> torch.Tensor:
-        """Ancestral sampling with classifier-free guidance; returns [n, C, T, H, W].
+    def _sample(self, model: Callable[..., torch.Tensor], batch: GuidedBatch) -> torch.Tensor:
+        """Ancestral sampling (see :meth:`GuidedSampler.sample`).
 
-        Args:
-            model: ``model(x, timestep, y, mask=..., x_mask=..., **model_kwargs)`` returning [2n, 2C, T, H, W].
-            z: initial noise [n, C, T, H, W] (with reference frames already written by apply_mask_strategy).
-            y, y_null: caption embeddings [n, 1, L, D] and the null caption; the model sees [y; y_null].
-            mask: text-token mask [n, L] (kept at n rows: the model repeats it, so the null caption uses the
-                prompt's lengths).
-            model_kwargs: height, width, num_frames, ar, fps ([n] each), passed through unchanged.
-            masks: per-frame edit ratios [n, T] from apply_mask_strategy, or None.
-            generator / noise_fn: source of the Gaussian draws (one per step for the posterior noise, plus one
-                before it for the re-noising when ``masks`` is given), each shaped like the doubled state.
+        Draws, each shaped like the doubled state: one per step for the posterior noise, plus one before it for
+        the re-noising when ``masks`` is given.
         """
-        x = z
-        for step in self.sample_steps(
-            model, z, y, y_null, mask, model_kwargs, masks, progress, generator, noise_fn
-        ):
+        x = batch.z
+        for step in self.sample_steps(model, batch):
             x = step.sample
-        return x[: z.shape[0]]
+        return x[: batch.n]

@@ -34,10 +34,10 @@ from typing import Any, Literal
 import torch
 
 from models.schedulers.diffusion_math import mean_flat
-from models.schedulers.iddpm import NoiseFn
+from models.schedulers.guided import GuidedBatch, GuidedSampler
 
 
-class RectifiedFlow:
+class RectifiedFlow(GuidedSampler):
     """Rectified-flow training and Euler sampling with timestep shift and frame masks.
 
     Args:
@@ -169,59 +169,28 @@ class RectifiedFlow:
             ts = [self.timestep_transform(t, model_kwargs) for t in ts]
         return ts
 
-    @torch.no_grad()
-    def sample(
-        self,
-        model: Callable[..., torch.Tensor],
-        z: torch.Tensor,
-        y: torch.Tensor,
-        y_null: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-        masks: torch.Tensor | None = None,
-        progress: bool = False,
-        generator: torch.Generator | None = None,
-        noise_fn: NoiseFn | None = None,
-    ) -> torch.Tensor:
-        """Euler sampling from z (t=T) to t=0 with guidance; same arguments as IDDPM.sample.
+    def _sample(self, model: Callable[..., torch.Tensor], batch: GuidedBatch) -> torch.Tensor:
+        """Euler sampling from z (t=T) to t=0 with guidance (see :meth:`GuidedSampler.sample`).
 
         With ``masks`` (edit ratios [n, T]) one Gaussian draw shaped like z is taken per step for re-noising.
         """
-        n = z.shape[0]
-        if y.shape[0] != n or y_null.shape[0] != n:
-            raise ValueError(f"z has {n} rows but y has {y.shape[0]} and y_null {y_null.shape[0]}")
-        if noise_fn is None:
-
-            def noise_fn(like: torch.Tensor) -> torch.Tensor:
-                return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
-
-        kwargs = dict(model_kwargs or {})
-        if mask is not None:
-            kwargs["mask"] = mask
-        y_all = torch.cat([y, y_null], dim=0)
+        n, z, masks, kwargs = batch.n, batch.z, batch.masks, dict(batch.kwargs)
         # Timesteps in float32 (float64 for float64 states): in bf16 the small dt of late steps would be lost.
         t_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
-        timesteps = self.sampling_timesteps(model_kwargs, n, z.device, t_dtype)
+        timesteps = self.sampling_timesteps(batch.model_kwargs, n, z.device, t_dtype)
         if masks is not None:
-            if masks.shape != (n, z.shape[2]):
-                raise ValueError(f"masks must be [B, T] = {(n, z.shape[2])}, got {tuple(masks.shape)}")
             noise_added = masks == 1  # fully generated frames already are noise
 
-        step_iter = range(len(timesteps))
-        if progress:
-            from tqdm.auto import tqdm
-
-            step_iter = tqdm(step_iter)
-        for i in step_iter:
+        for i in batch.steps(range(len(timesteps))):
             t = timesteps[i]
             if masks is not None:
                 x0 = z
                 mask_t_upper = masks * self.num_timesteps >= t[:, None]  # [n, T]: True = generated now
                 renoise = mask_t_upper & ~noise_added
-                z = torch.where(renoise[:, None, :, None, None], self.add_noise(x0, noise_fn(x0), t), x0)
+                z = torch.where(renoise[:, None, :, None, None], self.add_noise(x0, batch.noise_fn(x0), t), x0)
                 noise_added = mask_t_upper
                 kwargs["x_mask"] = torch.cat([mask_t_upper, mask_t_upper], dim=0)
-            out = model(torch.cat([z, z], dim=0), torch.cat([t, t], dim=0), y_all, **kwargs)
+            out = model(torch.cat([z, z], dim=0), torch.cat([t, t], dim=0), batch.y_all, **kwargs)
             v = out[:, : z.shape[1]]
             v = v[n:] + self.cfg_scale * (v[:n] - v[n:])
             t_next = timesteps[i + 1] if i + 1 < len(timesteps) else torch.zeros_like(t)

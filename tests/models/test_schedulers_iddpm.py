@@ -22,6 +22,7 @@ import torch
 from models.float32_islands import island_effects, island_tolerance, nudged_float32_islands
 from models.mask_strategy import apply_mask_strategy
 from models.schedulers.diffusion_math import linear_betas, space_timesteps
+from models.schedulers.guided import GuidedBatch
 from models.schedulers.iddpm import IDDPM, guided_model_output
 
 SIZE_KEYS = ("height", "width", "num_frames", "ar", "fps")
@@ -132,13 +133,15 @@ def _replay_sampling(fx, run: str) -> dict[str, torch.Tensor]:
     steps = list(
         d.sample_steps(
             model,
-            z,
-            fx["input.text_embeddings"],
-            fx["t2v.y_null"],
-            mask=fx["input.text_mask"],
-            model_kwargs={k: fx[f"input.{k}"] for k in SIZE_KEYS},
-            masks=masks,
-            noise_fn=noise,
+            GuidedBatch.build(
+                z,
+                fx["input.text_embeddings"],
+                fx["t2v.y_null"],
+                mask=fx["input.text_mask"],
+                model_kwargs={k: fx[f"input.{k}"] for k in SIZE_KEYS},
+                masks=masks,
+                noise_fn=noise,
+            ),
         )
     )
     assert model.k == 5 and noise.k == len(fx[f"{run}.trace.randn_like"])
