@@ -11,10 +11,10 @@ from functools import partial
 from typing import Any, TypeVar
 
 import polars as pl
-from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue
 from pydantic import Field
 
-from assets.partitions import video_batches
+from assets.partitions import batch_asset
 from curation.shots import DetectorName  # numpy only: the code location still loads without PyAV or torch
 from curation.video_writer import X264Preset
 from resources.batch_keys import batch_key, landing_folder, landing_folder_url
@@ -225,9 +225,7 @@ def save_batch(context: AssetExecutionContext, lakehouse: Lakehouse, table: str,
 
 
 # ---- raw_videos ----------------------------------------------------------------------------------------------------
-@asset(
-    partitions_def=video_batches,
-    group_name="curation",
+@batch_asset(
     code_version="2",  # 2: rows carry `source` (frozen copy under media/sources/, or a linked file) and `linked`
     kinds={"pyav", "parquet"},
     description="One row per distinct video file of a landing batch (probed with PyAV); bad files go to `quarantine`.",
@@ -288,11 +286,8 @@ SCENE_SCHEMA = {"video_id": pl.String, "scene_index": pl.Int64, "start_frame": p
                 "start_s": pl.Float64, "end_s": pl.Float64, "detector": pl.String}
 
 
-@asset(
+@batch_asset(
     deps=[raw_videos],
-    partitions_def=video_batches,
-    group_name="curation",
-    code_version="1",
     kinds={"pyscenedetect", "parquet"},
     description="One row per shot of every video (frame-exact, end_frame exclusive).",
 )
@@ -343,10 +338,8 @@ class ClipsConfig(PoolConfig):
     preset: X264Preset = Field("veryfast", description="libx264 preset of clip files (encode_files, data export).")
 
 
-@asset(
+@batch_asset(
     deps=[scenes],
-    partitions_def=video_batches,
-    group_name="curation",
     code_version="2",
     kinds={"pyav", "parquet"},
     description="One row per clip: a frame-exact range of its frozen source (virtual, the default) or an H.264 file "
@@ -415,11 +408,8 @@ def clips(context: AssetExecutionContext, config: ClipsConfig, lakehouse: Lakeho
 
 
 # ---- captions ------------------------------------------------------------------------------------------------------
-@asset(
+@batch_asset(
     deps=[clips],
-    partitions_def=video_batches,
-    group_name="curation",
-    code_version="1",
     kinds={"transformers", "parquet"},
     description="One caption per clip (`text`): sidecar captions shipped with the videos, else a local VLM; never made up.",
 )

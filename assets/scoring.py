@@ -10,11 +10,15 @@ component error: quarantined with its reason while rare, and the asset fails wit
 ``max_component_error_share`` of the clips raise one (``ScoringConfig``, ``$OPENSORA_MAX_COMPONENT_ERROR_SHARE``).
 """
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
 import polars as pl
-from dagster import AssetExecutionContext, MaterializeResult, asset
+from dagster import AssetExecutionContext, MaterializeResult
 
 from assets.curation import IsolationConfig, captions, clips, markdown_table, quarantine_rows, run_isolated, save_batch
-from assets.partitions import video_batches
+from assets.partitions import batch_asset
 from resources.batch_keys import batch_key
 from resources.lakehouse import Lakehouse
 from resources.model_store import ModelStore
@@ -39,22 +43,6 @@ def summary(frame: pl.DataFrame, column: str) -> dict:
     return meta
 
 
-def finish(context, lakehouse: Lakehouse, table: str, frame: pl.DataFrame, column: str, quarantined: list[dict]) -> MaterializeResult:
-    written = save_batch(context, lakehouse, table, batch_key(context.partition_key), frame, table, quarantined)
-    return MaterializeResult(metadata={**written, **summary(frame, column), "preview": markdown_table(frame)})
-
-
-def without_weights(context, lakehouse: Lakehouse, table: str, column: str, ids: list[str], err: Exception, dtype,
-                    extra: dict[str, pl.DataType] | None = None) -> MaterializeResult:
-    """The table of a scorer whose weights are not on local disk: every value null, the error as every reason.
-
-    ``extra``: further columns of the scorer's table (name: dtype), all null."""
-    context.log.warning(f"{table} skipped: {err}")
-    frame = score_table(ids, column, {}, {i: str(err) for i in ids}, dtype)
-    frame = frame.with_columns(pl.lit(None, dtype=dtype_).alias(name) for name, dtype_ in (extra or {}).items())
-    return finish(context, lakehouse, table, frame, column, [])
-
-
 class ScoringConfig(IsolationConfig):
     """Run config of a score asset (``max_component_error_share``: see ``assets.curation.run_isolated``)."""
 
@@ -70,81 +58,123 @@ def scored(context, stage: str, rows: list[dict], work, config: ScoringConfig | 
     return values, quarantine_rows(stage, failed, lambda r: r["path"]), reasons
 
 
-@asset(deps=[clips], partitions_def=video_batches, group_name="curation", code_version="1", kinds={"opencv", "parquet"},
-       description="`flow`: mean optical-flow magnitude over frames 0/10/20/30 at 320x576 (OpenCV, no weights).")
-def motion_scores(context: AssetExecutionContext, config: ScoringConfig, lakehouse: Lakehouse, model_store: ModelStore) -> MaterializeResult:
+def kept(row: dict, scorer: str):
+    """The frames the cutting pass kept for ``scorer`` of the clip in ``row``."""
     from curation.kept_frames import load_kept_frames
+
+    return load_kept_frames(local_media_path(row["frames_dir"]), scorer)
+
+
+@dataclass(frozen=True)
+class ScoreTable:
+    """The table a score asset writes: its name, its Open-Sora column, and further columns (name: dtype)."""
+
+    name: str
+    column: str
+    dtype: pl.DataType = pl.Float64
+    extra: dict[str, pl.DataType] = field(default_factory=dict)
+
+
+def score_partition(
+    context,
+    config: ScoringConfig,
+    lakehouse: Lakehouse,
+    table: ScoreTable,
+    rows: list[dict],
+    load_scorer: Callable[[], Any],
+    score_row: Callable[[Any, dict], Any],
+    unscorable: Callable[[dict], str | None] = lambda row: None,
+    columns: Callable[[list[str], dict[str, Any]], dict[str, list]] | None = None,
+) -> MaterializeResult:
+    """Load a scorer, score the clip ``rows`` in isolation and save ``table`` (see the module docstring).
+
+    ``score_row(scorer, row)`` gives one clip's value; a row for which ``unscorable(row)`` gives a reason is not
+    scored and keeps that reason. ``columns(ids, values)`` turns the values into the table's columns (by name,
+    in ``ids`` order) when a value is more than the column's number. When ``load_scorer`` raises
+    ``WeightsUnavailable`` every value is null with the error as its reason.
+    """
+    from models.scorers import WeightsUnavailable
+
+    ids = [r["id"] for r in rows]
+    try:
+        scorer = load_scorer()
+    except WeightsUnavailable as err:
+        context.log.warning(f"{table.name} skipped: {err}")
+        values, quarantined, reasons = {}, [], {i: str(err) for i in ids}
+    else:
+        skipped = {r["id"]: reason for r in rows if (reason := unscorable(r))}
+        todo = [r for r in rows if r["id"] not in skipped]
+        values, quarantined, reasons = scored(context, table.name, todo, lambda r: score_row(scorer, r), config)
+        reasons.update(skipped)
+    by_column = columns(ids, values) if columns is not None and values else {}
+    frame = score_table(ids, table.column, by_column.get(table.column, values), reasons, table.dtype)
+    frame = frame.with_columns(pl.Series(name, by_column.get(name, [None] * len(ids)), dtype=dtype)
+                               for name, dtype in table.extra.items())
+    written = save_batch(context, lakehouse, table.name, batch_key(context.partition_key), frame, table.name, quarantined)
+    return MaterializeResult(metadata={**written, **summary(frame, table.column), "preview": markdown_table(frame)})
+
+
+@batch_asset(deps=[clips], kinds={"opencv", "parquet"},
+             description="`flow`: mean optical-flow magnitude over frames 0/10/20/30 at 320x576 (OpenCV, no weights).")
+def motion_scores(context: AssetExecutionContext, config: ScoringConfig, lakehouse: Lakehouse, model_store: ModelStore) -> MaterializeResult:
     from models.scorers.motion import motion_score
 
     rows = lakehouse.read_partition("clips", batch_key(context.partition_key)).to_dicts()
-    values, quarantined, reasons = scored(context, "motion_scores", rows,
-                                          lambda r: motion_score(load_kept_frames(local_media_path(r["frames_dir"]), "flow"), backend=model_store.flow_backend),
-                                          config)
-    frame = score_table([r["id"] for r in rows], "flow", values, reasons, pl.Float64)
-    return finish(context, lakehouse, "motion_scores", frame, "flow", quarantined)
+    return score_partition(context, config, lakehouse, ScoreTable("motion_scores", "flow"), rows, lambda: None,
+                           lambda _, r: motion_score(kept(r, "flow"), backend=model_store.flow_backend))
 
 
-@asset(deps=[clips], partitions_def=video_batches, group_name="curation", code_version="1", kinds={"onnx", "parquet"},
-       description="`ocr`: text boxes with score > 0.3 on one frame (PP-OCR via rapidocr), plus text area fraction.")
+def ocr_columns(ids: list[str], values: dict) -> dict[str, list]:
+    """``ocr`` (box count), ``ocr_area`` and ``ocr_text`` from each clip's OCR result."""
+    return {"ocr": {i: v.num_boxes for i, v in values.items()},
+            "ocr_area": [values[i].area_fraction if i in values else None for i in ids],
+            "ocr_text": [" | ".join(values[i].texts) if i in values else None for i in ids]}
+
+
+@batch_asset(deps=[clips], kinds={"onnx", "parquet"},
+             description="`ocr`: text boxes with score > 0.3 on one frame (PP-OCR via rapidocr), plus text area fraction.")
 def ocr_scores(context: AssetExecutionContext, config: ScoringConfig, lakehouse: Lakehouse, model_store: ModelStore) -> MaterializeResult:
-    from curation.kept_frames import load_kept_frames
-    from models.scorers import WeightsUnavailable
     from models.scorers.ocr import OcrScorer
 
     rows = lakehouse.read_partition("clips", batch_key(context.partition_key)).to_dicts()
-    ids = [r["id"] for r in rows]
-    try:
-        scorer = OcrScorer(backend=model_store.ocr_backend, paddle_det_dir=model_store.paddle_det_dir, paddle_rec_dir=model_store.paddle_rec_dir)
-    except WeightsUnavailable as err:
-        return without_weights(context, lakehouse, "ocr_scores", "ocr", ids, err, pl.Int64, {"ocr_area": pl.Float64, "ocr_text": pl.String})
-    values, quarantined, reasons = scored(context, "ocr_scores", rows, lambda r: scorer.score(load_kept_frames(local_media_path(r["frames_dir"]), "ocr")[0]),
-                                          config)
-    frame = score_table(ids, "ocr", {i: v.num_boxes for i, v in values.items()}, reasons, pl.Int64).with_columns(
-        pl.Series("ocr_area", [values[i].area_fraction if i in values else None for i in ids], dtype=pl.Float64),
-        pl.Series("ocr_text", [" | ".join(values[i].texts) if i in values else None for i in ids], dtype=pl.String),
+    table = ScoreTable("ocr_scores", "ocr", pl.Int64, {"ocr_area": pl.Float64, "ocr_text": pl.String})
+    return score_partition(
+        context, config, lakehouse, table, rows,
+        lambda: OcrScorer(backend=model_store.ocr_backend, paddle_det_dir=model_store.paddle_det_dir,
+                          paddle_rec_dir=model_store.paddle_rec_dir),
+        lambda scorer, r: scorer.score(kept(r, "ocr")[0]),
+        columns=ocr_columns,
     )
-    return finish(context, lakehouse, "ocr_scores", frame, "ocr", quarantined)
 
 
-@asset(deps=[clips], partitions_def=video_batches, group_name="curation", code_version="1", kinds={"pytorch", "parquet"},
-       description="`aes`: LAION improved-aesthetic MLP on CLIP ViT-L/14 features, mean of frames at 10/50/90%.")
+@batch_asset(deps=[clips], kinds={"pytorch", "parquet"},
+             description="`aes`: LAION improved-aesthetic MLP on CLIP ViT-L/14 features, mean of frames at 10/50/90%.")
 def aesthetic_scores(context: AssetExecutionContext, config: ScoringConfig, lakehouse: Lakehouse, model_store: ModelStore) -> MaterializeResult:
-    from curation.kept_frames import load_kept_frames
-    from models.scorers import WeightsUnavailable
     from models.scorers.aesthetic import AestheticScorer
 
     rows = lakehouse.read_partition("clips", batch_key(context.partition_key)).to_dicts()
-    ids = [r["id"] for r in rows]
-    try:
-        scorer = AestheticScorer(model_store.clip_checkpoint, model_store.aesthetic_mlp, device=model_store.device,
-                                 clip_model_name=model_store.clip_model_name)
-    except WeightsUnavailable as err:
-        return without_weights(context, lakehouse, "aesthetic_scores", "aes", ids, err, pl.Float64)
-    values, quarantined, reasons = scored(context, "aesthetic_scores", rows,
-                                          lambda r: scorer.score_clips([load_kept_frames(local_media_path(r["frames_dir"]), "aesthetic")])[0], config)
-    return finish(context, lakehouse, "aesthetic_scores", score_table(ids, "aes", values, reasons, pl.Float64), "aes", quarantined)
+    return score_partition(
+        context, config, lakehouse, ScoreTable("aesthetic_scores", "aes"), rows,
+        lambda: AestheticScorer(model_store.clip_checkpoint, model_store.aesthetic_mlp, device=model_store.device,
+                                clip_model_name=model_store.clip_model_name),
+        lambda scorer, r: scorer.score_clips([kept(r, "aesthetic")])[0],
+    )
 
 
-@asset(deps=[clips, captions], partitions_def=video_batches, group_name="curation", code_version="1", kinds={"pytorch", "parquet"},
-       description="`match`: 100 * cos(CLIP image features of the middle frame, CLIP text features of the caption).")
+@batch_asset(deps=[clips, captions], kinds={"pytorch", "parquet"},
+             description="`match`: 100 * cos(CLIP image features of the middle frame, CLIP text features of the caption).")
 def match_scores(context: AssetExecutionContext, config: ScoringConfig, lakehouse: Lakehouse, model_store: ModelStore) -> MaterializeResult:
-    from curation.kept_frames import load_kept_frames
-    from models.scorers import WeightsUnavailable
     from models.scorers.clip_match import ClipMatchScorer
 
     batch = batch_key(context.partition_key)
     rows = lakehouse.read_partition("clips", batch).join(
         lakehouse.read_partition("captions", batch).select("id", "text"), on="id", how="left").to_dicts()
-    ids = [r["id"] for r in rows]
-    try:
-        scorer = ClipMatchScorer(model_store.clip_checkpoint, model_name=model_store.clip_model_name, device=model_store.device)
-    except WeightsUnavailable as err:
-        return without_weights(context, lakehouse, "match_scores", "match", ids, err, pl.Float64)
-    with_text = [r for r in rows if r.get("text")]
-    values, quarantined, reasons = scored(context, "match_scores", with_text,
-                                          lambda r: scorer.score(load_kept_frames(local_media_path(r["frames_dir"]), "match"), [r["text"]])[0], config)
-    reasons.update({r["id"]: "clip has no caption" for r in rows if not r.get("text")})
-    return finish(context, lakehouse, "match_scores", score_table(ids, "match", values, reasons, pl.Float64), "match", quarantined)
+    return score_partition(
+        context, config, lakehouse, ScoreTable("match_scores", "match"), rows,
+        lambda: ClipMatchScorer(model_store.clip_checkpoint, model_name=model_store.clip_model_name, device=model_store.device),
+        lambda scorer, r: scorer.score(kept(r, "match"), [r["text"]])[0],
+        unscorable=lambda r: None if r.get("text") else "clip has no caption",
+    )
 
 
 SCORE_ASSETS = [aesthetic_scores, motion_scores, ocr_scores, match_scores]
