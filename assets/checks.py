@@ -113,24 +113,22 @@ def _range_check(context: AssetCheckExecutionContext, lakehouse: Lakehouse, tabl
     )
 
 
-@asset_check(asset=aesthetic_scores, blocking=True, description="aes in [0, 10]; every null carries a reason.")
-def aesthetic_scores_in_range(context: AssetCheckExecutionContext, lakehouse: Lakehouse) -> AssetCheckResult:
-    return _range_check(context, lakehouse, "aesthetic_scores", "aes")
+def score_range_check(score_asset, column: str, description: str):
+    """The blocking check ``<table>_in_range`` of a score asset: ``description``, and every null carries a reason."""
+    table = score_asset.key.path[-1]
+
+    @asset_check(asset=score_asset, name=f"{table}_in_range", blocking=True,
+                 description=f"{description}; every null carries a reason.")
+    def check(context: AssetCheckExecutionContext, lakehouse: Lakehouse) -> AssetCheckResult:
+        return _range_check(context, lakehouse, table, column)
+
+    return check
 
 
-@asset_check(asset=motion_scores, blocking=True, description="flow >= 0 (pixels at 320x576); every null carries a reason.")
-def motion_scores_in_range(context: AssetCheckExecutionContext, lakehouse: Lakehouse) -> AssetCheckResult:
-    return _range_check(context, lakehouse, "motion_scores", "flow")
-
-
-@asset_check(asset=ocr_scores, blocking=True, description="ocr is a non-negative box count; every null carries a reason.")
-def ocr_scores_in_range(context: AssetCheckExecutionContext, lakehouse: Lakehouse) -> AssetCheckResult:
-    return _range_check(context, lakehouse, "ocr_scores", "ocr")
-
-
-@asset_check(asset=match_scores, blocking=True, description="match in [-100, 100]; every null carries a reason.")
-def match_scores_in_range(context: AssetCheckExecutionContext, lakehouse: Lakehouse) -> AssetCheckResult:
-    return _range_check(context, lakehouse, "match_scores", "match")
-
-
-CURATION_CHECKS = [clips_are_valid, aesthetic_scores_in_range, motion_scores_in_range, ocr_scores_in_range, match_scores_in_range]
+SCORE_RANGE_CHECKS = [
+    score_range_check(aesthetic_scores, "aes", "aes in [0, 10]"),
+    score_range_check(motion_scores, "flow", "flow >= 0 (pixels at 320x576)"),
+    score_range_check(ocr_scores, "ocr", "ocr is a non-negative box count"),
+    score_range_check(match_scores, "match", "match in [-100, 100]"),
+]
+CURATION_CHECKS = [clips_are_valid, *SCORE_RANGE_CHECKS]

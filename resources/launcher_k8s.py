@@ -50,7 +50,6 @@ from training.k8s import (
     INDEX_ANNOTATION,
     JOB_LABEL,
     K8sTrainingSpec,
-    Toleration,
 )
 from training.k8s_manifests import build_headless_service, build_indexed_job
 from training.k8s_validation import DEFAULT_K8S_VERSION, validate_manifest
@@ -266,31 +265,15 @@ class KubernetesLauncher(TrainingLauncher):
         ``env`` adds plain variables for this launch on top of the resource's ``env``; names that look like
         credentials are refused (they belong in a Secret).
         """
-        return K8sTrainingSpec(
-            name=name or self.job_name(run_id),
-            run_id=run_id,
-            image=self.image,
-            train_args=list(argv),
-            namespace=self.namespace,
-            nodes=self.nodes,
-            gpus_per_node=self.gpus_per_node,
-            nproc_per_node=self.nproc_per_node,
-            cpu=self.cpu,
-            memory=self.memory,
-            shm_size=self.shm_size,
-            node_selector=dict(self.node_selector),
-            tolerations=[Toleration.model_validate(t) for t in self.tolerations],
-            pvc_claim=self.pvc_claim,
-            pvc_mount_path=self.pvc_mount_path,
-            env={**self.env, **(env or {})},
-            env_from_secrets=list(self.env_from_secrets),
-            mlflow_tracking_uri=self.mlflow_tracking_uri,
-            mlflow_secret=self.mlflow_secret,
-            service_account=self.service_account,
-            image_pull_secrets=list(self.image_pull_secrets),
-            backoff_limit=self.backoff_limit,
-            active_deadline_s=self.active_deadline_s,
-        )
+        # The launcher's settings carry over by name: every field the spec shares with this resource.
+        shared = {field: getattr(self, field) for field in K8sTrainingSpec.model_fields if field in type(self).model_fields}
+        return K8sTrainingSpec.model_validate({
+            **shared,
+            "name": name or self.job_name(run_id),
+            "run_id": run_id,
+            "train_args": list(argv),
+            "env": {**self.env, **(env or {})},
+        })
 
     # ---- cluster clients -----------------------------------------------------------------------------------
     def _clients(self) -> tuple[CoreV1Api, BatchV1Api]:

@@ -36,22 +36,18 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+# Options that are the request field of the same name, as given.
+PLAIN_REQUEST_OPTIONS = ("num_frames", "fps", "frame_interval", "num_sampling_steps", "cfg_scale", "seed", "batch_size",
+                         "scheduler", "loop", "condition_frame_length")
+
+
 def _request_from_args(args: argparse.Namespace, prompts: list[str]) -> SampleRequest:
     return SampleRequest(
         prompts=prompts,
-        num_frames=args.num_frames,
         image_size=tuple(args.image_size),
-        fps=args.fps,
-        frame_interval=args.frame_interval,
-        num_sampling_steps=args.num_sampling_steps,
-        cfg_scale=args.cfg_scale,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        scheduler=args.scheduler,
         reference_paths=_per_prompt(args.reference_path, len(prompts), "--reference-path"),
         mask_strategy=_per_prompt(args.mask_strategy, len(prompts), "--mask-strategy"),
-        loop=args.loop,
-        condition_frame_length=args.condition_frame_length,
+        **{name: getattr(args, name) for name in PLAIN_REQUEST_OPTIONS},
     )
 
 
