@@ -48,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -258,70 +258,86 @@ def scoring_inputs_by_decoding(clips: list[dict], small_short_side: int = 336) -
 # ---------------------------------------------------------------------------------------------- main
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=1, help="N byte-distinct copies of every sample video")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best one counts")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the batch and the homes here")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--no-scoring", action="store_true", help="skip the scoring inputs section")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    work = (args.workdir or Path(tempfile.mkdtemp(prefix="bench_curation_"))).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    batch_dir = work / "batch"
-    shutil.rmtree(batch_dir, ignore_errors=True)
-    videos = write_sample_batch(batch_dir, args.repeat)
-    infos = {p: probe_video(p) for p in videos}
-    video_seconds = sum(i.duration for i in infos.values())
-    total_frames = sum(i.num_frames for i in infos.values())
-    workers = pipeline_workers()
-    print(f"batch: {len(videos)} videos ({len(videos) // args.repeat} x {args.repeat}), {total_frames} frames, "
-          f"{video_seconds:.1f} s of video; {os.cpu_count()} CPUs, {workers} pipeline workers, "
-          f"load {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
+@dataclass
+class Batch:
+    folder: Path
+    videos: list[Path]
+    video_seconds: float
+    frames: int
+
+
+def prepare_batch(work: Path, repeat: int) -> Batch:
+    folder = work / "batch"
+    shutil.rmtree(folder, ignore_errors=True)
+    videos = write_sample_batch(folder, repeat)
+    infos = [probe_video(p) for p in videos]
+    return Batch(folder, videos, sum(i.duration for i in infos), sum(i.num_frames for i in infos))
+
+
+@dataclass
+class Rounds:
+    """The best timing of each path over the rounds, its steps, and the reference's output."""
+
+    best: dict[str, Timing] = field(default_factory=dict)
+    steps: dict[str, dict[str, float]] = field(default_factory=dict)
+    loads: list[float] = field(default_factory=list)
+    ref_scenes: dict = field(default_factory=dict)
+    ref_clips: list[Path] = field(default_factory=list)
+
+    def keep_best(self, name: str, timing: Timing, detail: dict | None = None) -> None:
+        if name not in self.best or timing.wall < self.best[name].wall:
+            self.best[name] = timing
+            if detail is not None:
+                self.steps[name] = detail
+
+
+def run_rounds(batch: Batch, work: Path, homes: dict[str, Path], rounds: int, workers: int) -> Rounds:
+    """Interleave the decode limit, our two CLI paths and the reference, ``rounds`` times."""
+    videos = batch.videos
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["curation.video_io", "av"])
     pool = ctx.Pool(workers)
     pool.map(_count_frames, videos[:workers])  # warm-up: workers started, imports done, page cache filled
     reference_detect(videos[:1])  # warm-up: the scenedetect / OpenCV backend
 
-    best: dict[str, Timing] = {}
-    steps: dict[str, dict[str, float]] = {}
-    loads: list[float] = []
-
-    def keep_best(name: str, timing: Timing, detail: dict | None = None) -> None:
-        if name not in best or timing.wall < best[name].wall:
-            best[name] = timing
-            if detail is not None:
-                steps[name] = detail
-
-    homes = {"virtual": work / "home_virtual", "files": work / "home_files"}
+    out = Rounds()
     settings = {"virtual": [], "files": ["clips.encode_files=true"]}
-    for r in range(args.rounds):
-        loads.append(os.getloadavg()[0])
+    for r in range(rounds):
+        out.loads.append(os.getloadavg()[0])
         for one_thread in (False, True):  # the limit is the faster of the two
             frames, t = timed(decode_limit, pool, videos, one_thread)
-            assert frames == total_frames, (frames, total_frames)
-            keep_best("decode", t, {f"{'one decoder thread' if one_thread else 'frame threads'} per worker": t.wall})
+            assert frames == batch.frames, (frames, batch.frames)
+            out.keep_best("decode", t, {f"{'one decoder thread' if one_thread else 'frame threads'} per worker": t.wall})
         for name in ("virtual", "files"):
-            detail, t = timed(run_cli, homes[name], batch_dir, settings[name], work / f"{name}.log")
-            keep_best(name, t, detail)
+            detail, t = timed(run_cli, homes[name], batch.folder, settings[name], work / f"{name}.log")
+            out.keep_best(name, t, detail)
         ref_dir = work / "reference"
         shutil.rmtree(ref_dir, ignore_errors=True)
         ref_dir.mkdir()
-        ref_scenes, t_detect = timed(reference_detect, videos)
-        ref_clips, t_cut = timed(reference_cut, videos, ref_scenes, ref_dir)
-        keep_best("reference", Timing(t_detect.wall + t_cut.wall, t_detect.cpu + t_cut.cpu),
-                  {"scenedetect.detect()": t_detect.wall, "ffmpeg per clip": t_cut.wall})
-        loads.append(os.getloadavg()[0])
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v.wall:.2f}s" for k, v in best.items()), flush=True)
+        out.ref_scenes, t_detect = timed(reference_detect, videos)
+        out.ref_clips, t_cut = timed(reference_cut, videos, out.ref_scenes, ref_dir)
+        out.keep_best("reference", Timing(t_detect.wall + t_cut.wall, t_detect.cpu + t_cut.cpu),
+                      {"scenedetect.detect()": t_detect.wall, "ffmpeg per clip": t_cut.wall})
+        out.loads.append(os.getloadavg()[0])
+        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v.wall:.2f}s" for k, v in out.best.items()), flush=True)
     pool.close()
     pool.join()
+    return out
 
-    def rate(name: str) -> float:
-        return video_seconds / best[name].wall
 
+def report_rates(rounds: Rounds, video_seconds: float, workers: int) -> dict[str, float]:
+    """Print the table and the targets; return the ratios."""
+    best, rate = rounds.best, {name: video_seconds / t.wall for name, t in rounds.best.items()}
     rows = [
         ("reference: detect() + ffmpeg/clip (x264 defaults)", "reference"),
         ("ours, CLI -> virtual clips (training-ready)", "virtual"),
@@ -331,16 +347,16 @@ def main() -> None:
     print()
     print(f"{'stage':52s} {'wall s':>8s} {'cpu s':>8s} {'video s / s':>12s}")
     for label, key in rows:
-        print(f"{label:52s} {best[key].wall:8.2f} {best[key].cpu:8.2f} {rate(key):12.1f}")
-        for part, seconds in steps.get(key, {}).items():
+        print(f"{label:52s} {best[key].wall:8.2f} {best[key].cpu:8.2f} {rate[key]:12.1f}")
+        for part, seconds in rounds.steps.get(key, {}).items():
             print(f"{'    ' + part:52s} {seconds:8.2f}")
     print("(cpu s of the CLI rows misses the pool workers: the forkserver reaps them, not the CLI process)")
     print()
     ratios = {
-        "virtual_vs_reference": rate("virtual") / rate("reference"),
-        "virtual_fraction_of_decode_limit": rate("virtual") / rate("decode"),
-        "files_vs_reference": rate("files") / rate("reference"),
-        "files_fraction_of_decode_limit": rate("files") / rate("decode"),
+        "virtual_vs_reference": rate["virtual"] / rate["reference"],
+        "virtual_fraction_of_decode_limit": rate["virtual"] / rate["decode"],
+        "files_vs_reference": rate["files"] / rate["reference"],
+        "files_fraction_of_decode_limit": rate["files"] / rate["decode"],
     }
     met = {True: "met", False: "NOT met"}
     print(f"virtual / reference:     {ratios['virtual_vs_reference']:5.2f}x  (target >= 5x: "
@@ -350,9 +366,12 @@ def main() -> None:
     print(f"files / reference:       {ratios['files_vs_reference']:5.2f}x  (target >= 3x: "
           f"{met[ratios['files_vs_reference'] >= 3]})")
     print(f"files / decode limit:    {100 * ratios['files_fraction_of_decode_limit']:5.0f}%")
-    print(f"load average (1 min) during the rounds: {min(loads):.1f} .. {max(loads):.1f}")
+    print(f"load average (1 min) during the rounds: {min(rounds.loads):.1f} .. {max(rounds.loads):.1f}")
+    return ratios
 
-    # Agreement: the scenes table of each CLI run against the reference's detect(), video by video.
+
+def report_agreement(homes: dict[str, Path], videos: list[Path], ref_scenes: dict) -> dict[str, int]:
+    """The scenes table of each CLI run against the reference's detect(), video by video."""
     agree = {}
     for name, home in homes.items():
         ours = our_scenes(home)
@@ -361,36 +380,61 @@ def main() -> None:
         differ = [p.name for p in videos if p.name in ours and ours[p.name] != ref_scenes[p.name]]
         print(f"cut frames agree with the reference ({name}): {agree[name]}/{len(videos)} videos"
               + (f"; missing {missing}" if missing else "") + (f"; differ {differ}" if differ else ""))
+    return agree
+
+
+def report_scoring_inputs(clips: list[dict]) -> dict[str, float]:
+    """Reading the kept scorer frames against decoding every clip again for them."""
+    n_kept, t_kept = timed(scoring_inputs_from_kept, clips)
+    n_dec, t_dec = timed(scoring_inputs_by_decoding, clips)
+    assert n_kept == n_dec, (n_kept, n_dec)
+    kept_rate, dec_rate = len(clips) / t_kept.wall, len(clips) / t_dec.wall
+    print()
+    print(f"scoring inputs ({n_kept} frames for {len(clips)} clips):")
+    print(f"  from kept files:        {t_kept.wall:6.2f} s  {kept_rate:8.1f} clips/s")
+    print(f"  decoding clips again:   {t_dec.wall:6.2f} s  {dec_rate:8.1f} clips/s")
+    print(f"  kept frames are {kept_rate / dec_rate:.1f}x faster")
+    return {"kept": kept_rate, "decode": dec_rate}
+
+
+def measure(args: argparse.Namespace, work: Path) -> dict:
+    """Every section of the benchmark; returns the figures."""
+    batch = prepare_batch(work, args.repeat)
+    videos, workers = batch.videos, pipeline_workers()
+    print(f"batch: {len(videos)} videos ({len(videos) // args.repeat} x {args.repeat}), {batch.frames} frames, "
+          f"{batch.video_seconds:.1f} s of video; {os.cpu_count()} CPUs, {workers} pipeline workers, "
+          f"load {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    homes = {"virtual": work / "home_virtual", "files": work / "home_files"}
+    rounds = run_rounds(batch, work, homes, args.rounds, workers)
+    ratios = report_rates(rounds, batch.video_seconds, workers)
+    agree = report_agreement(homes, videos, rounds.ref_scenes)
     clip_rows = {name: query(home, "SELECT path, frames_dir, num_frames FROM clips ORDER BY path, start_frame")
                  for name, home in homes.items()}
-    print(f"clips: virtual {len(clip_rows['virtual'])}, files {len(clip_rows['files'])}, reference {len(ref_clips)}")
-
+    print(f"clips: virtual {len(clip_rows['virtual'])}, files {len(clip_rows['files'])}, reference {len(rounds.ref_clips)}")
     figures = {
-        "videos": len(videos), "repeat": args.repeat, "video_seconds": video_seconds, "frames": total_frames,
-        "workers": workers, "load_1min": [min(loads), max(loads)],
-        "wall_s": {k: v.wall for k, v in best.items()}, "cpu_s": {k: v.cpu for k, v in best.items()},
-        "video_s_per_s": {k: rate(k) for k in best}, "ratios": ratios, "steps_s": steps,
-        "cuts_agree": {k: f"{v}/{len(videos)}" for k, v in agree.items()},
-        "clips": {k: len(v) for k, v in clip_rows.items()} | {"reference": len(ref_clips)},
+        "videos": len(videos), "repeat": args.repeat, "video_seconds": batch.video_seconds, "frames": batch.frames,
+        "workers": workers, "load_1min": [min(rounds.loads), max(rounds.loads)],
+        "wall_s": {k: v.wall for k, v in rounds.best.items()}, "cpu_s": {k: v.cpu for k, v in rounds.best.items()},
+        "video_s_per_s": {k: batch.video_seconds / v.wall for k, v in rounds.best.items()}, "ratios": ratios,
+        "steps_s": rounds.steps, "cuts_agree": {k: f"{v}/{len(videos)}" for k, v in agree.items()},
+        "clips": {k: len(v) for k, v in clip_rows.items()} | {"reference": len(rounds.ref_clips)},
     }
-
     if not args.no_scoring:
-        clips = clip_rows["files"]
-        n_kept, t_kept = timed(scoring_inputs_from_kept, clips)
-        n_dec, t_dec = timed(scoring_inputs_by_decoding, clips)
-        assert n_kept == n_dec, (n_kept, n_dec)
-        kept_rate, dec_rate = len(clips) / t_kept.wall, len(clips) / t_dec.wall
-        print()
-        print(f"scoring inputs ({n_kept} frames for {len(clips)} clips):")
-        print(f"  from kept files:        {t_kept.wall:6.2f} s  {kept_rate:8.1f} clips/s")
-        print(f"  decoding clips again:   {t_dec.wall:6.2f} s  {dec_rate:8.1f} clips/s")
-        print(f"  kept frames are {kept_rate / dec_rate:.1f}x faster")
-        figures["scoring_clips_per_s"] = {"kept": kept_rate, "decode": dec_rate}
+        figures["scoring_clips_per_s"] = report_scoring_inputs(clip_rows["files"])
+    return figures
 
+
+def main() -> None:
+    args = parse_args()
+    work = (args.workdir or Path(tempfile.mkdtemp(prefix="bench_curation_"))).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        figures = measure(args, work)
+    finally:  # a failed run leaves no temporary batch behind either
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
-    if args.workdir is None:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

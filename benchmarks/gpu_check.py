@@ -697,8 +697,6 @@ def _base_row(item: Item) -> dict[str, Any]:
 
 
 def run_train(ctx: Context, item: Item) -> dict[str, Any]:
-    import torch
-
     from training.masks import MaskGenerator
     from training.throughput import device_peak_tflops, mfu, stdit2_train_flops, video_tokens
     from training.build import build_scheduler, unwrap

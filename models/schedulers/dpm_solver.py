@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -37,41 +38,33 @@ from models.schedulers.diffusion_math import linear_betas
 from models.schedulers.guided import GuidedBatch, GuidedSampler
 
 
+@dataclass
 class DPMSolver(GuidedSampler):
-    """Multistep DPM-Solver++ sampler.
+    """Multistep DPM-Solver++ sampler."""
 
-    Args:
-        num_sampling_steps: number of solver steps (model calls), ~20 for previews.
-        cfg_scale: classifier-free guidance scale.
-        order: 2 (the reference) or 1 (DDIM, a baseline for tests and comparisons).
-        lower_order_final: use order 1 for the last step when fewer than 10 steps.
-        skip_type: "time_uniform" (the reference) or "logSNR" (uniform in lambda; more accurate at 10-20 steps
-            on smooth data, see the module docstring).
-        num_timesteps: length of the discrete training schedule (1000).
-    """
+    num_sampling_steps: int = 20
+    """Number of solver steps (model calls), ~20 for previews."""
+    cfg_scale: float = 4.0
+    """Classifier-free guidance scale."""
+    order: int = 2
+    """2 (the reference) or 1 (DDIM, a baseline for tests and comparisons)."""
+    lower_order_final: bool = True
+    """Use order 1 for the last step when fewer than 10 steps."""
+    skip_type: Literal["time_uniform", "logSNR"] = "time_uniform"
+    """"time_uniform" (the reference) or "logSNR" (uniform in lambda; more accurate at 10-20 steps on smooth
+    data, see the module docstring)."""
+    num_timesteps: int = 1000
+    """Length of the discrete training schedule (1000)."""
 
-    def __init__(
-        self,
-        num_sampling_steps: int = 20,
-        cfg_scale: float = 4.0,
-        order: int = 2,
-        lower_order_final: bool = True,
-        skip_type: Literal["time_uniform", "logSNR"] = "time_uniform",
-        num_timesteps: int = 1000,
-    ) -> None:
-        if skip_type not in ("time_uniform", "logSNR"):
-            raise ValueError(f"skip_type must be 'time_uniform' or 'logSNR', got {skip_type!r}")
-        if order not in (1, 2):
-            raise ValueError(f"order must be 1 or 2, got {order}")
-        if num_sampling_steps < 1:
+    def __post_init__(self) -> None:
+        if self.skip_type not in ("time_uniform", "logSNR"):
+            raise ValueError(f"skip_type must be 'time_uniform' or 'logSNR', got {self.skip_type!r}")
+        if self.order not in (1, 2):
+            raise ValueError(f"order must be 1 or 2, got {self.order}")
+        if self.num_sampling_steps < 1:
             raise ValueError("num_sampling_steps must be >= 1")
-        self.num_sampling_steps = num_sampling_steps
-        self.cfg_scale = cfg_scale
-        self.order = order
-        self.lower_order_final = lower_order_final
-        self.skip_type = skip_type
-        self.num_timesteps = num_timesteps
-        self._log_alpha = 0.5 * np.cumsum(np.log(1.0 - linear_betas(num_timesteps)))  # at t_n = (n+1)/N
+        # log alpha at t_n = (n+1)/N.
+        self._log_alpha = 0.5 * np.cumsum(np.log(1.0 - linear_betas(self.num_timesteps)))
 
     # -- continuous-time schedule --
 

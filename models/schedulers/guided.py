@@ -7,7 +7,7 @@ arguments are named, documented and validated once here, so the three schedulers
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,26 +16,51 @@ NoiseFn = Callable[[torch.Tensor], torch.Tensor]
 """Returns a standard-normal tensor shaped like its argument (injectable so tests can replay draws)."""
 
 
+def gaussian_noise(generator: torch.Generator | None = None) -> NoiseFn:
+    """Standard-normal draws from ``generator`` (the global one when None)."""
+
+    def noise_fn(like: torch.Tensor) -> torch.Tensor:
+        return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+
+    return noise_fn
+
+
 @dataclass(frozen=True)
 class GuidedBatch:
-    """The inputs of one classifier-free-guided sampling run, checked and ready for a loop."""
+    """The inputs of one classifier-free-guided sampling run (see :meth:`GuidedSampler.sample`), checked."""
 
     z: torch.Tensor
-    """Initial state [n, C, T, H, W] (reference frames already written by apply_mask_strategy)."""
-    y_all: torch.Tensor
-    """The captions then the null captions, [2n, 1, L, D]: the model sees both halves in one call."""
-    kwargs: dict[str, Any]
-    """Keyword arguments for every model call: ``model_kwargs`` plus the text mask as ``mask``."""
-    model_kwargs: dict[str, Any] | None
-    """``model_kwargs`` as given (None when not given)."""
-    masks: torch.Tensor | None
-    """Per-frame edit ratios [n, T], or None."""
-    noise_fn: NoiseFn
-    progress: bool
+    y: torch.Tensor
+    y_null: torch.Tensor
+    mask: torch.Tensor | None = None
+    model_kwargs: dict[str, Any] | None = None
+    masks: torch.Tensor | None = None
+    progress: bool = False
+    noise_fn: NoiseFn = field(default_factory=gaussian_noise)
+
+    def __post_init__(self) -> None:
+        n = self.n
+        if self.y.shape[0] != n or self.y_null.shape[0] != n:
+            raise ValueError(f"z has {n} rows but y has {self.y.shape[0]} and y_null {self.y_null.shape[0]}")
+        if self.masks is not None and self.masks.shape != (n, self.z.shape[2]):
+            raise ValueError(f"masks must be [B, T] = {(n, self.z.shape[2])}, got {tuple(self.masks.shape)}")
 
     @property
     def n(self) -> int:
         return self.z.shape[0]
+
+    @property
+    def y_all(self) -> torch.Tensor:
+        """The captions then the null captions, [2n, 1, L, D]: the model sees both halves in one call."""
+        return torch.cat([self.y, self.y_null], dim=0)
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for every model call: ``model_kwargs`` plus the text mask as ``mask``."""
+        kwargs = dict(self.model_kwargs or {})
+        if self.mask is not None:
+            kwargs["mask"] = self.mask  # [n, L]: the model repeats it for the null half
+        return kwargs
 
     def steps(self, indices: Iterable[int]) -> Iterable[int]:
         """The loop's indices, with a progress bar when asked for."""
@@ -44,36 +69,6 @@ class GuidedBatch:
         from tqdm.auto import tqdm
 
         return tqdm(indices)
-
-    @classmethod
-    def build(
-        cls,
-        z: torch.Tensor,
-        y: torch.Tensor,
-        y_null: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-        masks: torch.Tensor | None = None,
-        progress: bool = False,
-        generator: torch.Generator | None = None,
-        noise_fn: NoiseFn | None = None,
-    ) -> GuidedBatch:
-        """Check the shapes and fill in the defaults; arguments as in :meth:`GuidedSampler.sample`."""
-        n = z.shape[0]
-        if y.shape[0] != n or y_null.shape[0] != n:
-            raise ValueError(f"z has {n} rows but y has {y.shape[0]} and y_null {y_null.shape[0]}")
-        if masks is not None and masks.shape != (n, z.shape[2]):
-            raise ValueError(f"masks must be [B, T] = {(n, z.shape[2])}, got {tuple(masks.shape)}")
-        if noise_fn is None:
-
-            def noise_fn(like: torch.Tensor) -> torch.Tensor:
-                return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
-
-        kwargs = dict(model_kwargs or {})
-        if mask is not None:
-            kwargs["mask"] = mask  # [n, L]: the model repeats it for the null half
-        y_all = torch.cat([y, y_null], dim=0)
-        return cls(z, y_all, kwargs, model_kwargs, masks, noise_fn, progress)
 
 
 class GuidedSampler:
@@ -108,7 +103,7 @@ class GuidedSampler:
             generator / noise_fn: source of the Gaussian draws the scheduler takes (each scheduler's
                 docstring says which); deterministic solvers take none.
         """
-        batch = GuidedBatch.build(z, y, y_null, mask, model_kwargs, masks, progress, generator, noise_fn)
+        batch = GuidedBatch(z, y, y_null, mask, model_kwargs, masks, progress, noise_fn or gaussian_noise(generator))
         return self._sample(model, batch)
 
     def _sample(self, model: Callable[..., torch.Tensor], batch: GuidedBatch) -> torch.Tensor:

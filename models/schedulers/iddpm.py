@@ -257,7 +257,7 @@ class IDDPM(GuidedSampler):
         """The sampling loop, one :class:`SampleStep` per step over the doubled batch (see :meth:`sample`)."""
         n, z = batch.n, batch.z
         x = torch.cat([z, z], dim=0)  # [2n, C, T, H, W]
-        kwargs = dict(batch.kwargs)
+        kwargs, y_all = batch.kwargs, batch.y_all
         mask_t = None
         if batch.masks is not None:
             mask_t = edit_ratio_to_step_index(batch.masks, self.num_timesteps).to(z.device)
@@ -272,7 +272,7 @@ class IDDPM(GuidedSampler):
                 x = torch.where((mask_t == i)[:, None, :, None, None], x_noise, x)
                 kwargs["x_mask"] = mask_t > i
             timestep = self.timestep_map.to(z.device)[t]
-            out = guided_model_output(model, x, timestep, batch.y_all, self.cfg_scale, self.cfg_channel, **kwargs)
+            out = guided_model_output(model, x, timestep, y_all, self.cfg_scale, self.cfg_channel, **kwargs)
             pmv = self.p_mean_variance(out, x, t)
             nonzero = float(i != 0)
             sample = pmv["mean"] + nonzero * torch.exp(0.5 * pmv["log_variance"]) * batch.noise_fn(x)

@@ -29,6 +29,7 @@ A model that returns 2C channels (STDiT2 with ``pred_sigma``) has its first C ch
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -37,53 +38,40 @@ from models.schedulers.diffusion_math import mean_flat
 from models.schedulers.guided import GuidedBatch, GuidedSampler
 
 
+@dataclass
 class RectifiedFlow(GuidedSampler):
-    """Rectified-flow training and Euler sampling with timestep shift and frame masks.
+    """Rectified-flow training and Euler sampling with timestep shift and frame masks."""
 
-    Args:
-        num_sampling_steps: Euler steps (v1.2: 30).
-        cfg_scale: classifier-free guidance scale (v1.2: 7.0).
-        num_timesteps: the time scale T (timesteps handed to the model are floats in [0, T]).
-        use_timestep_transform: apply the resolution/length-aware shift.
-        sample_method: training timesteps, "logit-normal" (v1.2) or "uniform".
-        loc, scale: the logit-normal's normal parameters.
-        transform_scale: extra factor on the shift ratio.
-        base_resolution, base_num_frames: the size at which the shift is 1.
-        frames_rule: how ``num_frames`` counts in the shift, "latent" (as given) or "opensora_v1_2".
-        use_discrete_timesteps: round sampling timesteps to integers before the shift.
-    """
+    num_sampling_steps: int = 30
+    """Euler steps (v1.2: 30)."""
+    cfg_scale: float = 7.0
+    """Classifier-free guidance scale (v1.2: 7.0)."""
+    num_timesteps: int = 1000
+    """The time scale T (timesteps handed to the model are floats in [0, T])."""
+    use_timestep_transform: bool = True
+    """Apply the resolution/length-aware shift."""
+    sample_method: Literal["logit-normal", "uniform"] = "logit-normal"
+    """Training timesteps, "logit-normal" (v1.2) or "uniform"."""
+    loc: float = 0.0
+    """The logit-normal's normal mean."""
+    scale: float = 1.0
+    """The logit-normal's normal standard deviation."""
+    transform_scale: float = 1.0
+    """Extra factor on the shift ratio."""
+    base_resolution: int = 512 * 512
+    """The size (pixels) at which the shift is 1."""
+    base_num_frames: int = 1
+    """The length at which the shift is 1."""
+    frames_rule: Literal["latent", "opensora_v1_2"] = "latent"
+    """How ``num_frames`` counts in the shift, "latent" (as given) or "opensora_v1_2"."""
+    use_discrete_timesteps: bool = False
+    """Round sampling timesteps to integers before the shift."""
 
-    def __init__(
-        self,
-        num_sampling_steps: int = 30,
-        cfg_scale: float = 7.0,
-        num_timesteps: int = 1000,
-        use_timestep_transform: bool = True,
-        sample_method: Literal["logit-normal", "uniform"] = "logit-normal",
-        loc: float = 0.0,
-        scale: float = 1.0,
-        transform_scale: float = 1.0,
-        base_resolution: int = 512 * 512,
-        base_num_frames: int = 1,
-        frames_rule: Literal["latent", "opensora_v1_2"] = "latent",
-        use_discrete_timesteps: bool = False,
-    ) -> None:
-        if sample_method not in ("logit-normal", "uniform"):
-            raise ValueError(f"unknown sample_method {sample_method!r}")
-        if frames_rule not in ("latent", "opensora_v1_2"):
-            raise ValueError(f"unknown frames_rule {frames_rule!r}")
-        self.num_sampling_steps = num_sampling_steps
-        self.cfg_scale = cfg_scale
-        self.num_timesteps = num_timesteps
-        self.use_timestep_transform = use_timestep_transform
-        self.sample_method = sample_method
-        self.loc = loc
-        self.scale = scale
-        self.transform_scale = transform_scale
-        self.base_resolution = base_resolution
-        self.base_num_frames = base_num_frames
-        self.frames_rule = frames_rule
-        self.use_discrete_timesteps = use_discrete_timesteps
+    def __post_init__(self) -> None:
+        if self.sample_method not in ("logit-normal", "uniform"):
+            raise ValueError(f"unknown sample_method {self.sample_method!r}")
+        if self.frames_rule not in ("latent", "opensora_v1_2"):
+            raise ValueError(f"unknown frames_rule {self.frames_rule!r}")
 
     # -- time --
 
@@ -174,7 +162,7 @@ class RectifiedFlow(GuidedSampler):
 
         With ``masks`` (edit ratios [n, T]) one Gaussian draw shaped like z is taken per step for re-noising.
         """
-        n, z, masks, kwargs = batch.n, batch.z, batch.masks, dict(batch.kwargs)
+        n, z, masks, kwargs, y_all = batch.n, batch.z, batch.masks, batch.kwargs, batch.y_all
         # Timesteps in float32 (float64 for float64 states): in bf16 the small dt of late steps would be lost.
         t_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
         timesteps = self.sampling_timesteps(batch.model_kwargs, n, z.device, t_dtype)
@@ -190,7 +178,7 @@ class RectifiedFlow(GuidedSampler):
                 z = torch.where(renoise[:, None, :, None, None], self.add_noise(x0, batch.noise_fn(x0), t), x0)
                 noise_added = mask_t_upper
                 kwargs["x_mask"] = torch.cat([mask_t_upper, mask_t_upper], dim=0)
-            out = model(torch.cat([z, z], dim=0), torch.cat([t, t], dim=0), batch.y_all, **kwargs)
+            out = model(torch.cat([z, z], dim=0), torch.cat([t, t], dim=0), y_all, **kwargs)
             v = out[:, : z.shape[1]]
             v = v[n:] + self.cfg_scale * (v[:n] - v[n:])
             t_next = timesteps[i + 1] if i + 1 < len(timesteps) else torch.zeros_like(t)

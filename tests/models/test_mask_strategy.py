@@ -17,7 +17,7 @@ from models.mask_strategy import (
     parse_mask_strategy,
     split_prompt_per_loop,
 )
-from models.schedulers.guided import GuidedBatch
+from models.schedulers.guided import GuidedBatch, gaussian_noise
 from models.schedulers.iddpm import IDDPM
 
 
@@ -133,7 +133,7 @@ def test_iddpm_sampler_follows_the_edit_ratio_schedule(table, steps):
 
     ref = torch.arange(1, t + 1, dtype=torch.float64).reshape(1, 1, t, 1, 1)
     y = torch.zeros(1, 1, 1, 1)
-    history = list(d.sample_steps(model, GuidedBatch.build(ref.clone(), y, y, masks=ratios, generator=torch.Generator().manual_seed(0))))
+    history = list(d.sample_steps(model, GuidedBatch(ref.clone(), y, y, masks=ratios, noise_fn=gaussian_noise(torch.Generator().manual_seed(0)))))
     for f, entry in enumerate(block["per_frame"]):
         noised = [i for i in range(steps) if bool(seen[i][f])]
         assert sorted(noised) == sorted(entry["t_indices_treated_as_noised"])

@@ -133,7 +133,7 @@ def _replay_sampling(fx, run: str) -> dict[str, torch.Tensor]:
     steps = list(
         d.sample_steps(
             model,
-            GuidedBatch.build(
+            GuidedBatch(
                 z,
                 fx["input.text_embeddings"],
                 fx["t2v.y_null"],
