@@ -15,7 +15,7 @@ from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataVa
 from pydantic import Field
 
 from assets.partitions import batch_asset
-from curation.shots import DetectorName  # numpy only: the code location still loads without PyAV or torch
+from curation.shots import DetectorName, SceneDetectConfig  # numpy only: the code location still loads without PyAV or torch
 from curation.video_writer import X264Preset
 from resources.batch_keys import batch_key, landing_folder, landing_folder_url
 from resources.lakehouse import Lakehouse
@@ -225,12 +225,10 @@ def save_batch(context: AssetExecutionContext, lakehouse: Lakehouse, table: str,
 
 
 # ---- raw_videos ----------------------------------------------------------------------------------------------------
-@batch_asset(
-    code_version="2",  # 2: rows carry `source` (frozen copy under media/sources/, or a linked file) and `linked`
-    kinds={"pyav", "parquet"},
-    description="One row per distinct video file of a landing batch (probed with PyAV); bad files go to `quarantine`.",
-)
+# code version 2: rows carry `source` (frozen copy under media/sources/, or a linked file) and `linked`.
+@batch_asset(code_version="2", kinds={"pyav", "parquet"})
 def raw_videos(context: AssetExecutionContext, config: PoolConfig, lakehouse: Lakehouse) -> MaterializeResult:
+    """One row per distinct video file of a landing batch (probed with PyAV); bad files go to `quarantine`."""
     from curation.batch_tasks import PRELOAD
     from curation.ingest import scan_batch
     from curation.pool import run_pool
@@ -286,15 +284,11 @@ SCENE_SCHEMA = {"video_id": pl.String, "scene_index": pl.Int64, "start_frame": p
                 "start_s": pl.Float64, "end_s": pl.Float64, "detector": pl.String}
 
 
-@batch_asset(
-    deps=[raw_videos],
-    kinds={"pyscenedetect", "parquet"},
-    description="One row per shot of every video (frame-exact, end_frame exclusive).",
-)
+@batch_asset(deps=[raw_videos], kinds={"pyscenedetect", "parquet"})
 def scenes(context: AssetExecutionContext, config: ScenesConfig, lakehouse: Lakehouse) -> MaterializeResult:
+    """One row per shot of every video (frame-exact, end_frame exclusive)."""
     from curation.batch_tasks import detect_video
     from curation.shot_frames import KeepInPass
-    from curation.shots import SceneDetectConfig
 
     batch = batch_key(context.partition_key)  # a key, never a path: refused before any I/O
     videos = lakehouse.read_partition("raw_videos", batch).to_dicts()
@@ -338,14 +332,10 @@ class ClipsConfig(PoolConfig):
     preset: X264Preset = Field("veryfast", description="libx264 preset of clip files (encode_files, data export).")
 
 
-@batch_asset(
-    deps=[scenes],
-    code_version="2",
-    kinds={"pyav", "parquet"},
-    description="One row per clip: a frame-exact range of its frozen source (virtual, the default) or an H.264 file "
-    "under media/clips/ (`encode_files`), with the frames each scorer needs kept under media/frames/.",
-)
+@batch_asset(deps=[scenes], code_version="2", kinds={"pyav", "parquet"})
 def clips(context: AssetExecutionContext, config: ClipsConfig, lakehouse: Lakehouse) -> MaterializeResult:
+    """One row per clip: a frame-exact range of its frozen source (virtual, the default) or an H.264 file under
+    media/clips/ (`encode_files`), with the frames each scorer needs kept under media/frames/."""
     from curation.batch_tasks import ClipJob, clip_video
     from curation.clip_plan import CutConfig
     from curation.shots import Scene
@@ -408,12 +398,9 @@ def clips(context: AssetExecutionContext, config: ClipsConfig, lakehouse: Lakeho
 
 
 # ---- captions ------------------------------------------------------------------------------------------------------
-@batch_asset(
-    deps=[clips],
-    kinds={"transformers", "parquet"},
-    description="One caption per clip (`text`): sidecar captions shipped with the videos, else a local VLM; never made up.",
-)
+@batch_asset(deps=[clips], kinds={"transformers", "parquet"})
 def captions(context: AssetExecutionContext, lakehouse: Lakehouse, model_store: ModelStore) -> MaterializeResult:
+    """One caption per clip (`text`): sidecar captions shipped with the videos, else a local VLM; never made up."""
     from curation.captions import caption_clips, caption_counts, caption_table
     from curation.kept_frames import load_kept_frames
 

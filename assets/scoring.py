@@ -114,9 +114,9 @@ def score_partition(
     return MaterializeResult(metadata={**written, **summary(frame, table.column), "preview": markdown_table(frame)})
 
 
-@batch_asset(deps=[clips], kinds={"opencv", "parquet"},
-             description="`flow`: mean optical-flow magnitude over frames 0/10/20/30 at 320x576 (OpenCV, no weights).")
+@batch_asset(deps=[clips], kinds={"opencv", "parquet"})
 def motion_scores(context: AssetExecutionContext, config: ScoringConfig, lakehouse: Lakehouse, model_store: ModelStore) -> MaterializeResult:
+    """`flow`: mean optical-flow magnitude over frames 0/10/20/30 at 320x576 (OpenCV, no weights)."""
     from models.scorers.motion import motion_score
 
     rows = lakehouse.read_partition("clips", batch_key(context.partition_key)).to_dicts()
@@ -131,9 +131,9 @@ def ocr_columns(ids: list[str], values: dict) -> dict[str, list]:
             "ocr_text": [" | ".join(values[i].texts) if i in values else None for i in ids]}
 
 
-@batch_asset(deps=[clips], kinds={"onnx", "parquet"},
-             description="`ocr`: text boxes with score > 0.3 on one frame (PP-OCR via rapidocr), plus text area fraction.")
+@batch_asset(deps=[clips], kinds={"onnx", "parquet"})
 def ocr_scores(context: AssetExecutionContext, config: ScoringConfig, lakehouse: Lakehouse, model_store: ModelStore) -> MaterializeResult:
+    """`ocr`: text boxes with score > 0.3 on one frame (PP-OCR via rapidocr), plus text area fraction."""
     from models.scorers.ocr import OcrScorer
 
     rows = lakehouse.read_partition("clips", batch_key(context.partition_key)).to_dicts()
@@ -147,9 +147,9 @@ def ocr_scores(context: AssetExecutionContext, config: ScoringConfig, lakehouse:
     )
 
 
-@batch_asset(deps=[clips], kinds={"pytorch", "parquet"},
-             description="`aes`: LAION improved-aesthetic MLP on CLIP ViT-L/14 features, mean of frames at 10/50/90%.")
+@batch_asset(deps=[clips], kinds={"pytorch", "parquet"})
 def aesthetic_scores(context: AssetExecutionContext, config: ScoringConfig, lakehouse: Lakehouse, model_store: ModelStore) -> MaterializeResult:
+    """`aes`: LAION improved-aesthetic MLP on CLIP ViT-L/14 features, mean of frames at 10/50/90%."""
     from models.scorers.aesthetic import AestheticScorer
 
     rows = lakehouse.read_partition("clips", batch_key(context.partition_key)).to_dicts()
@@ -161,9 +161,9 @@ def aesthetic_scores(context: AssetExecutionContext, config: ScoringConfig, lake
     )
 
 
-@batch_asset(deps=[clips, captions], kinds={"pytorch", "parquet"},
-             description="`match`: 100 * cos(CLIP image features of the middle frame, CLIP text features of the caption).")
+@batch_asset(deps=[clips, captions], kinds={"pytorch", "parquet"})
 def match_scores(context: AssetExecutionContext, config: ScoringConfig, lakehouse: Lakehouse, model_store: ModelStore) -> MaterializeResult:
+    """`match`: 100 * cos(CLIP image features of the middle frame, CLIP text features of the caption)."""
     from models.scorers.clip_match import ClipMatchScorer
 
     batch = batch_key(context.partition_key)
