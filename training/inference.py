@@ -55,12 +55,14 @@ from training.sample_io import (
     DEFAULT_SAMPLING_STEPS,
     SCHEDULERS_BY_OBJECTIVE,
     ResolvedCheckpoint,
+    choose_scheduler,
     SampleRequest,
     encoder_path,
     load_reference_video,
     prompt_conditions,
     reference_frames_needed,
     resolve_checkpoint,
+    sampling_scheduler,
     to_uint8_video,
 )
 
@@ -210,35 +212,12 @@ class Sampler:
 
     def scheduler_name(self, requested: str | None) -> str:
         """The scheduler to use: ``requested`` if it fits the checkpoint's objective, else a clear error."""
-        allowed = SCHEDULERS_BY_OBJECTIVE[self.objective]
-        if requested is None:
-            return allowed[0]
-        if requested not in DEFAULT_SAMPLING_STEPS:
-            raise ValueError(f"unknown scheduler {requested!r}; choose from {sorted(DEFAULT_SAMPLING_STEPS)}")
-        if requested not in allowed:
-            raise ValueError(
-                f"scheduler {requested!r} cannot sample this checkpoint: it was trained with the {self.objective!r} "
-                f"objective, which samples with {' or '.join(repr(a) for a in allowed)}"
-            )
-        return requested
+        return choose_scheduler(self.objective, requested)
 
     def build_scheduler(self, name: str, num_sampling_steps: int, cfg_scale: float) -> Any:
-        from models.schedulers import build_scheduler
-
-        if name == "iddpm":
-            return build_scheduler(
-                name,
-                num_sampling_steps=num_sampling_steps,
-                cfg_scale=cfg_scale,
-                cfg_channel=self.cfg_channel,
-                learn_sigma=self.model.config.pred_sigma,
-            )
-        if name == "dpm-solver":
-            return build_scheduler(name, num_sampling_steps=num_sampling_steps, cfg_scale=cfg_scale, skip_type="logSNR")
-        # As in training (training/train.py): the resolution/length-aware timestep shift, unless the run turned it off
-        # (config rflow_timestep_shift: the demo's tiny sizes would shift towards low noise, see train_demo_cpu.yaml).
-        return build_scheduler(name, num_sampling_steps=num_sampling_steps, cfg_scale=cfg_scale,
-                               use_timestep_transform=self.rflow_timestep_shift)
+        return sampling_scheduler(name, num_sampling_steps, cfg_scale, cfg_channel=self.cfg_channel,
+                                  learn_sigma=self.model.config.pred_sigma,
+                                  rflow_timestep_shift=self.rflow_timestep_shift)
 
     @property
     def rflow_timestep_shift(self) -> bool:

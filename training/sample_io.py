@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_SAMPLING_STEPS",
     "SCHEDULERS_BY_OBJECTIVE",
+    "choose_scheduler",
+    "sampling_scheduler",
     "ResolvedCheckpoint",
     "SampleRequest",
     "encoder_path",
@@ -43,6 +45,41 @@ DEFAULT_SAMPLING_STEPS: dict[str, int] = {"iddpm": 100, "dpm-solver": 20, "rflow
 SCHEDULERS_BY_OBJECTIVE: dict[str, tuple[str, ...]] = {"iddpm": ("iddpm", "dpm-solver"), "rflow": ("rflow",)}
 """Which samplers fit a training objective; the first is the default. A sampler solves the process its model was
 trained on: an epsilon model has no velocity field to integrate and vice versa."""
+
+def choose_scheduler(objective: str, requested: str | None) -> str:
+    """The scheduler that samples a model trained with ``objective``: ``requested`` if it fits, else a clear error;
+    None picks the objective's default."""
+    allowed = SCHEDULERS_BY_OBJECTIVE[objective]
+    if requested is None:
+        return allowed[0]
+    if requested not in DEFAULT_SAMPLING_STEPS:
+        raise ValueError(f"unknown scheduler {requested!r}; choose from {sorted(DEFAULT_SAMPLING_STEPS)}")
+    if requested not in allowed:
+        raise ValueError(
+            f"scheduler {requested!r} cannot sample this checkpoint: it was trained with the {objective!r} "
+            f"objective, which samples with {' or '.join(repr(a) for a in allowed)}"
+        )
+    return requested
+
+
+def sampling_scheduler(name: str, num_sampling_steps: int, cfg_scale: float, *, cfg_channel: int | None,
+                       learn_sigma: bool, rflow_timestep_shift: bool) -> Any:
+    """The scheduler ``name`` set up to sample a checkpoint, through the one factory (``models.schedulers``).
+
+    IDDPM guides ``cfg_channel`` channels of a model that learns sigma or not; DPM-Solver steps uniformly in
+    log-SNR (see the inference module); rflow shifts timesteps as the run's training did
+    (``TrainConfig.rflow_timestep_shift``: the demo's tiny sizes would shift towards low noise).
+    """
+    from models.schedulers import build_scheduler
+
+    if name == "iddpm":
+        return build_scheduler(name, num_sampling_steps=num_sampling_steps, cfg_scale=cfg_scale,
+                               cfg_channel=cfg_channel, learn_sigma=learn_sigma)
+    if name == "dpm-solver":
+        return build_scheduler(name, num_sampling_steps=num_sampling_steps, cfg_scale=cfg_scale, skip_type="logSNR")
+    return build_scheduler(name, num_sampling_steps=num_sampling_steps, cfg_scale=cfg_scale,
+                           use_timestep_transform=rflow_timestep_shift)
+
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
