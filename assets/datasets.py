@@ -47,7 +47,7 @@ class CuratedDatasetConfig(Config):
     require_caption: bool = True
 
     def spec(self):
-        from curation.datasets import PRESETS, FilterSpec
+        from curation.filters import PRESETS, FilterSpec
 
         base = PRESETS[self.preset].model_dump() if self.preset else {}
         fields = {k: v for k, v in self.model_dump().items() if k != "preset" and (v is not None or k not in base)}

@@ -14,6 +14,7 @@ import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import get_args
 
 import polars as pl
 from dagster import (
@@ -28,8 +29,9 @@ from dagster import (
     asset,
     asset_check,
 )
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from models.schedulers import SchedulerName
 from resources.lakehouse import Lakehouse
 from resources.model_store import ModelStore
 from resources.tracking import Tracking
@@ -65,6 +67,14 @@ class EvaluationConfig(Config):
     embed_previews: int = Field(4, description="GIF previews inlined into the materialization's markdown.")
     baseline_step0: bool = Field(True, description="Also sample the untrained (step-0) model and report its prompt "
                                                    "adherence beside the trained one's (samples the set twice).")
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, v: str | None) -> str | None:
+        # Dagster config has no optional Literal, so the choice is checked here, before any sampling starts.
+        if v is not None and v not in get_args(SchedulerName):
+            raise ValueError(f"unknown scheduler {v!r}; choose from {', '.join(get_args(SchedulerName))}")
+        return v
 
 
 def latest_trained_checkpoint(context: AssetExecutionContext) -> tuple[Path, str | None]:

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.attention import available_backends, use_attention_backend  # noqa: E402
-from models.stdit2 import STDIT2_PRESETS, STDiT2, STDiT2Config  # noqa: E402
+from models.stdit2 import STDiT2  # noqa: E402
+from models.stdit2_config import STDIT2_PRESETS, STDiT2Config  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Baseline: the same math, written plainly (weights from the same state dict)

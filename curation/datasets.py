@@ -42,8 +42,7 @@ from curation.dataset_selection import (
     select_rows,
 )
 
-# PRESETS lived here before the filter became one module; still importable.
-from curation.filters import PRESETS, FilterSpec, ident, sql_str  # noqa: F401
+from curation.filters import FilterSpec, ident, sql_str
 
 if TYPE_CHECKING:
     import duckdb

@@ -29,7 +29,8 @@ from common.files import atomic_dir
 if TYPE_CHECKING:
     import torch
 
-    from models.stdit2 import STDiT2, STDiT2Config
+    from models.stdit2 import STDiT2
+    from models.stdit2_config import STDiT2Config
 
 Y_EMBEDDING_KEY = "y_embedder.y_embedding"
 # Deterministic constants that a converted checkpoint may legitimately leave out; the model keeps its own value.
@@ -217,7 +218,7 @@ def config_from_hf_dir(path: str | os.PathLike) -> "STDiT2Config":
     Extra keys (``architectures``, ``model_type``, ``torch_dtype``, ...) are ignored; the kwargs may sit at the top
     level or nested under some key.
     """
-    from models.stdit2 import STDiT2Config
+    from models.stdit2_config import STDiT2Config
 
     path = Path(path)
     cfg_path = path / "config.json" if path.is_dir() else path

@@ -123,7 +123,8 @@ def run_conformance(
     from safetensors.torch import load_file
 
     from models.checkpoint_io import load_stdit2_weights
-    from models.stdit2 import STDiT2, STDiT2Config
+    from models.stdit2 import STDiT2
+    from models.stdit2_config import STDiT2Config
 
     # The fixture: config, reference weights, and every case's inputs, outputs and intermediates.
     fixture_dir = Path(fixture_dir)

@@ -13,6 +13,8 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from models.scorers.clip_backbone import DEFAULT_CLIP_MODEL
+from models.scorers.motion import FlowName
+from models.scorers.ocr import OcrBackend
 
 
 class ModelStore(ConfigurableResource):
@@ -25,8 +27,8 @@ class ModelStore(ConfigurableResource):
     aesthetic_mlp: str | None = Field(None, description="LAION improved-aesthetic MLP (sac+logos+ava1-l14-linearMSE.pth).")
     captioner: str | None = Field(None, description="Local vision-language model folder (LLaVA-1.6 / Qwen2-VL) for captions.")
     captioner_batch_size: int = 16
-    ocr_backend: str = Field("rapidocr", description="rapidocr (PP-OCR ONNX models shipped in its wheel) or paddle.")
+    ocr_backend: OcrBackend = Field("rapidocr", description="rapidocr (PP-OCR ONNX models shipped in its wheel) or paddle.")
     paddle_det_dir: str | None = None
     paddle_rec_dir: str | None = None
-    flow_backend: str = Field("dis", description="OpenCV optical flow: dis or farneback.")
+    flow_backend: FlowName = Field("dis", description="OpenCV optical flow: dis or farneback.")
     device: str | None = Field(None, description="cuda / cpu; default: cuda when available.")

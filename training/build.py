@@ -91,7 +91,8 @@ def load_encoders(cfg: TrainConfig, device: torch.device, dist: "Dist | None" = 
 
 
 def build_model(cfg: TrainConfig, caption_channels: int):
-    from models.stdit2 import STDIT2_PRESETS, STDiT2, STDiT2Config
+    from models.stdit2 import STDiT2
+    from models.stdit2_config import STDIT2_PRESETS, STDiT2Config
 
     if cfg.model.preset not in STDIT2_PRESETS:
         raise ValueError(f"unknown model preset {cfg.model.preset!r}; choose one of {sorted(STDIT2_PRESETS)}")

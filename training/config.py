@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PRESET_DIR = Path(__file__).parent / "presets"
 TRAIN_PRESETS = ("demo-cpu", "stage1", "stage2", "stage3")
@@ -21,11 +21,22 @@ class _Strict(BaseModel):
 
 
 class ModelSection(_Strict):
-    preset: str = Field("STDiT2-XL/2", description="STDiT2 preset name (models.stdit2.STDIT2_PRESETS).")
+    preset: str = Field("STDiT2-XL/2", description="STDiT2 preset name (models.stdit2_config.STDIT2_PRESETS).")
     overrides: dict[str, Any] = Field(default_factory=dict, description="STDiT2Config fields to change.")
     from_pretrained: str | None = Field(None, description="Weights to start from: file, sharded dir or HF dir.")
     grad_checkpointing: bool = False
     qk_norm_legacy: bool = Field(True, description="True = v1.1 order (RoPE before QK-norm), needed for v1.1 weights.")
+
+    @model_validator(mode="after")
+    def _buildable(self) -> ModelSection:
+        """The preset with the overrides must make an STDiT2Config (known fields, a consistent size)."""
+        from models.stdit2_config import stdit2_config
+
+        try:
+            stdit2_config(self.preset, **self.overrides)
+        except TypeError as err:  # a value of the wrong type, e.g. hidden_size="lots"
+            raise ValueError(f"model.overrides {self.overrides}: {err}") from err
+        return self
 
 
 class EncodersSection(_Strict):
@@ -47,6 +58,25 @@ class DataSection(_Strict):
     encoder_cache: str | None = Field(
         None, description="Folder built by `opensora-dag encoder-cache`: train on cached latents/embeddings."
     )
+
+    @field_validator("bucket_preset")
+    @classmethod
+    def _known_bucket_preset(cls, v: str) -> str:
+        """A shipped preset's name, or a YAML file (read where the training runs, so not looked for here)."""
+        from training.bucket_presets import BUCKET_PRESETS
+
+        if v.replace("-", "_") not in BUCKET_PRESETS and Path(v).suffix not in (".yaml", ".yml"):
+            raise ValueError(f"unknown bucket preset {v!r}: not one of {', '.join(BUCKET_PRESETS)} and not a .yaml file")
+        return v
+
+    @field_validator("mask_ratios")
+    @classmethod
+    def _valid_mask_ratios(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is not None:
+            from training.masks import validate_mask_ratios
+
+            validate_mask_ratios(v)
+        return v
 
 
 class OptimSection(_Strict):

@@ -141,18 +141,18 @@ def run(args: argparse.Namespace) -> int:
 
     # Sampling, with a progress bar unless --no-progress.
     bar = None
-    progress = None
     if not args.no_progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(unit="step", desc=f"sampling ({name})")
 
-        def progress(done: int, total: int) -> None:
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
             bar.total = total
             bar.update(done - bar.n)
 
     try:
-        videos = sampler.generate(request, progress=progress or (lambda done, total: None))
+        videos = sampler.generate(request, progress=progress)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

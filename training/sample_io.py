@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from models.mask_strategy import extract_json_from_prompts, parse_mask_entries, split_prompt_per_loop
+from models.schedulers import SchedulerName
 
 if TYPE_CHECKING:
     import torch
@@ -39,10 +40,10 @@ __all__ = [
     "to_uint8_video",
 ]
 
-DEFAULT_SAMPLING_STEPS: dict[str, int] = {"iddpm": 100, "dpm-solver": 20, "rflow": 30}
+DEFAULT_SAMPLING_STEPS: dict[SchedulerName, int] = {"iddpm": 100, "dpm-solver": 20, "rflow": 30}
 """Steps when a request gives none: the v1.1 inference config (IDDPM), DPM-Solver previews, the v1.2 config (rflow)."""
 
-SCHEDULERS_BY_OBJECTIVE: dict[str, tuple[str, ...]] = {"iddpm": ("iddpm", "dpm-solver"), "rflow": ("rflow",)}
+SCHEDULERS_BY_OBJECTIVE: dict[str, tuple[SchedulerName, ...]] = {"iddpm": ("iddpm", "dpm-solver"), "rflow": ("rflow",)}
 """Which samplers fit a training objective; the first is the default. A sampler solves the process its model was
 trained on: an epsilon model has no velocity field to integrate and vice versa."""
 
@@ -107,7 +108,7 @@ class SampleRequest:
     seed: int = 42
     """Prompt i draws its noise from seed + i."""
     batch_size: int = 1
-    scheduler: str | None = None
+    scheduler: SchedulerName | None = None
     """"iddpm", "dpm-solver" or "rflow"; None = the checkpoint's objective."""
     reference_paths: list[str] | None = None
     """Per prompt: ";"-separated image/video paths ("" = none)."""

@@ -12,21 +12,26 @@ The classes are imported on first access so that importing this package does not
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 if TYPE_CHECKING:
     from models.schedulers.dpm_solver import DPMSolver
     from models.schedulers.iddpm import IDDPM
     from models.schedulers.rectified_flow import RectifiedFlow
 
-SCHEDULERS: dict[str, str] = {
+SchedulerName = Literal["iddpm", "dpm-solver", "rflow"]
+"""A scheduler's name: the CLI and config choices, the keys of ``SCHEDULERS``."""
+
+SCHEDULERS: dict[SchedulerName, str] = {
     "iddpm": "models.schedulers.iddpm:IDDPM",
     "dpm-solver": "models.schedulers.dpm_solver:DPMSolver",
     "rflow": "models.schedulers.rectified_flow:RectifiedFlow",
 }
 """Scheduler names (the keys double as CLI / config choices) and where each class lives."""
 
-__all__ = ["IDDPM", "DPMSolver", "RectifiedFlow", "SCHEDULERS", "build_scheduler"]
+assert set(SCHEDULERS) == set(get_args(SchedulerName)), "SchedulerName and SCHEDULERS name the same schedulers"
+
+__all__ = ["IDDPM", "DPMSolver", "RectifiedFlow", "SCHEDULERS", "SchedulerName", "build_scheduler"]
 
 
 def _load(path: str) -> Any:
@@ -34,7 +39,7 @@ def _load(path: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def build_scheduler(name: str, **kwargs: Any) -> IDDPM | DPMSolver | RectifiedFlow:
+def build_scheduler(name: SchedulerName, **kwargs: Any) -> IDDPM | DPMSolver | RectifiedFlow:
     """Construct a scheduler by name, e.g. ``build_scheduler("iddpm", num_sampling_steps=100, cfg_scale=7.0)``."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose from {sorted(SCHEDULERS)}")

@@ -24,6 +24,7 @@ A GPU model (UniMatch, RAFT) plugs in as one more entry: a callable that takes t
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -86,7 +87,10 @@ def dis_flow(frames: np.ndarray) -> np.ndarray:
 
 
 # Name -> flow function. A GPU model registers here with the same contract (see the module docstring).
-FLOW_BACKENDS: dict[str, FlowBackend] = {
+FlowName = Literal["dis", "farneback"]
+"""The names of ``FLOW_BACKENDS`` (config choices)."""
+
+FLOW_BACKENDS: dict[FlowName, FlowBackend] = {
     "dis": dis_flow,
     "farneback": farneback_flow,
 }
@@ -103,7 +107,7 @@ def reduce_flow(flows: np.ndarray, reduction: str = "abs") -> float:
     raise ValueError(f"unknown reduction {reduction!r}; choose one of {REDUCTIONS}")
 
 
-def motion_score(frames: Sequence[np.ndarray], backend: str = "dis", reduction: str = "abs") -> float:
+def motion_score(frames: Sequence[np.ndarray], backend: FlowName = "dis", reduction: str = "abs") -> float:
     """Mean optical flow of a clip from its frames 0, 10, 20, 30 (RGB uint8 [H, W, 3]), in pixels at 320x576.
 
     Fewer frames (a clip shorter than 31 frames) use the pairs there are; at least two frames are needed.

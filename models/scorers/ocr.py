@@ -27,14 +27,15 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 from models.scorers import WeightsUnavailable
 
 OCR_CROP_SIZE = 1024  # the reference centre-crops frames larger than this before detection
-OCR_BACKENDS = ("rapidocr", "paddle")
+OcrBackend = Literal["rapidocr", "paddle"]
+OCR_BACKENDS: tuple[str, ...] = get_args(OcrBackend)
 # The ONNX models inside the rapidocr 3.10 wheel (rapidocr/models/).
 RAPIDOCR_MODEL_FILES = {
     "det": "PP-OCRv6_det_small.onnx",
@@ -96,7 +97,7 @@ class OcrScorer:
 
     def __init__(
         self,
-        backend: str = "rapidocr",
+        backend: OcrBackend = "rapidocr",
         min_score: float = 0.3,
         min_text_score: float = 0.5,
         min_chars: int = 2,

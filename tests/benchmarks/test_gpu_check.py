@@ -33,7 +33,7 @@ def load_script():
 def test_forward_flops_of_a_tiny_stdit2_equal_a_hand_count():
     """STDiT2-Tiny/2 (C=48, depth 2, MLP 192, patch 1x2x2, 4 latent channels in / 8 out, 32 caption channels, L=12)
     on a 4 x 8 x 8 latent: patch grid 4 x 4 x 4, S = 16 tokens per frame, N = 64 tokens. Multiply-adds counted by hand."""
-    from models.stdit2 import STDIT2_PRESETS
+    from models.stdit2_config import STDIT2_PRESETS
     from training.throughput import stdit2_forward_flops, stdit2_train_flops, video_tokens
 
     cfg = STDIT2_PRESETS["STDiT2-Tiny/2"]
@@ -66,7 +66,8 @@ def test_flops_agree_with_torch_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
     from models.attention import use_attention_backend
-    from models.stdit2 import STDIT2_PRESETS, STDiT2
+    from models.stdit2 import STDiT2
+    from models.stdit2_config import STDIT2_PRESETS
     from training.throughput import stdit2_forward_flops, stdit2_train_flops
 
     cfg = STDIT2_PRESETS["STDiT2-Tiny/2"]
@@ -87,7 +88,7 @@ def test_flops_agree_with_torch_flop_counter():
 
 
 def test_mfu_and_the_throughput_window(monkeypatch):
-    from models.stdit2 import STDIT2_PRESETS
+    from models.stdit2_config import STDIT2_PRESETS
     from training import throughput
     from training.throughput import ThroughputWindow, mfu
 

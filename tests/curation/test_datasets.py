@@ -15,7 +15,8 @@ from pydantic import ValidationError
 
 from curation import datasets
 from curation.dataset_selection import DROP_ORDER
-from curation.datasets import CSV_COLUMNS, FilterSpec, build_dataset, dataset_version
+from curation.datasets import CSV_COLUMNS, build_dataset, dataset_version
+from curation.filters import PRESETS, FilterSpec
 
 SPEC = FilterSpec(
     min_frames=16, max_frames=200, min_resolution=240 * 426, max_resolution=1080 * 1920,
@@ -267,14 +268,14 @@ def test_filter_spec_validation():
         FilterSpec(min_frames=100, max_frames=10)
     with pytest.raises(ValidationError):
         FilterSpec(aes_min=5)  # unknown field: a typo must not silently filter nothing
-    assert datasets.PRESETS["reference"].aesmin == 5.0
+    assert PRESETS["reference"].aesmin == 5.0
     # skip: criteria names or CLI flags, canonical order; unknown names and unset bounds are refused.
     assert FilterSpec(aesmin=5, min_frames=16, skip=["aesmin", "fmin", "aesmin"]).skip == ("min_frames", "aesmin")
     with pytest.raises(ValidationError, match="unknown filter criterion"):
         FilterSpec(aesmin=5, skip=["aes"])
     with pytest.raises(ValidationError, match="does not set"):
         FilterSpec(aesmin=5, skip=["matchmin"])
-    demo = datasets.PRESETS["demo"]
+    demo = PRESETS["demo"]
     assert demo.skip == ("aesmin", "matchmin") and demo.active() == []  # the demo has no CLIP weights
 
 

@@ -70,8 +70,11 @@ def test_trained_model_through_pipes(tiny_dataset_version, tmp_path):
         assert state["world_size"] == 2 and state["dataset_version"] == version
 
 
-def test_a_bad_training_override_fails_in_dagster_before_any_process_starts(tiny_dataset_version):
-    """A typo in an override fails the asset with the field named, and no trainer ever starts (no run folder)."""
+@pytest.mark.parametrize("override, named", [("optim.lrr=1e-4", "lrr"), ("model.overrides.hiddn_size=64", "hiddn_size"),
+                                             ("data.bucket_preset=stage9", "stage9")])
+def test_a_bad_training_override_fails_in_dagster_before_any_process_starts(tiny_dataset_version, override, named):
+    """A typo in an override (a config field, a model field, a preset name) fails the asset with it named, and no
+    trainer ever starts (no run folder)."""
     from dagster import materialize
 
     from assets.training import trained_model
@@ -85,17 +88,18 @@ def test_a_bad_training_override_fails_in_dagster_before_any_process_starts(tiny
         result = materialize(
             [trained_model], instance=instance, raise_on_error=False,
             resources={"lakehouse": lake, "tracking": Tracking(), "launcher": LocalLauncher(nproc=2, python=sys.executable)},
-            run_config={"ops": {"trained_model": {"config": {"dataset_version": version, "overrides": ["optim.lrr=1e-4"]}}}},
+            run_config={"ops": {"trained_model": {"config": {"dataset_version": version, "overrides": [override]}}}},
         )
         assert not result.success
         failure = [e for e in result.all_events if e.is_step_failure][0].step_failure_data.user_failure_data
-        assert "optim.lrr=1e-4" in failure.description and "lrr" in failure.description
+        assert override in failure.description and named in failure.description
     assert not lake.checkpoints_dir.exists() or not any(lake.checkpoints_dir.rglob("run-*"))
 
 
 @pytest.fixture
 def tiny_dataset_version(tiny_dataset, tmp_path):
-    from curation.datasets import FilterSpec, build_dataset
+    from curation.datasets import build_dataset
+    from curation.filters import FilterSpec
 
     home = tmp_path / "home"
     clips = pl.read_parquet(tiny_dataset)

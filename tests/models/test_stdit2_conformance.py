@@ -17,7 +17,8 @@ from models.attention import reference_softmax_fp32
 from models.conformance import main as conformance_main
 from models.conformance import run_conformance
 from models.float32_islands import island_effects, island_tolerance
-from models.stdit2 import STDiT2, STDiT2Config
+from models.stdit2 import STDiT2
+from models.stdit2_config import STDiT2Config
 
 SIZES = ("num_frames", "height", "width", "ar", "fps")
 

@@ -10,7 +10,8 @@ import torch
 
 from models import attention as attn_mod
 from models.attention import BlockDiagonalMask, attention, resolve_backend, use_attention_backend
-from models.stdit2 import STDIT2_PRESETS, STDiT2, STDiT2Config, build_stdit2
+from models.stdit2 import STDiT2, build_stdit2
+from models.stdit2_config import STDIT2_PRESETS, STDiT2Config
 
 SIZES = ("num_frames", "height", "width", "ar", "fps")
 

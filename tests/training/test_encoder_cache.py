@@ -97,7 +97,8 @@ def test_round_trip(cache, clips, bucket, encoders):
 
 
 def tiny_model(caption_channels: int):
-    from models.stdit2 import STDiT2, STDiT2Config
+    from models.stdit2 import STDiT2
+    from models.stdit2_config import STDiT2Config
 
     torch.manual_seed(0)
     return STDiT2(STDiT2Config(input_sq_size=64, hidden_size=48, depth=1, num_heads=4, caption_channels=caption_channels,
