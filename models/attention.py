@@ -32,12 +32,15 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
 ENV_VAR = "OPENSORA_ATTN_BACKEND"
-BACKENDS = ("sdpa", "flash", "xformers", "eager")
+AttentionBackend = Literal["sdpa", "flash", "xformers", "eager"]
+"""A kernel :func:`attention` can run; "auto" (or None) picks one per call."""
+BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 
 _HALF = (torch.float16, torch.bfloat16)
 _context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("opensora_attn_backend", default=None)
@@ -92,7 +95,7 @@ def available_backends() -> list[str]:
 
 
 @contextlib.contextmanager
-def use_attention_backend(name: str | None) -> Iterator[None]:
+def use_attention_backend(name: AttentionBackend | Literal["auto"] | None) -> Iterator[None]:
     """Force one backend (or ``None``/"auto" for automatic) inside a ``with`` block; overrides the env var."""
     if name is not None and name != "auto" and name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS} or 'auto'")
@@ -130,7 +133,8 @@ def _unsupported_reason(name: str, q: torch.Tensor, attn_mask: object) -> str | 
     return f"unknown backend {name!r}"
 
 
-def resolve_backend(q: torch.Tensor, attn_mask: object = None, backend: str | None = None) -> str:
+def resolve_backend(q: torch.Tensor, attn_mask: object = None,
+                    backend: AttentionBackend | Literal["auto"] | None = None) -> AttentionBackend:
     """The backend that :func:`attention` will use for these inputs."""
     requested = backend or _context_backend.get() or os.environ.get(ENV_VAR) or "auto"
     requested = requested.strip().lower()
@@ -158,7 +162,7 @@ def attention(
     k: torch.Tensor,
     v: torch.Tensor,
     attn_mask: torch.Tensor | BlockDiagonalMask | None = None,
-    backend: str | None = None,
+    backend: AttentionBackend | Literal["auto"] | None = None,
     *,
     scale: float | None = None,
     softmax_fp32: bool = True,
