@@ -92,19 +92,16 @@ def load_encoders(cfg: TrainConfig, device: torch.device, dist: "Dist | None" = 
 
 def build_model(cfg: TrainConfig, caption_channels: int):
     from models.stdit2 import STDiT2
-    from models.stdit2_config import STDIT2_PRESETS, STDiT2Config
+    from models.stdit2_config import stdit2_config
 
-    if cfg.model.preset not in STDIT2_PRESETS:
-        raise ValueError(f"unknown model preset {cfg.model.preset!r}; choose one of {sorted(STDIT2_PRESETS)}")
-    base = STDIT2_PRESETS[cfg.model.preset].to_dict()
-    base.update(cfg.model.overrides)
-    base.update(
-        caption_channels=caption_channels,
-        model_max_length=cfg.encoders.model_max_length,
-        qk_norm_legacy=cfg.model.qk_norm_legacy,
-        grad_checkpointing=cfg.model.grad_checkpointing,
-    )
-    config = STDiT2Config.from_dict(base)
+    # The preset, the config's overrides, then what the run fixes (the text encoder's width and length).
+    config = stdit2_config(cfg.model.preset, **{
+        **cfg.model.overrides,
+        "caption_channels": caption_channels,
+        "model_max_length": cfg.encoders.model_max_length,
+        "qk_norm_legacy": cfg.model.qk_norm_legacy,
+        "grad_checkpointing": cfg.model.grad_checkpointing,
+    })
     model = STDiT2(config)
     if cfg.model.from_pretrained:
         from models.checkpoint_io import load_stdit2_weights

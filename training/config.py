@@ -62,11 +62,12 @@ class DataSection(_Strict):
     @field_validator("bucket_preset")
     @classmethod
     def _known_bucket_preset(cls, v: str) -> str:
-        """A shipped preset's name, or a YAML file (read where the training runs, so not looked for here)."""
+        """A shipped preset's name, or a file path (read where the training runs, so not looked for here): a bare
+        word that names no preset is a typo."""
         from training.bucket_presets import BUCKET_PRESETS
 
-        if v.replace("-", "_") not in BUCKET_PRESETS and Path(v).suffix not in (".yaml", ".yml"):
-            raise ValueError(f"unknown bucket preset {v!r}: not one of {', '.join(BUCKET_PRESETS)} and not a .yaml file")
+        if v.replace("-", "_") not in BUCKET_PRESETS and not (Path(v).suffix or "/" in v or "\\" in v):
+            raise ValueError(f"unknown bucket preset {v!r}: not one of {', '.join(BUCKET_PRESETS)} and not a file path")
         return v
 
     @field_validator("mask_ratios")

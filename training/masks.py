@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where masks are drawn, so the config can check ratios without it
+    import torch
 
 # Canonical order: the cumulative draw walks the types in this order, whatever the order of the ratios mapping.
 MASK_TYPES: tuple[str, ...] = (
@@ -71,6 +73,8 @@ class MaskGenerator:
 
     def sample_type(self, generator: torch.Generator | None = None) -> str:
         """One mask type, by walking the cumulative ratios with a uniform draw."""
+        import torch
+
         u = torch.rand((), generator=generator).item()
         for name in MASK_TYPES:
             u -= self.ratios[name]
@@ -86,6 +90,8 @@ class MaskGenerator:
         (an image) is never conditioned. Returns the type actually applied: ``mask_no`` when a head_tail mask would
         leave no noised frame (T = 2).
         """
+        import torch
+
         name = self.sample_type(generator)
         mask = torch.ones(num_frames, dtype=torch.bool)
         if num_frames <= 1 or name == "mask_no":
@@ -113,6 +119,8 @@ class MaskGenerator:
         self, batch_size: int, num_frames: int, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, list[str]]:
         """Masks ``[batch_size, num_frames]`` (bool, CPU) and the type of each row."""
+        import torch
+
         names, masks = [], []
         for _ in range(batch_size):
             name, mask = self.get_mask(num_frames, generator)

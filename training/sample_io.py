@@ -47,6 +47,7 @@ SCHEDULERS_BY_OBJECTIVE: dict[str, tuple[SchedulerName, ...]] = {"iddpm": ("iddp
 """Which samplers fit a training objective; the first is the default. A sampler solves the process its model was
 trained on: an epsilon model has no velocity field to integrate and vice versa."""
 
+
 def choose_scheduler(objective: str, requested: str | None) -> str:
     """The scheduler that samples a model trained with ``objective``: ``requested`` if it fits, else a clear error;
     None picks the objective's default."""

@@ -38,7 +38,7 @@ from models.schedulers.diffusion_math import linear_betas
 from models.schedulers.guided import GuidedBatch, GuidedSampler
 
 
-@dataclass
+@dataclass(eq=False)  # schedulers compare by identity, as IDDPM does
 class DPMSolver(GuidedSampler):
     """Multistep DPM-Solver++ sampler."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ def gaussian_noise(generator: torch.Generator | None = None) -> NoiseFn:
     return noise_fn
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class GuidedBatch:
     """The inputs of one classifier-free-guided sampling run (see :meth:`GuidedSampler.sample`), checked."""
 
@@ -49,14 +50,15 @@ class GuidedBatch:
     def n(self) -> int:
         return self.z.shape[0]
 
-    @property
+    @cached_property
     def y_all(self) -> torch.Tensor:
         """The captions then the null captions, [2n, 1, L, D]: the model sees both halves in one call."""
         return torch.cat([self.y, self.y_null], dim=0)
 
     @property
     def kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for every model call: ``model_kwargs`` plus the text mask as ``mask``."""
+        """Keyword arguments for every model call: ``model_kwargs`` plus the text mask as ``mask``; a new dict each
+        time, which the loop may add ``x_mask`` to."""
         kwargs = dict(self.model_kwargs or {})
         if self.mask is not None:
             kwargs["mask"] = self.mask  # [n, L]: the model repeats it for the null half

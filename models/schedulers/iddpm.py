@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from models.mask_strategy import edit_ratio_to_step_index
-from models.schedulers.guided import GuidedBatch, GuidedSampler
 from models.schedulers.diffusion_math import (
     discretized_gaussian_log_likelihood,
     extract,
@@ -36,6 +35,7 @@ from models.schedulers.diffusion_math import (
     normal_kl,
     space_timesteps,
 )
+from models.schedulers.guided import GuidedBatch, GuidedSampler
 
 # 1. Sampling records -----------------------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ from models.schedulers.diffusion_math import mean_flat
 from models.schedulers.guided import GuidedBatch, GuidedSampler
 
 
-@dataclass
+@dataclass(eq=False)  # schedulers compare by identity, as IDDPM does
 class RectifiedFlow(GuidedSampler):
     """Rectified-flow training and Euler sampling with timestep shift and frame masks."""
 

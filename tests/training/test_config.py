@@ -30,3 +30,20 @@ def test_the_presets_and_their_documented_overrides_load():
     cfg = load_train_config("demo-cpu", ["model.overrides.depth=2", "data.bucket_preset=stage2",
                                          "data.bucket_preset=my_buckets.yaml"])
     assert cfg.model.overrides["depth"] == 2 and cfg.data.bucket_preset == "my_buckets.yaml"
+
+
+def test_a_bucket_preset_may_be_any_file_path():
+    for path in ("my_buckets.YAML", "configs/buckets", "/abs/buckets.yml"):
+        assert load_train_config("demo-cpu", [f"data.bucket_preset={path}"]).data.bucket_preset == path
+
+
+def test_checking_a_config_does_not_import_torch():
+    """The Dagster step validates the config before launching: that must stay cheap (no torch import)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from training.config import load_train_config; "
+            "load_train_config('stage1', ['data.mask_ratios={mask_no: 1.0}', 'model.overrides.depth=2']); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
