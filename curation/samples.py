@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from curation.video_writer import open_writer
+from curation.video_writer import open_writer, repeatable_heap
 
 # Distinct backgrounds (RGB) so that consecutive shots differ strongly: a hard cut, never a fade.
 PALETTE = [
@@ -145,7 +145,9 @@ def write_synthetic_video(
     path = Path(path)
     # Slice threads and bilinear RGB->YUV: the encoder settings these files have always been written with.
     # Fixed threads: the sample files are the same bytes whatever $OPENSORA_VIDEO_THREADS says.
-    with open_writer(path, fps, width, height, crf, "veryfast", threads=0, thread_type="SLICE", interpolation=None) as writer:
+    # A repeatable heap: the files are named by their bytes downstream, and x264 would otherwise vary a few of them.
+    with repeatable_heap(), open_writer(path, fps, width, height, crf, "veryfast", threads=0, thread_type="SLICE",
+                                        interpolation=None) as writer:
         for shot in shots:
             for i in range(shot.num_frames):
                 writer.write(render_frame(shot, i, width, height))

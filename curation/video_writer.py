@@ -36,6 +36,32 @@ def even_size_for_short_side(width: int, height: int, short_side: int | None) ->
     return max(2, new_w), max(2, new_h)
 
 
+@contextlib.contextmanager
+def repeatable_heap() -> Iterator[None]:
+    """Fill every heap block glibc hands out with one byte pattern while the block runs.
+
+    libx264 reads a little memory it never wrote: the frames it encodes do not change, but a few bitstream bytes do,
+    so the same frames gave other file bytes after another import had used the heap. Files named by their content
+    (the sample videos, hence their clip ids) need the same bytes every time. glibc only (``mallopt(M_PERTURB)``);
+    elsewhere this does nothing.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        yield
+        return
+    m_perturb = -6  # glibc's M_PERTURB
+    mallopt(m_perturb, 0xA5)
+    try:
+        yield
+    finally:
+        mallopt(m_perturb, 0)
+
+
 X264Preset = Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow"]
 """libx264's speed presets: anything else would fail inside the encoder, long after the run was configured."""
 
