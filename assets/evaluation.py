@@ -212,7 +212,6 @@ def model_evaluation(
     #    val_loss: report.ranked_by) and register if better, in one decision; then log to the training run
     uri = tracking.uri(lakehouse.root)
     decision = registry.register_if_best(report, uri, model_name, run_id=report.mlflow_run_id)
-    passed, best_before = decision.not_worse, decision.best_before
     context.log.info(f"registry: {decision.reason}" + (f" -> {model_name} v{decision.version}" if decision.version else ""))
     logged_run = log_to_mlflow(report, uri, run_id=report.mlflow_run_id)
 
@@ -221,14 +220,13 @@ def model_evaluation(
                                                      run_id=context.run.run_id)
 
     # 5. Metadata: numbers, reasons, previews
-    metadata = evaluation_metadata(report, decision, model_name=model_name, logged_run=logged_run, passed=passed,
-                                   best_before=best_before, num_evaluations=num_evaluations, snapshot=snapshot,
+    metadata = evaluation_metadata(report, decision, model_name=model_name, logged_run=logged_run,
+                                   num_evaluations=num_evaluations, snapshot=snapshot,
                                    embed_previews=config.embed_previews)
     return MaterializeResult(metadata=metadata, data_version=DataVersion(f"{Path(report.checkpoint).name}-{report.prompt_set}"))
 
 
-def evaluation_metadata(report, decision, *, model_name: str, logged_run: str, passed: bool, best_before: float | None,
-                        num_evaluations: int, snapshot: int, embed_previews: int) -> dict:
+def evaluation_metadata(report, decision, *, model_name: str, logged_run: str, num_evaluations: int, snapshot: int, embed_previews: int) -> dict:
     """The materialization's metadata: the numbers (each metric a float, for the UI's plots), the registry's
     decision, why metrics were skipped, previews and sample paths."""
     metadata: dict = {
@@ -236,7 +234,7 @@ def evaluation_metadata(report, decision, *, model_name: str, logged_run: str, p
         "scheduler": f"{report.settings['scheduler']} x {report.settings['steps']} steps",
         "mlflow_run_id": logged_run, "registry": decision.reason, "is_best": decision.is_best,
         "registered_model": model_name, **{f"cohort_{k}": v for k, v in report.cohort.items()},
-        "ranked_by": report.ranked_by, "not_worse_than_best": passed, "num_evaluations": num_evaluations,
+        "ranked_by": report.ranked_by, "not_worse_than_best": decision.not_worse, "num_evaluations": num_evaluations,
         "lake_snapshot": snapshot, "prompt_adherence_vs_controls": MetadataValue.md(adherence_markdown(report.metrics)),
         "report": MetadataValue.path(str(Path(report.out_dir) / "report.json")),
         "metrics": MetadataValue.json(report.metrics),
@@ -244,6 +242,7 @@ def evaluation_metadata(report, decision, *, model_name: str, logged_run: str, p
         "previews": MetadataValue.md(previews_markdown(report, embed_previews)),
     }
     metadata.update({k.replace("/", "."): MetadataValue.float(float(v)) for k, v in report.metrics.items()})
+    best_before = decision.best_before
     if best_before is not None:
         metadata["best_before"] = MetadataValue.float(best_before)
         if report.ranked_by == "val_loss":

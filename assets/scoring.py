@@ -84,13 +84,13 @@ def score_partition(
     load_scorer: Callable[[], Any],
     score_row: Callable[[Any, dict], Any],
     unscorable: Callable[[dict], str | None] = lambda row: None,
-    columns: Callable[[list[str], dict[str, Any]], dict[str, list]] | None = None,
+    columns: Callable[[dict[str, Any]], dict[str, dict[str, Any]]] | None = None,
 ) -> MaterializeResult:
     """Load a scorer, score the clip ``rows`` in isolation and save ``table`` (see the module docstring).
 
     ``score_row(scorer, row)`` gives one clip's value; a row for which ``unscorable(row)`` gives a reason is not
-    scored and keeps that reason. ``columns(ids, values)`` turns the values into the table's columns (by name,
-    in ``ids`` order) when a value is more than the column's number. When ``load_scorer`` raises
+    scored and keeps that reason. ``columns(values)`` turns the values (by clip id) into the table's columns (by
+    name, each by clip id) when a value is more than the column's number. When ``load_scorer`` raises
     ``WeightsUnavailable`` every value is null with the error as its reason.
     """
     from models.scorers import WeightsUnavailable
@@ -106,9 +106,9 @@ def score_partition(
         todo = [r for r in rows if r["id"] not in skipped]
         values, quarantined, reasons = scored(context, table.name, todo, lambda r: score_row(scorer, r), config)
         reasons.update(skipped)
-    by_column = columns(ids, values) if columns is not None and values else {}
-    frame = score_table(ids, table.column, by_column.get(table.column, values), reasons, table.dtype)
-    frame = frame.with_columns(pl.Series(name, by_column.get(name, [None] * len(ids)), dtype=dtype)
+    by_column = columns(values) if columns is not None else {table.column: values}
+    frame = score_table(ids, table.column, by_column[table.column], reasons, table.dtype)
+    frame = frame.with_columns(pl.Series(name, [by_column[name].get(i) for i in ids], dtype=dtype)
                                for name, dtype in table.extra.items())
     written = save_batch(context, lakehouse, table.name, batch_key(context.partition_key), frame, table.name, quarantined)
     return MaterializeResult(metadata={**written, **summary(frame, table.column), "preview": markdown_table(frame)})
@@ -124,11 +124,11 @@ def motion_scores(context: AssetExecutionContext, config: ScoringConfig, lakehou
                            lambda _, r: motion_score(kept(r, "flow"), backend=model_store.flow_backend))
 
 
-def ocr_columns(ids: list[str], values: dict) -> dict[str, list]:
+def ocr_columns(values: dict) -> dict[str, dict]:
     """``ocr`` (box count), ``ocr_area`` and ``ocr_text`` from each clip's OCR result."""
     return {"ocr": {i: v.num_boxes for i, v in values.items()},
-            "ocr_area": [values[i].area_fraction if i in values else None for i in ids],
-            "ocr_text": [" | ".join(values[i].texts) if i in values else None for i in ids]}
+            "ocr_area": {i: v.area_fraction for i, v in values.items()},
+            "ocr_text": {i: " | ".join(v.texts) for i, v in values.items()}}
 
 
 @batch_asset(deps=[clips], kinds={"onnx", "parquet"})

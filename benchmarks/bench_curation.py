@@ -37,6 +37,7 @@ read from the kept files against decoding each clip file again once per scorer, 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing
 import os
@@ -120,19 +121,16 @@ def write_sample_batch(folder: Path, repeat: int) -> list[Path]:
 # ---------------------------------------------------------------------------------------------- the decode limit
 
 
-def _count_frames(path: Path) -> int:
-    return sum(1 for _ in iter_av_frames(path))
-
-
-def _count_frames_one_thread(path: Path) -> int:
-    return sum(1 for _ in iter_av_frames(path, threads=False))
+def _count_frames(path: Path, threads: bool = True) -> int:
+    return sum(1 for _ in iter_av_frames(path, threads=threads))
 
 
 def decode_limit(pool, videos: list[Path], one_thread: bool) -> int:
     """Every frame of every video decoded by the pool's workers, longest files first; FFmpeg's frame threads in each
     worker, or one decoding thread per worker (what the pipeline's workers use when they fill the cores)."""
     ordered = sorted(videos, key=lambda p: p.stat().st_size, reverse=True)
-    return sum(pool.imap_unordered(_count_frames_one_thread if one_thread else _count_frames, ordered, chunksize=1))
+    count = functools.partial(_count_frames, threads=not one_thread)
+    return sum(pool.imap_unordered(count, ordered, chunksize=1))
 
 
 # ---------------------------------------------------------------------------------------------- ours, through the CLI

@@ -105,14 +105,12 @@ def build_sd_vae():
 
 
 def build_stdit2(caption_channels: int, max_len: int):
-    from models.stdit2 import STDiT2
-    from models.stdit2_config import STDIT2_PRESETS, STDiT2Config
+    from models.stdit2 import build_stdit2 as build
 
-    base = STDIT2_PRESETS["STDiT2-S/2"].to_dict()
-    base.update(caption_channels=caption_channels, model_max_length=max_len, input_sq_size=128, class_dropout_prob=0.1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return STDiT2(STDiT2Config.from_dict(base))
+        return build("STDiT2-S/2", caption_channels=caption_channels, model_max_length=max_len, input_sq_size=128,
+                     class_dropout_prob=0.1)
 
 
 def params(module: torch.nn.Module) -> float:

@@ -196,8 +196,7 @@ class ClipFormat:
     @classmethod
     def of(cls, width: int, height: int, rotation: int, fps: Fraction, cfg: CutConfig) -> "ClipFormat":
         out_w, out_h = even_size_for_short_side(width, height, cfg.short_side)
-        rate = Fraction(cfg.target_fps).limit_denominator(1001) if cfg.target_fps else fps.limit_denominator(1001000)
-        return cls(out_w, out_h, rotation, rate)
+        return cls(out_w, out_h, rotation, clip_rates(fps, cfg)[1])
 
     def scaler(self) -> Callable[[Any], Any]:
         """A function bringing a decoded source frame to the clip: yuv420p at clip size, upright."""

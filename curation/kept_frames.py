@@ -56,11 +56,15 @@ class KeepFramesSpec:
     def full_resolution(self, purpose: str) -> bool:
         return purpose in ("flow", "ocr")
 
-    def images(self, frame, *, full: bool, small: bool) -> tuple:
-        """(clip-size BGR image or None, small BGR image or None) of a clip frame (an av.VideoFrame at clip size):
-        the pixels every kept file of that frame is written from."""
+    def needs_small(self, purposes) -> bool:
+        """Whether any of ``purposes`` keeps the small copy of its frame."""
+        return any(not self.full_resolution(p) for p in purposes)
+
+    def images(self, frame, *, small: bool) -> tuple:
+        """(clip-size BGR image, small BGR image or None) of a clip frame (an av.VideoFrame at clip size): the pixels
+        every kept file of that frame is written from."""
         bgr = frame.to_ndarray(format="bgr24")  # OpenCV writes BGR: convert once, no channel flip copy
-        return (bgr if full else None), (resize_short_side(bgr, self.small_short_side) if small else None)
+        return bgr, (resize_short_side(bgr, self.small_short_side) if small else None)
 
 
 class KeptFrameWriter:
@@ -84,8 +88,7 @@ class KeptFrameWriter:
         """Save clip frame ``k`` (an av.VideoFrame at clip size) for every purpose that wants it."""
         purposes = self.wanted.get(k)
         if purposes:
-            small = any(not self.spec.full_resolution(p) for p in purposes)
-            self.save(k, *self.spec.images(frame, full=True, small=small))
+            self.save(k, *self.spec.images(frame, small=self.spec.needs_small(purposes)))
 
     def save(self, k: int, full, small) -> None:
         """Write clip frame ``k`` for every purpose that wants it, from the images ``KeepFramesSpec.images`` made.

@@ -23,7 +23,7 @@ import signal
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Any
@@ -114,11 +114,17 @@ def usable_cpus() -> int:
     return max(1, min(count, -(-int(quota) // int(period))))
 
 
+def _forkserver_context(preload: Sequence[str]):
+    """The forkserver context the pools fork their workers from, importing ``preload`` once when it starts."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["curation.pool", *preload])
+    return ctx
+
+
 def start_forkserver(preload: Sequence[str] = ()) -> None:
     """Start the forkserver the pools fork their workers from, now: it imports ``preload`` (PyAV, OpenCV, ...) in its
     own process while the caller goes on importing (Dagster, the lake), instead of when the first pool starts."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["curation.pool", *preload])
+    _forkserver_context(preload)
     from multiprocessing import forkserver
 
     forkserver.ensure_running()
@@ -127,16 +133,14 @@ def start_forkserver(preload: Sequence[str] = ()) -> None:
 def run_pool(task: Callable[[Any], Any], items: Iterable[Any], *, workers: int | None = None,
              time_limit_s: float | None = None, memory_limit_mb: float | None = None,
              progress: Callable[[int, int, Any, Outcome], None] | None = None,
-             preload: Sequence[str] = (), worker_env: Mapping[str, str] | None = None,
-             cost: Callable[[Any], float] | None = None) -> list[Outcome]:
+             preload: Sequence[str] = (), cost: Callable[[Any], float] | None = None) -> list[Outcome]:
     """Run ``task(item)`` for each item; one :class:`Outcome` per item, in the order of ``items``.
 
     ``task`` must be a module-level function and items and results picklable. ``workers``: None = one per usable
     core, 1 = in-process (limits not enforced), never more than there are items. ``preload``: modules the
     forkserver imports once so workers start fast (only effective before the process's forkserver first starts).
-    ``progress(done, total, item, outcome)`` is called in the parent as each item finishes. ``worker_env``: environment
-    variables set in each worker process before it takes an item (not in the in-process path); workers that fill the
-    cores decode and encode with one thread each unless ``$OPENSORA_VIDEO_THREADS`` is set. ``cost(item)``: an
+    ``progress(done, total, item, outcome)`` is called in the parent as each item finishes. Workers that fill
+    the cores decode and encode with one thread each unless ``$OPENSORA_VIDEO_THREADS`` is set. ``cost(item)``: an
     estimate of an item's work; the costliest items are handed out first, so that no worker is left with a long one
     at the end.
     """
@@ -149,10 +153,9 @@ def run_pool(task: Callable[[Any], Any], items: Iterable[Any], *, workers: int |
     if count == 0:
         return []
     outcomes: list[Outcome | None] = [None] * len(items)
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["curation.pool", *preload])
+    ctx = _forkserver_context(preload)
     blob = pickle.dumps(task)  # unpickled inside the worker, so an import failure is reported, not a silent exit
-    env = {**_codec_env(count), **(worker_env or {})}
+    env = _codec_env(count)
     order = sorted(range(len(items)), key=lambda i: -cost(items[i])) if cost is not None else range(len(items))
     pending, pool, done = deque(order), [], 0
     try:

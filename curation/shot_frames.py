@@ -154,9 +154,9 @@ class _ClipTracker:
         images = {}  # one conversion per distinct frame (several output frames can show the same source frame)
         for k, purposes in sorted(writer.wanted.items()):
             held = clip.held_frames[k]
-            small = any(not self.spec.full_resolution(p) for p in purposes)
+            small = self.spec.needs_small(purposes)
             if id(held) not in images or (small and images[id(held)][1] is None):
-                images[id(held)] = self.spec.images(held.clip_frame(self.scale), full=True, small=small)
+                images[id(held)] = self.spec.images(held.clip_frame(self.scale), small=small)
             writer.save(k, *images[id(held)])
         writer.finish(clip_id, num)  # the manifest last: a killed run leaves no half-kept clip
         self.kept += 1

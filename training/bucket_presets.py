@@ -109,14 +109,17 @@ class BucketPreset:
 _PRESET_KEYS = {"name", "description", "frame_interval", "seed", "bucket_config"}
 
 
+def shipped_preset(name_or_path: str | Path) -> Path | None:
+    """The YAML file of a shipped preset's name (``demo-cpu`` or ``demo_cpu``), else None."""
+    return BUCKET_PRESETS.get(str(name_or_path).replace("-", "_"))
+
+
 def load_bucket_preset(name_or_path: str | Path) -> BucketPreset:
     """Load a preset by name (``stage1``, ``stage2``, ``stage3``, ``demo_cpu``) or from a YAML file path."""
     import yaml
 
-    key = str(name_or_path).replace("-", "_")
-    if key in BUCKET_PRESETS:
-        path = BUCKET_PRESETS[key]
-    else:
+    path = shipped_preset(name_or_path)
+    if path is None:
         path = Path(name_or_path)
         if not path.is_file():
             raise ValueError(f"unknown bucket preset {str(name_or_path)!r}: not one of {', '.join(BUCKET_PRESETS)} "

@@ -64,9 +64,9 @@ class DataSection(_Strict):
     def _known_bucket_preset(cls, v: str) -> str:
         """A shipped preset's name, or a file path (read where the training runs, so not looked for here): a bare
         word that names no preset is a typo."""
-        from training.bucket_presets import BUCKET_PRESETS
+        from training.bucket_presets import BUCKET_PRESETS, shipped_preset
 
-        if v.replace("-", "_") not in BUCKET_PRESETS and not (Path(v).suffix or "/" in v or "\\" in v):
+        if shipped_preset(v) is None and not (Path(v).suffix or "/" in v or "\\" in v):
             raise ValueError(f"unknown bucket preset {v!r}: not one of {', '.join(BUCKET_PRESETS)} and not a file path")
         return v
 

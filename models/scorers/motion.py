@@ -24,7 +24,7 @@ A GPU model (UniMatch, RAFT) plugs in as one more entry: a callable that takes t
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -94,6 +94,8 @@ FLOW_BACKENDS: dict[FlowName, FlowBackend] = {
     "dis": dis_flow,
     "farneback": farneback_flow,
 }
+
+assert set(FLOW_BACKENDS) == set(get_args(FlowName)), "FlowName and FLOW_BACKENDS name the same backends"
 
 REDUCTIONS = ("abs", "magnitude")
 
